@@ -1,3 +1,54 @@
 """boft_diffusion: Orthogonal Butterfly finetuning (BOFT) for diffusers pipelines."""
 
+from .config import BOFTConfig
+from .inject import (
+    TEXT_ENCODER_TARGETS,
+    UNET_ATTENTION_TARGETS,
+    UNET_ATTENTION_TARGETS_WITH_ADDED_KV,
+    BOFTModel,
+    add_boft,
+)
+from .io import AdapterFormatError, load_boft_weights, save_boft_weights, save_peft_adapter
+from .layers import BOFTConv2d, BOFTLinear
+from .pipeline import (
+    add_boft_to_pipeline,
+    disable_boft,
+    enable_boft,
+    merge_boft,
+    set_boft_adapters,
+    unload_boft,
+    unmerge_boft,
+)
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "TEXT_ENCODER_TARGETS",
+    "UNET_ATTENTION_TARGETS",
+    "UNET_ATTENTION_TARGETS_WITH_ADDED_KV",
+    "AdapterFormatError",
+    "BOFTConfig",
+    "BOFTConv2d",
+    "BOFTLinear",
+    "BOFTModel",
+    "add_boft",
+    "add_boft_to_pipeline",
+    "disable_boft",
+    "enable_boft",
+    "load_boft_weights",
+    "merge_boft",
+    "save_boft_weights",
+    "save_peft_adapter",
+    "set_boft_adapters",
+    "unload_boft",
+    "unmerge_boft",
+]
+
+
+def __getattr__(name: str):
+    # export_merged lives in a heavier module (diffusers conversion); import it on first use.
+    if name == "export_merged":
+        from .export import export_merged
+
+        return export_merged
+    raise AttributeError(f"module 'boft_diffusion' has no attribute {name!r}")

@@ -30,6 +30,7 @@ __all__ = [
     "adapter_state_dict",
     "add_boft",
     "boft_layers",
+    "check_merge_finite",
     "default_targets",
     "find_target_names",
     "merge_adapters",
@@ -244,24 +245,30 @@ def set_active_adapters(model: nn.Module, names: list[str] | str, weights: list[
         wrapper.active = next((n for n in names if n in wrapper.copies), None)
 
 
+def check_merge_finite(model: nn.Module, names: list[str] | None = None) -> None:
+    """Raise (naming layer and adapters) if merging ``names`` would write a non-finite weight."""
+    for name, layer in boft_layers(model).items():
+        pending = [
+            n
+            for n in (names or layer.active_adapters)
+            if n in layer.boft_R and n not in layer.merged_adapters
+        ]
+        if pending and not torch.isfinite(layer.rotated_weight_rows(pending)).all():
+            raise ValueError(f"Non-finite merged weight at {name!r}: adapter(s) {pending} look broken")
+
+
 def merge_adapters(
     model: nn.Module, names: list[str] | None = None, safe_merge: bool = False, progressbar: bool = False
 ) -> None:
     """Fold adapters (default: the active ones) into the base weights of every BOFT layer.
 
-    With ``safe_merge`` every merged weight is computed and checked for non-finite values before
-    any layer is written, so a broken adapter raises and leaves the model untouched.
+    With ``safe_merge`` every merged weight is checked for non-finite values before any layer is
+    written, so a broken adapter raises and leaves the model untouched.
     """
-    layers = boft_layers(model)
     if safe_merge:
-        for name, layer in layers.items():
-            pending = [
-                n
-                for n in (names or layer.active_adapters)
-                if n in layer.boft_R and n not in layer.merged_adapters
-            ]
-            if pending and not torch.isfinite(layer.rotated_weight_rows(pending)).all():
-                raise ValueError(f"Non-finite merged weight at {name!r}: adapter(s) {pending} look broken")
+        with torch.no_grad():
+            check_merge_finite(model, names)
+    layers = boft_layers(model)
     for layer in tqdm(layers.values(), desc="Merging BOFT", disable=not progressbar):
         layer.merge(names)
 

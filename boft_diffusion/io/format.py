@@ -1,0 +1,128 @@
+"""The adapter file format: one self-describing ``boft_weights.safetensors``.
+
+Keys are component-prefixed module paths (``unet.<path>.boft_R``, ``unet.<path>.boft_s``,
+``text_encoder.<path>...``, plus ``<path>.bias`` and ``modules_to_save`` weights when trained).
+Only trained tensors are stored, never permutations. The metadata holds the format name and
+version, the adapter name and one ``BOFTConfig`` per component (JSON). Writes are atomic
+(temporary file in the same folder, then ``os.replace``); reading never executes code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..config import BOFTConfig
+
+__all__ = [
+    "ADAPTER_WEIGHTS_NAME",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "AdapterFile",
+    "AdapterFormatError",
+    "read_adapter",
+    "write_adapter",
+    "atomic_save_safetensors",
+]
+
+ADAPTER_WEIGHTS_NAME = "boft_weights.safetensors"
+FORMAT_NAME = "boft_diffusion"
+FORMAT_VERSION = "1"
+
+
+class AdapterFormatError(ValueError):
+    """A file or folder that is not a usable BOFT adapter (the message names the file)."""
+
+
+@dataclass
+class AdapterFile:
+    """An adapter in memory: tensors by component, one config per component, free-form metadata."""
+
+    tensors: dict[str, dict[str, torch.Tensor]]
+    configs: dict[str, BOFTConfig]
+    adapter_name: str = "default"
+    metadata: dict[str, str] = field(default_factory=dict)
+    source: str = "<state dict>"
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file`` to a temporary file beside ``path``, then an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_adapter(adapter: AdapterFile, save_directory: str | os.PathLike) -> Path:
+    """Write ``adapter`` as ``<save_directory>/boft_weights.safetensors``; returns the file path."""
+    flat = {f"{comp}.{key}": t for comp, tensors in adapter.tensors.items() for key, t in tensors.items()}
+    metadata = {
+        **adapter.metadata,
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "adapter_name": adapter.adapter_name,
+        "boft_config": json.dumps({c: cfg.to_dict() for c, cfg in adapter.configs.items()}, sort_keys=True),
+    }
+    path = Path(save_directory) / ADAPTER_WEIGHTS_NAME
+    atomic_save_safetensors(flat, path, metadata)
+    return path
+
+
+def _resolve_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / ADAPTER_WEIGHTS_NAME
+        if not candidate.is_file():
+            found = sorted(p.name for p in path.iterdir())
+            raise AdapterFormatError(
+                f"{path}: no {ADAPTER_WEIGHTS_NAME} in this folder (it holds {found[:10]})"
+            )
+        return candidate
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such adapter file or folder")
+    return path
+
+
+def read_adapter(path: str | os.PathLike) -> AdapterFile:
+    """Read and check an adapter file or folder; raises :class:`AdapterFormatError` naming the file."""
+    file = _resolve_file(path)
+    try:
+        with safe_open(file, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            flat = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not iterable)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterFormatError(f"{file}: not a readable safetensors file ({err})") from err
+    if metadata.get("format") != FORMAT_NAME:
+        raise AdapterFormatError(
+            f"{file}: not a boft_diffusion adapter (metadata format={metadata.get('format')!r})"
+        )
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise AdapterFormatError(
+            f"{file}: adapter format version {metadata.get('format_version')!r}; this version reads {FORMAT_VERSION!r}"
+        )
+    try:
+        raw = json.loads(metadata["boft_config"])
+        configs = {comp: BOFTConfig.from_dict(cfg) for comp, cfg in raw.items()}
+    except (KeyError, ValueError, TypeError) as err:
+        raise AdapterFormatError(f"{file}: invalid boft_config metadata ({err})") from err
+    tensors: dict[str, dict[str, torch.Tensor]] = {comp: {} for comp in configs}
+    for key, tensor in flat.items():
+        comp, _, rest = key.partition(".")
+        if comp not in tensors:
+            raise AdapterFormatError(
+                f"{file}: tensor {key!r} belongs to component {comp!r}, which has no config"
+            )
+        tensors[comp][rest] = tensor
+    return AdapterFile(tensors, configs, metadata.get("adapter_name", "default"), metadata, str(file))

@@ -1,0 +1,133 @@
+"""Pipeline-level verbs over every adapted component of a diffusers pipeline.
+
+Mirrors diffusers' LoRA loader verbs (``load_lora_weights``, ``fuse_lora``, ``set_adapters``, …)
+for BOFT. Each verb loops over :data:`BOFT_LOADABLE_COMPONENTS` present on ``pipe``; ``pipe`` may be
+a ``DiffusionPipeline``, any object with those attributes, or a ``{component: module}`` dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import BOFTConfig
+from .inject import (
+    adapter_configs,
+    add_boft,
+    check_merge_finite,
+    delete_adapter,
+    merge_adapters,
+    remove_boft,
+    set_active_adapters,
+    set_enabled,
+    unmerge_adapters,
+)
+
+__all__ = [
+    "BOFT_LOADABLE_COMPONENTS",
+    "add_boft_to_pipeline",
+    "boft_adapters",
+    "disable_boft",
+    "enable_boft",
+    "merge_boft",
+    "set_boft_adapters",
+    "unload_boft",
+    "unmerge_boft",
+]
+
+BOFT_LOADABLE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "controlnet")
+
+
+def _components(pipe: Any) -> dict[str, nn.Module]:
+    """The loadable components present on ``pipe`` (attribute or mapping), in canonical order."""
+    get = pipe.get if isinstance(pipe, Mapping) else lambda n: getattr(pipe, n, None)
+    return {n: m for n in BOFT_LOADABLE_COMPONENTS if isinstance(m := get(n), nn.Module)}
+
+
+def boft_adapters(pipe: Any) -> dict[str, list[str]]:
+    """``{component: [adapter names]}`` for components that hold BOFT adapters."""
+    return {c: list(adapter_configs(m)) for c, m in _components(pipe).items() if adapter_configs(m)}
+
+
+def add_boft_to_pipeline(pipe: Any, configs: Mapping[str, BOFTConfig], adapter_name: str = "default") -> None:
+    """Add a fresh adapter to each named component (``{"unet": cfg, "text_encoder": cfg}``)."""
+    components = _components(pipe)
+    missing = [c for c in configs if c not in components]
+    if missing:
+        raise ValueError(f"Pipeline has no component(s) {missing}; it has {list(components)}")
+    done = []
+    try:
+        for comp, config in configs.items():
+            add_boft(components[comp], config, adapter_name)
+            done.append(comp)
+    except Exception:
+        for comp in done:
+            delete_adapter(components[comp], adapter_name)
+        raise
+
+
+# --- merge, activation, removal -----------------------------------------------------------------
+def merge_boft(
+    pipe: Any, adapter_names: list[str] | None = None, safe_merge: bool = False, progressbar: bool = False
+) -> None:
+    """Fold adapters (default: the active ones) into the weights for base-speed sampling.
+
+    With ``safe_merge``, every component is checked for non-finite merged weights before any is written.
+    """
+    components = _components(pipe).values()
+    if safe_merge:
+        with torch.no_grad():
+            for module in components:
+                check_merge_finite(module, adapter_names)
+    for module in components:
+        merge_adapters(module, adapter_names, progressbar=progressbar)
+
+
+def unmerge_boft(pipe: Any) -> None:
+    """Undo :func:`merge_boft` exactly (rotations are orthogonal)."""
+    for module in _components(pipe).values():
+        unmerge_adapters(module)
+
+
+def unload_boft(pipe: Any) -> None:
+    """Remove every BOFT adapter: the original module objects go back, unmerged."""
+    for module in _components(pipe).values():
+        remove_boft(module, keep_merged=False)
+
+
+def set_boft_adapters(
+    pipe: Any, adapter_names: list[str] | str, adapter_weights: float | list[float] | None = None
+) -> None:
+    """Activate adapters (composed in order) with strengths; ``0`` is the base model, ``1`` the adapter."""
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    weights = [adapter_weights] * len(names) if isinstance(adapter_weights, int | float) else adapter_weights
+    known = {n for adapters in boft_adapters(pipe).values() for n in adapters}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"Unknown BOFT adapter(s) {unknown}; loaded: {sorted(known)}")
+    for module in _components(pipe).values():
+        if adapter_configs(module):
+            present = [
+                (n, w) for n, w in zip(names, weights or [1.0] * len(names)) if n in adapter_configs(module)
+            ]
+            set_active_adapters(module, [n for n, _ in present], [w for _, w in present])
+
+
+def enable_boft(pipe: Any) -> None:
+    for module in _components(pipe).values():
+        set_enabled(module, True)
+
+
+def disable_boft(pipe: Any) -> None:
+    """Sample from the base model with adapters kept loaded (merged ones are unmerged first)."""
+    for module in _components(pipe).values():
+        set_enabled(module, False)
+
+
+def delete_boft_adapter(pipe: Any, adapter_name: str) -> None:
+    for module in _components(pipe).values():
+        if adapter_name in adapter_configs(module):
+            delete_adapter(module, adapter_name)

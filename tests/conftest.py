@@ -1,0 +1,29 @@
+"""Shared fixtures: the tiny offline pipeline and reference helpers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def tiny_pipe():
+    """A fresh tiny StableDiffusionPipeline (built offline in well under a second)."""
+    from boft_diffusion.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample_images(pipe, prompt: str = "a photo of sks toy", seed: int = 0, steps: int = 3):
+    """Deterministic images as a float numpy array (N, H, W, 3)."""
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(
+        prompt, num_inference_steps=steps, generator=generator, output_type="np", height=32, width=32
+    ).images
