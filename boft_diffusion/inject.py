@@ -312,7 +312,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         if not layer.boft_R:
             model.set_submodule(name, layer.base_layer)
     for name, wrapper in _saved_modules(model).items():
-        wrapper.copies.pop(adapter_name, None)
+        if adapter_name in wrapper.copies:
+            del wrapper.copies[adapter_name]
         if not wrapper.copies:
             model.set_submodule(name, wrapper.original)
         elif wrapper.active == adapter_name:

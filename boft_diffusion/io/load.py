@@ -61,7 +61,23 @@ def _config_from_tensors(tensors: Mapping[str, torch.Tensor]) -> BOFTConfig:
         raise AdapterFormatError(
             f"boft_R shapes {sorted(shapes)} do not share one block size and factor count"
         )
-    return BOFTConfig(boft_block_size=block, boft_n_butterfly_factor=m, target_modules=sorted(generators))
+    others = [k for k in tensors if not k.endswith((".boft_R", ".boft_s"))]
+    biases = [k for k in others if k.endswith(".bias")]
+    bias = (
+        "none"
+        if not biases
+        else "boft_only"
+        if all(k[: -len(".bias")] in generators for k in biases)
+        else "all"
+    )
+    saved = sorted({k.rpartition(".")[0] for k in others if not (k.endswith(".bias") and bias != "none")})
+    return BOFTConfig(
+        boft_block_size=block,
+        boft_n_butterfly_factor=m,
+        target_modules=sorted(generators),
+        bias=bias,
+        modules_to_save=saved or None,
+    )
 
 
 def _as_adapter(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> AdapterFile:
@@ -107,7 +123,7 @@ def _check_fits(
     for key, tensor in tensors.items():
         shape = expected.get(key)
         if shape is None and not key.endswith((".boft_R", ".boft_s")):
-            param = params.get(key) or _saved_param(module, key)
+            param = params[key] if key in params else _saved_param(module, key)
             shape = None if param is None else tuple(param.shape)
         if shape is None:
             raise AdapterFormatError(f"{src}: {comp} has no target module for {key!r}")
@@ -168,7 +184,8 @@ def _load_tensors(module: nn.Module, adapter_name: str, tensors: Mapping[str, to
         if leaf in ("boft_R", "boft_s") and path in layers:
             target = getattr(layers[path], leaf)[adapter_name]
         else:
-            target = _copy_param(module, adapter_name, key) or params[key]
+            target = _copy_param(module, adapter_name, key)
+            target = params[key] if target is None else target
         target.copy_(tensor.to(target.dtype))
 
 
