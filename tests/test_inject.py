@@ -210,3 +210,31 @@ def test_gradient_checkpointing_and_backward_through_unet(tiny_pipe):
     unet(*unet_inputs(unet)).sample.square().mean().backward()
     grads = [layer.boft_R["default"].grad for layer in boft_layers(unet).values()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_custom_attention_processor_keeps_working(tiny_pipe):
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet = tiny_pipe.unet
+    add_boft(unet, BOFTConfig(boft_block_size=4, init_weights=False))
+    inputs = unet_inputs(unet)
+    with torch.no_grad():
+        sdpa = unet(*inputs).sample
+        unet.set_attn_processor(AttnProcessor())  # the classic (non-SDPA) processor, set after BOFT
+        classic = unet(*inputs).sample
+    assert all(isinstance(p, AttnProcessor) for p in unet.attn_processors.values())
+    torch.testing.assert_close(classic, sdpa, atol=1e-5, rtol=1e-4)
+
+
+def test_controlnet_and_projection_text_encoder(tiny_pipe):
+    from transformers import CLIPTextModelWithProjection
+
+    from boft_diffusion.tiny import build_tiny_controlnet
+
+    controlnet = build_tiny_controlnet(tiny_pipe.unet)
+    add_boft(controlnet, BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2))
+    assert boft_layers(controlnet)
+    te2 = CLIPTextModelWithProjection(tiny_pipe.text_encoder.config)
+    model = BOFTModel(te2, BOFTConfig(boft_block_size=4, init_weights=False))
+    out = model(torch.tensor([[0, 5, 913]])).text_embeds
+    assert out.shape == (1, te2.config.projection_dim) and torch.isfinite(out).all()
