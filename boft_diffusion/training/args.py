@@ -1,0 +1,365 @@
+"""Typed training configuration: dataclasses shared by every recipe, loaded with omegaconf.
+
+Each field carries its documentation as an attribute docstring; :func:`field_docs` reads them for
+``--help``. A recipe composes these sections with its own data section into one config class, e.g.
+``DreamBoothConfig(model, boft, data, optim, train, validation)``; keys are addressed as
+``section.field`` in YAML files and in ``key=value`` command-line overrides.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from ..config import BOFTConfig
+from ..inject import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS
+
+__all__ = [
+    "BOFTArgs",
+    "ConfigError",
+    "ModelArgs",
+    "OptimArgs",
+    "TrainArgs",
+    "ValidationArgs",
+    "config_keys",
+    "config_to_dict",
+    "config_to_yaml",
+    "field_docs",
+    "load_config",
+]
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration the run cannot start with; the message names the key and how to fix it."""
+
+
+@dataclass
+class ModelArgs:
+    """The base pipeline to finetune."""
+
+    pretrained_model_name_or_path: str | None = None
+    """Local diffusers folder or hub id of a Stable Diffusion 1.x/2.x pipeline; null: the embedded tiny pipeline."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of the base model."""
+    variant: str | None = None
+    """Weight file variant to load, e.g. ``fp16``."""
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    """Override the scheduler's prediction type (null: keep the model's, e.g. v_prediction for SD 2.1-768)."""
+    tiny_seed: int = 0
+    """Seed the embedded tiny pipeline is built from (only without pretrained_model_name_or_path)."""
+
+
+@dataclass
+class BOFTArgs:
+    """The BOFT adapter (paper notation: block size b, block number r, butterfly factors m)."""
+
+    block_size: int = 0
+    """Block size b (0: derived per layer from block_num)."""
+    block_num: int = 4
+    """Number of blocks r per butterfly factor (0: derived per layer from block_size)."""
+    n_butterfly_factor: int = 2
+    """Number m of butterfly factors; 1 is plain block-diagonal OFT."""
+    dropout: float = 0.1
+    """Multiplicative dropout: probability of replacing a block by the identity during training."""
+    bias: Literal["none", "all", "boft_only"] = "boft_only"
+    """Biases that train: none, all, or boft_only (those of the adapted layers)."""
+    unet_target_modules: list[str] = field(default_factory=lambda: list(UNET_ATTENTION_TARGETS))
+    """UNet module-name suffixes to adapt."""
+    train_text_encoder: bool = False
+    """Also adapt the text encoder (its BOFT parameters train with the UNet's)."""
+    text_encoder_target_modules: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_TARGETS))
+    """Text-encoder module-name suffixes to adapt (with train_text_encoder)."""
+    adapter_name: str = "default"
+    """Name of the adapter in the saved file."""
+
+    def __post_init__(self) -> None:
+        self.to_config(self.unet_target_modules)  # raises on an invalid combination
+
+    def to_config(self, target_modules: list[str]) -> BOFTConfig:
+        return BOFTConfig(
+            boft_block_size=self.block_size,
+            boft_block_num=self.block_num,
+            boft_n_butterfly_factor=self.n_butterfly_factor,
+            boft_dropout=self.dropout,
+            bias=self.bias,
+            target_modules=list(target_modules),
+        )
+
+
+@dataclass
+class OptimArgs:
+    """Optimiser, learning-rate schedule and gradient clipping."""
+
+    learning_rate: float = 1e-2
+    """Peak learning rate (SD: 3e-5 as in the BOFT paper; the random tiny model needs far more)."""
+    scale_lr: bool = False
+    """Multiply the learning rate by batch size x gradient accumulation x number of processes."""
+    lr_scheduler: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+    ] = "constant"
+    """Schedule (diffusers.optimization.get_scheduler): linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup."""
+    lr_warmup_steps: int = 0
+    """Linear warmup steps."""
+    lr_num_cycles: int = 1
+    """Hard restarts of cosine_with_restarts."""
+    lr_power: float = 1.0
+    """Power of the polynomial schedule."""
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    """adamw (torch) or adamw_8bit (bitsandbytes, must be installed)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_weight_decay: float = 1e-2
+    """AdamW decoupled weight decay."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradient norm of the trained parameters to this (null: no clipping)."""
+
+
+@dataclass
+class TrainArgs:
+    """The run: where it writes, how long it trains, precision, memory, checkpoints and logging."""
+
+    output_dir: str = "outputs/dreambooth-tiny"
+    """Folder of the run: adapter, config, model card, checkpoints, validation grids, logs."""
+    overwrite_output_dir: bool = False
+    """Allow output_dir to hold a different run (its checkpoints, grids and logs are deleted first)."""
+    seed: int = 0
+    """Seed of everything random (data order, augmentation, noise, dropout); each process adds its rank."""
+    train_batch_size: int = 1
+    """Instance images per process per step (doubled by class images with prior preservation)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches accumulated into one optimiser step."""
+    max_train_steps: int | None = 50
+    """Optimiser steps to train (null: num_train_epochs decides)."""
+    num_train_epochs: int = 1
+    """Epochs to train when max_train_steps is null."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Compute precision; frozen weights are stored in it, BOFT parameters stay float32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    enable_xformers_memory_efficient_attention: bool = False
+    """Use xformers attention in the UNet (needs xformers and CUDA)."""
+    allow_tf32: bool = False
+    """Allow TF32 matmuls on Ampere+ GPUs."""
+    snr_gamma: float | None = None
+    """Min-SNR loss weighting gamma (5.0 is the paper's value; null: plain MSE)."""
+    noise_offset: float = 0.0
+    """Offset noise scale (e.g. 0.1) for darker/brighter images."""
+    dataloader_num_workers: int = 0
+    """Data-loading worker processes (0: load in the main process)."""
+    checkpointing_steps: int = 25
+    """Save a full training state every N steps (0: never)."""
+    checkpoints_total_limit: int | None = None
+    """Keep at most this many checkpoints (oldest removed; null: keep all)."""
+    resume_from_checkpoint: str | None = None
+    """Checkpoint folder to resume from, or ``latest`` (the newest in output_dir; none there: start fresh)."""
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    """Tracker for loss, learning rate and validation grids (wandb honours WANDB_MODE=offline)."""
+    tracker_project_name: str = "boft-diffusion"
+    """Project name in the tracker."""
+    logging_dir: str = "logs"
+    """Tracker folder, relative to output_dir."""
+    export_merged: bool = False
+    """After training, also write the merged model to output_dir/merged (boft_diffusion.export)."""
+
+    def __post_init__(self) -> None:
+        positive = ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1 (got {getattr(self, name)})")
+        if self.max_train_steps is not None and self.max_train_steps < 1:
+            raise ConfigError(f"train.max_train_steps must be >= 1 or null (got {self.max_train_steps})")
+        if self.checkpointing_steps < 0:
+            raise ConfigError(f"train.checkpointing_steps must be >= 0 (got {self.checkpointing_steps})")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ConfigError(
+                f"train.checkpoints_total_limit must be >= 1 or null (got {self.checkpoints_total_limit})"
+            )
+
+
+@dataclass
+class ValidationArgs:
+    """Periodic sampling with fixed seeds into PNG grids (one row per prompt)."""
+
+    prompts: list[str] = field(
+        default_factory=lambda: ["a photo of sks toy", "a photo of sks toy on the beach"]
+    )
+    """Prompts to sample (empty: no validation and no sample grid)."""
+    validation_steps: int = 25
+    """Sample every N steps (0: only after training)."""
+    num_images_per_prompt: int = 2
+    """Images per prompt (grid columns); image j uses seed + j."""
+    seed: int = 0
+    """Seed of the first image of each row."""
+    num_inference_steps: int = 10
+    """Sampler steps."""
+    guidance_scale: float = 7.5
+    """Classifier-free guidance scale."""
+    resolution: int | None = None
+    """Image size in pixels (null: the training resolution)."""
+
+    def __post_init__(self) -> None:
+        if self.validation_steps < 0 or self.num_images_per_prompt < 1 or self.num_inference_steps < 1:
+            raise ConfigError(
+                "validation.validation_steps must be >= 0, num_images_per_prompt and num_inference_steps >= 1"
+            )
+
+
+# --- loading ------------------------------------------------------------------------------------
+def config_keys(cls: type) -> list[str]:
+    """Every leaf key of a (nested) config dataclass as a dotted path, in declaration order."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        sub = _dataclass_type(cls, f.name)
+        if sub:
+            keys.extend(f"{f.name}.{k}" for k in config_keys(sub))
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def _dataclass_type(cls: type, name: str) -> type | None:
+    hint = _type_hints(cls).get(name)
+    return hint if dataclasses.is_dataclass(hint) else None
+
+
+@cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
+def _suggest(key: str, valid: Sequence[str]) -> str:
+    """``; did you mean 'x'?`` for the closest valid key (by full path, then by last name)."""
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in valid if k.rsplit(".", 1)[-1] == leaf]
+    if len(same_leaf) == 1:
+        return f"; did you mean {same_leaf[0]!r}?"
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if not close:
+        leaves = {k.rsplit(".", 1)[-1]: k for k in valid}
+        close = [leaves[c] for c in difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)]
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _unknown_keys(cls: type, data: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of ``data`` (a nested dict) that ``cls`` does not have."""
+    if not isinstance(data, dict):
+        return []
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = []
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            unknown.append(path)
+        elif sub := _dataclass_type(cls, key):
+            unknown.extend(_unknown_keys(sub, value, path + "."))
+    return unknown
+
+
+def _parse_overrides(overrides: Sequence[str]) -> Any:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(
+                f"Override {item!r} is not of the form key=value (e.g. optim.learning_rate=1e-4)"
+            )
+    return OmegaConf.from_dotlist(list(overrides))
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Dataclass defaults, then the YAML file, then ``key=value`` overrides; a typed, validated ``cls``.
+
+    Unknown keys, values of the wrong type and invalid combinations raise :class:`ConfigError`
+    naming the key, its source and the closest valid key.
+    """
+    sources = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {path} does not exist")
+        try:
+            sources.append((f"config file {path}", OmegaConf.load(path)))
+        except (OmegaConfBaseException, ValueError) as err:  # yaml errors are ValueError subclasses
+            raise ConfigError(f"Config file {path} is not valid YAML: {err}") from err
+        if not OmegaConf.is_dict(sources[-1][1]):
+            raise ConfigError(f"Config file {path} must hold a mapping of sections (model:, train:, ...)")
+    sources.append(("command line", _parse_overrides(overrides)))
+    merged = OmegaConf.structured(cls)
+    valid = config_keys(cls)
+    for source, data in sources:
+        unknown = _unknown_keys(cls, OmegaConf.to_container(data))
+        if unknown:
+            raise ConfigError(f"Unknown config key {unknown[0]!r} in {source}{_suggest(unknown[0], valid)}")
+        try:
+            merged = OmegaConf.merge(merged, data)
+        except ConfigKeyError as err:
+            raise ConfigError(f"Unknown config key {err.full_key!r} in {source}") from err
+        except ValidationError as err:
+            message = str(err.msg).splitlines()[0]
+            raise ConfigError(f"Invalid value for {err.full_key!r} in {source}: {message}") from err
+    try:
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"Invalid config: {getattr(err, 'msg', err)}") from err
+    except ValueError as err:  # __post_init__ checks
+        raise err if isinstance(err, ConfigError) else ConfigError(str(err)) from err
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(config))
+
+
+def config_to_yaml(config: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+# --- documentation ------------------------------------------------------------------------------
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """``{field: docstring}`` from the string literal under each annotated field of ``cls``."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def field_docs(cls: type, prefix: str = "") -> dict[str, tuple[str, Any]]:
+    """``{dotted key: (doc, default)}`` for every leaf field of a (nested) config dataclass."""
+    instance = cls()
+    docs = _attribute_docs(cls)
+    out: dict[str, tuple[str, Any]] = {}
+    for f in dataclasses.fields(cls):
+        sub = _dataclass_type(cls, f.name)
+        if sub:
+            out.update(field_docs(sub, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = (docs.get(f.name, ""), getattr(instance, f.name))
+    return out

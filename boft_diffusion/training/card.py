@@ -1,0 +1,63 @@
+"""Model cards: a README.md with Hugging Face front matter that describes a trained adapter."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["write_model_card"]
+
+
+def _front_matter(base_model: str, tags: Sequence[str], prompt: str | None) -> str:
+    lines = ["---", f"base_model: {base_model}", "library_name: diffusers", "license: other", "tags:"]
+    lines += [f"- {tag}" for tag in tags]
+    if prompt:
+        lines.append(f"instance_prompt: {prompt!r}")
+    return "\n".join([*lines, "---", ""])
+
+
+def write_model_card(
+    output_dir: str | Path,
+    *,
+    title: str,
+    base_model: str,
+    description: str,
+    hyperparameters: Mapping[str, Any],
+    trainable_parameters: int,
+    usage: str,
+    images: Sequence[str] = (),
+    tags: Sequence[str] = ("boft", "diffusers", "text-to-image"),
+    instance_prompt: str | None = None,
+) -> Path:
+    """Write ``<output_dir>/README.md``; ``images`` are paths relative to ``output_dir``."""
+    rows = "\n".join(f"| `{key}` | `{value}` |" for key, value in hyperparameters.items())
+    pictures = "\n".join(f"![{Path(p).stem}]({p})" for p in images)
+    text = f"""{_front_matter(base_model, tags, instance_prompt)}
+# {title}
+
+{description}
+
+- Base model: `{base_model}`
+- Trainable parameters: {trainable_parameters:,d}
+- Adapter file: `boft_weights.safetensors`
+
+## Samples
+
+{pictures or "No validation prompts were configured."}
+
+## Use it
+
+```python
+{usage.strip()}
+```
+
+## Training hyperparameters
+
+| key | value |
+| --- | --- |
+{rows}
+"""
+    path = Path(output_dir) / "README.md"
+    path.write_text(text, encoding="utf-8")
+    return path

@@ -1,0 +1,81 @@
+"""Step bookkeeping shared by the recipes' training loops: how many steps and epochs, where a
+resumed run picks up, and the batches of one epoch."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+__all__ = ["LossMeter", "StepPlan", "epoch_batches", "is_due"]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Optimiser steps of a run: ``updates_per_epoch = ceil(batches per process / accumulation)``."""
+
+    max_train_steps: int
+    num_epochs: int
+    updates_per_epoch: int
+    gradient_accumulation_steps: int
+
+    @classmethod
+    def create(
+        cls,
+        batches_per_process: int,
+        gradient_accumulation_steps: int,
+        max_train_steps: int | None,
+        num_train_epochs: int,
+    ) -> StepPlan:
+        per_epoch = max(1, math.ceil(batches_per_process / gradient_accumulation_steps))
+        steps = max_train_steps if max_train_steps is not None else num_train_epochs * per_epoch
+        return cls(steps, math.ceil(steps / per_epoch), per_epoch, gradient_accumulation_steps)
+
+    def position(self, step: int) -> tuple[int, int]:
+        """``(epoch, micro-batches of that epoch already consumed)`` after ``step`` optimiser steps."""
+        epoch, done = divmod(step, self.updates_per_epoch)
+        return epoch, done * self.gradient_accumulation_steps
+
+
+def epoch_batches(
+    accelerator: Accelerator, dataloader: Any, epoch: int, skip: int = 0, epoch_aware: Iterable[Any] = ()
+) -> Any:
+    """The (prepared) dataloader for ``epoch``, without its first ``skip`` batches.
+
+    ``epoch_aware`` objects (sampler, dataset) get ``set_epoch(epoch)`` so that order and
+    augmentation depend on the epoch only, not on how the run got there.
+    """
+    for obj in epoch_aware:
+        obj.set_epoch(epoch)
+    loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    return loader
+
+
+def is_due(step: int, every: int) -> bool:
+    """True every ``every`` steps (never when ``every`` is 0)."""
+    return every > 0 and step % every == 0
+
+
+class LossMeter:
+    """Mean of the micro-batch losses of one optimiser step, averaged over processes."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        value = loss.detach().float()
+        self.total = value if self.total is None else self.total + value
+        self.count += 1
+
+    def pop(self, accelerator: Accelerator) -> float:
+        """The mean so far (all processes must call this together); resets the meter."""
+        mean = accelerator.reduce(self.total / self.count, reduction="mean")
+        self.total, self.count = None, 0
+        return float(mean.item())

@@ -1,0 +1,84 @@
+"""Validation: sample fixed prompts with fixed seeds into a PNG grid (one row per prompt).
+
+Sampling runs on the main process only, with the global RNG state saved and restored around it,
+so validating never changes what training draws next (a resumed run matches an uninterrupted one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from PIL import Image
+from torch import nn
+
+from .args import ValidationArgs
+from .tracking import log_images
+
+__all__ = ["make_grid", "run_validation", "sample_grid"]
+
+
+def make_grid(images: Sequence[Image.Image], rows: int, cols: int) -> Image.Image:
+    """Paste ``rows * cols`` equally sized images into one image, row by row."""
+    width, height = images[0].size
+    grid = Image.new("RGB", (cols * width, rows * height))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % cols) * width, (i // cols) * height))
+    return grid
+
+
+@torch.no_grad()
+def sample_grid(pipe: Any, args: ValidationArgs, resolution: int, **pipe_kwargs: Any) -> Image.Image:
+    """Sample ``args.num_images_per_prompt`` images per prompt (image ``j`` from seed ``args.seed + j``)."""
+    size = args.resolution or resolution
+    images = []
+    for prompt in args.prompts:
+        generators = [torch.Generator().manual_seed(args.seed + j) for j in range(args.num_images_per_prompt)]
+        images += pipe(
+            [prompt] * args.num_images_per_prompt,
+            num_inference_steps=args.num_inference_steps,
+            guidance_scale=args.guidance_scale,
+            generator=generators,
+            height=size,
+            width=size,
+            **pipe_kwargs,
+        ).images
+    return make_grid(images, len(args.prompts), args.num_images_per_prompt)
+
+
+def run_validation(
+    accelerator: Accelerator,
+    pipe: Any,
+    args: ValidationArgs,
+    resolution: int,
+    out_file: Path,
+    step: int,
+    trained: Sequence[nn.Module] = (),
+    tag: str = "validation",
+    **pipe_kwargs: Any,
+) -> Path | None:
+    """Sample a grid into ``out_file`` and the trackers (main process); every process must call this.
+
+    ``trained`` modules are switched to eval mode (no dropout) while sampling and back afterwards.
+    """
+    if not args.prompts:
+        return None
+    if accelerator.is_main_process:
+        modes = [m.training for m in trained]
+        for module in trained:
+            module.eval()
+        devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+        autocast = accelerator.autocast() if accelerator.mixed_precision != "no" else nullcontext()
+        with torch.random.fork_rng(devices=devices), autocast:
+            grid = sample_grid(pipe, args, resolution, **pipe_kwargs)
+        for module, mode in zip(trained, modes):
+            module.train(mode)
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(out_file)
+        log_images(accelerator, tag, grid, step, caption=" | ".join(args.prompts))
+    accelerator.wait_for_everyone()
+    return out_file
