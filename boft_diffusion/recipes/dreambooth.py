@@ -214,9 +214,7 @@ def _class_images(cfg: DreamBoothConfig, accelerator: Accelerator, pipe: Any) ->
 
 
 def _add_adapters(cfg: DreamBoothConfig, pipe: Any) -> dict[str, nn.Module]:
-    """BOFT on the UNet (and text encoder); everything else frozen. Returns the adapted components."""
-    pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
+    """BOFT on the (frozen) UNet and text encoder; only adapter tensors train. Returns the adapted models."""
     components = {
         "unet": add_boft(pipe.unet, cfg.boft.to_config(cfg.boft.unet_target_modules), cfg.boft.adapter_name)
     }
@@ -249,7 +247,10 @@ def setup(
 ) -> Parts:
     """Data (generating what is missing), adapters, optimiser around the base ``pipe``; resumes if asked."""
     dtype = weight_dtype(accelerator)
-    cast_frozen_weights([pipe.unet, pipe.vae, pipe.text_encoder], dtype, accelerator.device)
+    base = [pipe.unet, pipe.vae, pipe.text_encoder]
+    for module in base:
+        module.requires_grad_(False)
+    cast_frozen_weights(base, dtype, accelerator.device)
     instance = _instance_images(cfg, accelerator, images)
     classes = _class_images(cfg, accelerator, pipe)
     components = _add_adapters(cfg, pipe)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration
 from torch import nn
 
@@ -49,8 +50,12 @@ def make_accelerator(train: TrainArgs) -> Accelerator:
     """An ``Accelerator`` for ``train``: accumulation, precision, tracker, project folders.
 
     Launched as several processes on a CPU-only machine, it runs data-parallel over gloo
-    (accelerate itself would otherwise start independent single-process runs).
+    (accelerate itself would otherwise start independent single-process runs). A second run in
+    the same process (a notebook, tests) may change precision or accumulation: accelerate's
+    per-process singletons are reset first, keeping the distributed state.
     """
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     project = ProjectConfiguration(
         project_dir=train.output_dir, logging_dir=str(Path(train.output_dir) / train.logging_dir)
     )
@@ -75,7 +80,7 @@ def cast_frozen_weights(modules: Iterable[nn.Module | None], dtype: torch.dtype,
             continue
         module.to(device)
         if any(p.dtype != dtype for p in module.parameters() if not p.requires_grad):
-            module.to(dtype)
+            module.to(dtype)  # (diffusers warns when a model casts itself; harmless here)
         for param in module.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
@@ -180,11 +185,14 @@ def enable_memory_savers(train: TrainArgs, unet: nn.Module, text_encoder: nn.Mod
 
 
 # --- the output folder ----------------------------------------------------------------------------
-def _lookup(config: dict[str, Any], dotted: str) -> Any:
-    value: Any = config
-    for part in dotted.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
+def _leaves(config: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    if not isinstance(config, dict):
+        return {prefix.rstrip("."): config}
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        out.update(_leaves(value, f"{prefix}{key}."))
+    return out
 
 
 def check_output_dir(
@@ -205,10 +213,11 @@ def check_output_dir(
         raise ConfigError(f"train.output_dir {folder} is not empty and holds no boft-diffusion run; {hint}")
     from omegaconf import OmegaConf
 
-    saved = OmegaConf.to_container(OmegaConf.load(saved_path))
-    diffs = [k for k in identity if json.dumps(_lookup(saved, k)) != json.dumps(_lookup(config, k))]
+    saved, current = _leaves(OmegaConf.to_container(OmegaConf.load(saved_path))), _leaves(config)
+    keys = [k for k in {**saved, **current} if any(k == i or k.startswith(i + ".") for i in identity)]
+    diffs = [k for k in keys if json.dumps(saved.get(k)) != json.dumps(current.get(k))]
     if diffs:
-        detail = ", ".join(f"{k}: {_lookup(saved, k)!r} there, {_lookup(config, k)!r} now" for k in diffs[:3])
+        detail = ", ".join(f"{k}: {saved.get(k)!r} there, {current.get(k)!r} now" for k in diffs[:3])
         raise ConfigError(f"train.output_dir {folder} holds a different run ({detail}); {hint}")
 
 
