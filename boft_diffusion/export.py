@@ -107,7 +107,7 @@ def _stock_key(key: str, layers: Mapping[str, BOFTLayer], saved: Mapping[str, Mo
         rest = key[len(name) + 1 :]
         active = wrapper.active if not wrapper.disabled and wrapper.active in wrapper.copies else None
         keep = "original." if active is None else f"copies.{active}."
-        return f"{name}.{rest[len(keep):]}" if rest.startswith(keep) else None
+        return f"{name}.{rest[len(keep) :]}" if rest.startswith(keep) else None
     return key.replace(".base_layer.", ".")
 
 
@@ -161,7 +161,9 @@ def _active_adapters(pipe: Any) -> list[dict[str, Any]]:
             if layer.disabled:
                 continue
             for name in dict.fromkeys([*layer.merged_adapters, *layer.active_adapters]):
-                entry = found.setdefault(name, {"name": name, "strength": layer.strength[name], "components": []})
+                entry = found.setdefault(
+                    name, {"name": name, "strength": layer.strength[name], "components": []}
+                )
                 if comp not in entry["components"]:
                     entry["components"].append(comp)
     return list(found.values())
@@ -171,7 +173,11 @@ def provenance(pipe: Any, base_model: str | None = None, **extra: Any) -> dict[s
     """What the export holds: base model, adapters with strengths, the tool that wrote it."""
     from . import __version__
 
-    base = base_model or getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
+    base = (
+        base_model
+        or getattr(pipe, "name_or_path", None)
+        or getattr(getattr(pipe, "config", None), "_name_or_path", None)
+    )
     return {
         "base_model": str(base) if base else None,
         "adapters": _active_adapters(pipe),
@@ -244,7 +250,9 @@ def _merged_pipeline(pipe: Any, dtype: torch.dtype | None) -> Any:
     return type(pipe)(**kwargs)
 
 
-def _export_diffusers(pipe: Any, folder: Path, dtype: torch.dtype | None, variant: str | None, prov: dict) -> None:
+def _export_diffusers(
+    pipe: Any, folder: Path, dtype: torch.dtype | None, variant: str | None, prov: dict
+) -> None:
     merged = _merged_pipeline(pipe, dtype)
     merged.save_pretrained(folder, safe_serialization=True, variant=variant)
     metadata = _metadata(prov)
@@ -296,7 +304,9 @@ def _unet_key(key: str, per_block: int, up_has_attention: set[int]) -> str:
         layer, rest = int(parts[3]), parts[4:]
         index = 1 + block * width + layer if down else block * width + layer
         slot = "1" if kind == "attentions" else "0"
-        return ".".join(["input_blocks" if down else "output_blocks", str(index), slot, *_resnet_rest(kind, rest)])
+        return ".".join(
+            ["input_blocks" if down else "output_blocks", str(index), slot, *_resnet_rest(kind, rest)]
+        )
     raise KeyError(f"UNet key {key!r} has no place in the original Stable Diffusion layout")
 
 
@@ -323,7 +333,9 @@ def _vae_key(key: str, num_up: int) -> str:
     block = int(parts[2]) if kind == "down_blocks" else num_up - 1 - int(parts[2])
     stage = "down" if kind == "down_blocks" else "up"
     if parts[3] in ("downsamplers", "upsamplers"):
-        return ".".join([side, stage, str(block), "downsample" if stage == "down" else "upsample", *parts[5:]])
+        return ".".join(
+            [side, stage, str(block), "downsample" if stage == "down" else "upsample", *parts[5:]]
+        )
     return ".".join([side, stage, str(block), "block", parts[4], *_vae_resnet(parts[5:])])
 
 
@@ -378,7 +390,9 @@ def _export_single_file(pipe: Any, file: Path, dtype: torch.dtype | None, prov: 
         pipe.unet.config,
         pipe.vae.config,
     )
-    save_file({k: t.contiguous() for k, t in state.items()}, file, metadata={"format": "pt", **_metadata(prov)})
+    save_file(
+        {k: t.contiguous() for k, t in state.items()}, file, metadata={"format": "pt", **_metadata(prov)}
+    )
 
 
 # --- entry point ---------------------------------------------------------------------------------

@@ -94,9 +94,20 @@ def test_both_formats_open_in_stock_diffusers_and_match_adapter_images(exports, 
     root, out = exports["root"], tmp_path / "images.npy"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     subprocess.run(
-        [sys.executable, "-c", STOCK_LOADER, str(root / "diffusers"), str(root / "merged.safetensors"),
-         str(base_dir), str(out)],
-        check=True, env=env, cwd=tmp_path, capture_output=True, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            STOCK_LOADER,
+            str(root / "diffusers"),
+            str(root / "merged.safetensors"),
+            str(base_dir),
+            str(out),
+        ],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=300,
     )
     from_folder, from_single = np.load(out)
     reference = exports["reference"]
@@ -150,7 +161,10 @@ def test_provenance_in_metadata_and_json(exports, base_dir):
     prov = json.loads((root / "diffusers" / PROVENANCE_NAME).read_text())
     assert prov["format"] == "diffusers"
     assert prov["adapters"] == [{"name": "toy", "strength": 1.0, "components": ["unet", "text_encoder"]}]
-    for path in (root / "diffusers" / "unet" / "diffusion_pytorch_model.safetensors", root / "merged.safetensors"):
+    for path in (
+        root / "diffusers" / "unet" / "diffusion_pytorch_model.safetensors",
+        root / "merged.safetensors",
+    ):
         with safe_open(path, framework="pt") as f:
             meta = f.metadata()
         assert meta["format"] == "pt"
@@ -195,7 +209,9 @@ def test_reduced_precision_exports(exports, tmp_path, dtype, variant):
     export_merged(pipe, tmp_path / "out", dtype=dtype, variant=variant)
     suffix = f".{variant}" if variant else ""
     assert (tmp_path / "out" / "unet" / f"diffusion_pytorch_model{suffix}.safetensors").is_file()
-    loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "out", variant=variant, torch_dtype=torch_dtype)
+    loaded = StableDiffusionPipeline.from_pretrained(
+        tmp_path / "out", variant=variant, torch_dtype=torch_dtype
+    )
     merged = merged_state_dict(pipe.unet)
     for key, tensor in loaded.unet.state_dict().items():
         assert tensor.dtype == torch_dtype
@@ -222,7 +238,9 @@ def test_existing_output_is_refused(exports, tmp_path):
     assert (tmp_path / "taken.safetensors").read_text() == "mine"
 
 
-@pytest.mark.parametrize("fmt, name", [("diffusers", "new/deeper/out"), ("single_file", "new/deeper/x.safetensors")])
+@pytest.mark.parametrize(
+    "fmt, name", [("diffusers", "new/deeper/out"), ("single_file", "new/deeper/x.safetensors")]
+)
 def test_failure_leaves_nothing_behind(exports, tmp_path, monkeypatch, fmt, name):
     import boft_diffusion.export as export
 
