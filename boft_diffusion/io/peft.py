@@ -2,15 +2,25 @@
 
 PEFT layout: a folder with ``adapter_config.json`` (``peft_type: BOFT``) and
 ``adapter_model.safetensors`` for one model, or ``unet/`` and ``text_encoder/`` sub-folders as
-PEFT's DreamBooth example writes. PEFT stores each generator as a full ``b × b`` matrix ``A``
-(``Q = (A - A^T)/2``) and ``boft_s`` as ``(out, 1)`` (Linear) or ``(1, out)`` (Conv2d); here
-generators are packed (:func:`~boft_diffusion.functional.pack_skew`, exact) and ``boft_s`` is ``(out,)``.
+PEFT's DreamBooth example writes. PEFT keys are ``base_model.model.<module path>.boft_R`` /
+``.boft_s`` (plus ``<path>.base_layer.bias`` for ``bias="boft_only"`` and ``<module>.<param>`` for
+``modules_to_save``). PEFT stores each generator as a full ``b × b`` matrix ``A`` (it uses
+``Q = (A - A^T)/2``) and ``boft_s`` as ``(out, 1)`` (Linear) or ``(1, out)`` (Conv2d); here generators are
+packed (:func:`~boft_diffusion.functional.pack_skew`, exact: only ``Q`` matters) and ``boft_s`` is ``(out,)``.
+
+What the tensors hold decides (PEFT without its CUDA extension silently trains one butterfly factor,
+whatever its config says). Anything this project cannot represent is refused with the reason before
+a pipeline is touched: another PEFT method, tensors of unknown kind, layers that share neither a block
+size nor a block number, a ``.bin`` (pickle) file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,7 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..config import BOFTConfig
-from ..functional import pack_skew, unpack_skew
+from ..functional import num_free_entries, pack_skew, unpack_skew
 from ..layers import BOFTConv2d
 from .format import AdapterFile, AdapterFormatError, atomic_save_safetensors
 
@@ -29,97 +39,147 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 _COMPONENT_DIRS = ("unet", "text_encoder", "text_encoder_2", "controlnet")
+_TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 
 
 def _peft_folders(path: Path) -> dict[str, Path]:
     """``{component: folder}`` of a PEFT adapter at ``path`` (empty if it is not one)."""
+    if path.is_file() and path.name in (CONFIG_NAME, WEIGHTS_NAME):
+        path = path.parent
     if (path / CONFIG_NAME).is_file():
-        return {_component_of(path / CONFIG_NAME): path}
+        return {_component_of(path): path}
     return {c: path / c for c in _COMPONENT_DIRS if (path / c / CONFIG_NAME).is_file()}
 
 
-def _component_of(config_file: Path) -> str:
-    """Which pipeline component a single-model PEFT adapter belongs to (its base model class)."""
-    raw = json.loads(config_file.read_text())
-    base_class = (raw.get("auto_mapping") or {}).get("base_model_class", "")
-    return "text_encoder" if "CLIPText" in base_class else "unet"
+def _component_of(folder: Path) -> str:
+    """Which pipeline component a single-model PEFT adapter belongs to.
+
+    PEFT records the base model class (``auto_mapping``); without it, CLIP module names
+    (``q_proj``) mean the text encoder, anything else the UNet.
+    """
+    try:
+        raw = json.loads((folder / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return "unet"  # _read_config reports the broken file
+    base_class = ((raw.get("auto_mapping") or {}) if isinstance(raw, dict) else {}).get("base_model_class")
+    if base_class:
+        return "text_encoder" if base_class in _TEXT_ENCODER_CLASSES else "unet"
+    targets = raw.get("target_modules") if isinstance(raw, dict) else None
+    names = [targets] if isinstance(targets, str) else list(targets or [])
+    return "text_encoder" if any("q_proj" in t or "out_proj" in t for t in names) else "unet"
 
 
 def is_peft_adapter(path: str | os.PathLike) -> bool:
-    path = Path(path)
-    return path.is_dir() and bool(_peft_folders(path))
+    """True for a PEFT adapter folder (or its ``adapter_config.json`` / ``adapter_model.safetensors``)."""
+    return bool(_peft_folders(Path(path)))
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
     file = folder / CONFIG_NAME
     try:
         raw = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise AdapterFormatError(f"{file}: not a readable adapter config ({err})") from err
+    if not isinstance(raw, dict):
+        raise AdapterFormatError(f"{file}: not a PEFT adapter config (a JSON object is expected)")
     if raw.get("peft_type") != "BOFT":
         raise AdapterFormatError(
             f"{file}: a PEFT {raw.get('peft_type')} adapter, not BOFT; only BOFT adapters load here"
         )
-    if raw.get("exclude_modules") and not isinstance(raw.get("target_modules"), list | str):
-        raise AdapterFormatError(f"{file}: exclude_modules without target_modules cannot be represented")
     return raw
 
 
 def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     file = folder / WEIGHTS_NAME
     if not file.is_file():
+        others = sorted(p.name for p in folder.glob("adapter_model.*"))
         raise AdapterFormatError(
-            f"{folder}: no {WEIGHTS_NAME} (only safetensors PEFT adapters load; no pickle)"
+            f"{folder}: no {WEIGHTS_NAME}{f' (found {others})' if others else ''}; "
+            "only safetensors PEFT adapters load (pickle files are not read)"
         )
     try:
         with safe_open(file, framework="pt") as handle:
             return {k.removeprefix(_PREFIX): handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError) as err:
+    except (SafetensorError, OSError, ValueError) as err:
         raise AdapterFormatError(f"{file}: not a readable safetensors file ({err})") from err
+
+
+def _layout_config(generators: dict[str, torch.Tensor], src: Path) -> dict[str, int]:
+    """``boft_block_size`` or ``boft_block_num`` (whichever all layers share) and the factor count."""
+    for key, tensor in generators.items():
+        if tensor.ndim != 4 or tensor.shape[-1] != tensor.shape[-2]:
+            raise AdapterFormatError(
+                f"{src}: {key}.boft_R has shape {tuple(tensor.shape)}; PEFT BOFT stores (factors, blocks, b, b)"
+            )
+    factors = {t.shape[0] for t in generators.values()}
+    if len(factors) != 1:
+        raise AdapterFormatError(f"{src}: layers hold different butterfly factor counts {sorted(factors)}")
+    sizes = {t.shape[-1] for t in generators.values()}
+    counts = {t.shape[1] for t in generators.values()}
+    if len(sizes) == 1:
+        return {"boft_block_size": sizes.pop(), "boft_block_num": 0, "boft_n_butterfly_factor": factors.pop()}
+    if len(counts) == 1:
+        return {
+            "boft_block_size": 0,
+            "boft_block_num": counts.pop(),
+            "boft_n_butterfly_factor": factors.pop(),
+        }
+    raise AdapterFormatError(
+        f"{src}: layers share neither a block size ({sorted(sizes)}) nor a block number ({sorted(counts)}); "
+        "one BOFTConfig per component cannot describe that"
+    )
 
 
 def _convert_from_peft(
     raw: dict[str, Any], tensors: dict[str, torch.Tensor], src: Path
-) -> tuple[BOFTConfig, dict]:
+) -> tuple[BOFTConfig, dict[str, torch.Tensor]]:
     """PEFT tensors -> this project's keys and shapes; the config targets exactly the adapted modules."""
     generators = {k.removesuffix(".boft_R"): t for k, t in tensors.items() if k.endswith(".boft_R")}
     if not generators:
-        raise AdapterFormatError(f"{src}: no boft_R tensors")
-    factors = {t.shape[0] for t in generators.values()}
-    blocks = {t.shape[-1] for t in generators.values()}
-    if len(factors) != 1 or len(blocks) != 1:
-        raise AdapterFormatError(
-            f"{src}: mixed butterfly factors {factors} or block sizes {blocks} per layer"
-        )
-    m, b = factors.pop(), blocks.pop()
-    if m != raw.get("boft_n_butterfly_factor", 1):
+        raise AdapterFormatError(f"{src}: no boft_R tensors (is this a BOFT adapter?)")
+    layout = _layout_config(generators, src)
+    if layout["boft_n_butterfly_factor"] != raw.get("boft_n_butterfly_factor", 1):
         # PEFT without its CUDA extension silently trains with one factor; the tensors say what ran.
         warnings.warn(
             f"{src}: config says boft_n_butterfly_factor={raw.get('boft_n_butterfly_factor')}, "
-            f"the weights hold {m} factor(s); loading what the weights hold",
-            stacklevel=3,
+            f"the weights hold {layout['boft_n_butterfly_factor']} factor(s); loading what the weights hold",
+            stacklevel=4,
         )
+    saved = raw.get("modules_to_save") or []
     out: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
-        if key.endswith(".boft_R"):
+        path, _, leaf = key.rpartition(".")
+        if leaf == "boft_R":
             out[key] = pack_skew(tensor.float())
-        elif key.endswith(".boft_s"):
+        elif leaf == "boft_s":
+            if path not in generators:
+                raise AdapterFormatError(f"{src}: {key} has no boft_R beside it")
             out[key] = tensor.float().flatten()
-        else:
+        elif leaf == "bias" or any(key.startswith(m + ".") or f".{m}." in key for m in saved):
             out[key.replace(".base_layer.", ".")] = tensor
-    config = BOFTConfig(
-        boft_block_size=b,
-        boft_n_butterfly_factor=m,
-        target_modules=sorted(generators),
-        boft_dropout=raw.get("boft_dropout", 0.0),
-        bias=raw.get("bias", "none"),
-        modules_to_save=raw.get("modules_to_save"),
-    )
+        else:
+            raise AdapterFormatError(
+                f"{src}: tensor {key!r} is not a BOFT generator, scale, bias or modules_to_save weight; "
+                "this adapter cannot be represented here"
+            )
+    try:
+        config = BOFTConfig(
+            **layout,
+            target_modules=sorted(generators),
+            boft_dropout=raw.get("boft_dropout", 0.0),
+            bias=raw.get("bias", "none"),
+            modules_to_save=saved or None,
+        )
+    except (TypeError, ValueError) as err:
+        raise AdapterFormatError(f"{src}: unsupported PEFT BOFT config ({err})") from err
     return config, out
 
 
 def read_peft_adapter(path: str | os.PathLike) -> AdapterFile:
-    """Read a PEFT BOFT adapter folder (one model, or the DreamBooth ``unet/`` + ``text_encoder/`` layout)."""
+    """Read a PEFT BOFT adapter folder (one model, or the DreamBooth ``unet/`` + ``text_encoder/`` layout).
+
+    Every component is read and converted before anything is returned, so a bad one refuses the whole.
+    """
     path = Path(path)
     folders = _peft_folders(path)
     if not folders:
@@ -127,13 +187,56 @@ def read_peft_adapter(path: str | os.PathLike) -> AdapterFile:
     tensors, configs = {}, {}
     for comp, folder in folders.items():
         configs[comp], tensors[comp] = _convert_from_peft(_read_config(folder), _read_tensors(folder), folder)
-    return AdapterFile(tensors, configs, "default", {"imported_from": "peft"}, str(path))
+    root = path.parent if path.is_file() else path
+    return AdapterFile(tensors, configs, "default", {"imported_from": "peft"}, str(root))
+
+
+# --- export --------------------------------------------------------------------------------------
+def _to_peft_tensors(tensors: dict[str, torch.Tensor], layers: dict[str, Any], adapter_name: str) -> dict:
+    """This project's tensors of one component -> PEFT keys and shapes (inverse of the import)."""
+    out = {}
+    for key, tensor in tensors.items():
+        path, _, leaf = key.rpartition(".")
+        if leaf == "boft_R":
+            block_size = layers[path].layouts[adapter_name].block_size
+            if tensor.shape[-1] != num_free_entries(block_size):
+                raise ValueError(f"{key}: {tensor.shape[-1]} free entries do not fit block size {block_size}")
+            out[_PREFIX + key] = unpack_skew(tensor.float(), block_size)
+        elif leaf == "boft_s":
+            conv = isinstance(layers[path], BOFTConv2d)
+            out[_PREFIX + key] = tensor.reshape(1, -1) if conv else tensor.reshape(-1, 1)
+        elif path in layers:  # a trained bias of an adapted layer lives on PEFT's base_layer
+            out[f"{_PREFIX}{path}.base_layer.{leaf}"] = tensor
+        else:
+            out[_PREFIX + key] = tensor
+    return out
+
+
+def _peft_config(config: BOFTConfig, tensors: dict[str, torch.Tensor], module: torch.nn.Module) -> dict:
+    return {
+        **config.to_dict(),
+        "target_modules": sorted(k.removesuffix(".boft_R") for k in tensors if k.endswith(".boft_R")),
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "exclude_modules": None,
+        "peft_type": "BOFT",
+        "task_type": None,
+        "inference_mode": True,
+        "base_model_name_or_path": None,
+        "revision": None,
+        "auto_mapping": {
+            "base_model_class": type(module).__name__,
+            "parent_library": type(module).__module__,
+        },
+    }
 
 
 def save_peft_adapter(pipe: Any, save_directory: str | os.PathLike, adapter_name: str = "default") -> Path:
     """Write adapter ``adapter_name`` in PEFT's layout: ``<dir>/<component>/adapter_{config.json,model.safetensors}``.
 
-    Each sub-folder loads with ``PeftModel.from_pretrained(component, folder)``.
+    Each sub-folder loads with ``PeftModel.from_pretrained(component, folder)`` (PEFT needs its CUDA
+    extension for more than one butterfly factor). Component folders must not exist yet; each is
+    written under a temporary name and renamed, so an error leaves none half-written. Returns ``<dir>``.
     """
     from ..inject import boft_layers
     from ..pipeline import _components
@@ -142,40 +245,22 @@ def save_peft_adapter(pipe: Any, save_directory: str | os.PathLike, adapter_name
     adapter = get_boft_adapter(pipe, adapter_name)
     components = _components(pipe)
     root = Path(save_directory)
+    existing = [str(root / c) for c in adapter.configs if (root / c).exists()]
+    if existing:
+        raise FileExistsError(f"{existing[0]}: already exists; choose a new output folder")
+    converted = {
+        comp: _to_peft_tensors(adapter.tensors[comp], boft_layers(components[comp]), adapter_name)
+        for comp in adapter.configs
+    }
+    root.mkdir(parents=True, exist_ok=True)
     for comp, config in adapter.configs.items():
-        layers = boft_layers(components[comp])
-        tensors = {}
-        for key, tensor in adapter.tensors[comp].items():
-            path, _, leaf = key.rpartition(".")
-            if leaf == "boft_R":
-                tensors[_PREFIX + key] = unpack_skew(
-                    tensor.float(), layers[path].layouts[adapter_name].block_size
-                )
-            elif leaf == "boft_s":
-                conv = isinstance(layers[path], BOFTConv2d)
-                tensors[_PREFIX + key] = tensor.reshape(1, -1) if conv else tensor.reshape(-1, 1)
-            elif path in layers:  # a trained bias of an adapted layer
-                tensors[f"{_PREFIX}{path}.base_layer.{leaf}"] = tensor
-            else:
-                tensors[_PREFIX + key] = tensor
-        peft_config = {
-            **config.to_dict(),
-            "target_modules": sorted(
-                k.removesuffix(".boft_R") for k in adapter.tensors[comp] if k.endswith(".boft_R")
-            ),
-            "layers_to_transform": None,
-            "layers_pattern": None,
-            "peft_type": "BOFT",
-            "task_type": None,
-            "inference_mode": True,
-            "base_model_name_or_path": None,
-            "revision": None,
-            "auto_mapping": {
-                "base_model_class": type(components[comp]).__name__,
-                "parent_library": type(components[comp]).__module__,
-            },
-        }
-        folder = root / comp
-        atomic_save_safetensors(tensors, folder / WEIGHTS_NAME, {"format": "pt"})
-        (folder / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
+        staging = Path(tempfile.mkdtemp(prefix=f".{comp}.tmp-", dir=root))
+        try:
+            atomic_save_safetensors(converted[comp], staging / WEIGHTS_NAME, {"format": "pt"})
+            peft_config = _peft_config(config, adapter.tensors[comp], components[comp])
+            (staging / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
+            os.rename(staging, root / comp)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(staging)
     return root
