@@ -1,0 +1,187 @@
+"""``boft-diffusion sample``: images from a base pipeline with BOFT adapters, saved as one PNG grid.
+
+Image ``i`` uses seed ``S + i``, so it does not depend on how many images are asked for. Adapters are
+merged into the weights before sampling (base-model speed); the grid PNG records prompt, seed, steps
+and adapters in its text chunks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from . import (
+    CommandError,
+    add_example,
+    check_adapter_path,
+    check_new_output,
+    load_base,
+    make_command,
+    number,
+    parse_adapter_spec,
+    reports_errors,
+    standalone_main,
+)
+
+HELP = "sample images from a pipeline with BOFT adapters into a PNG grid"
+EXAMPLE = """example:
+  boft-diffusion sample --base ./sd15 --adapter ./out/toy-boft --scale 0.8 \\
+      --prompt "a photo of sks toy on the beach" --num-images 4 --seed 0 --out grid.png
+
+--adapter PATH[:WEIGHT] may repeat (adapters compose); --scale is the weight of those given without one."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_example(parser, EXAMPLE)
+    parser.add_argument("--base", required=True, help="base pipeline: a diffusers folder or a hub id")
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="PATH[:WEIGHT]",
+        help="BOFT adapter (project file/folder or PEFT folder); repeat to compose several",
+    )
+    parser.add_argument("--scale", type=number, default=1.0, help="adapter strength: 0 = base, 1 = adapter")
+    parser.add_argument("--prompt", required=True, help="text prompt")
+    parser.add_argument("--negative-prompt", default=None, help="negative prompt")
+    parser.add_argument("--num-images", type=int, default=4, help="number of images in the grid (default 4)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
+    parser.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    parser.add_argument("--guidance-scale", type=number, default=7.5, help="classifier-free guidance")
+    parser.add_argument("--height", type=int, default=None, help="image height in pixels (pipeline default)")
+    parser.add_argument("--width", type=int, default=None, help="image width in pixels (pipeline default)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="weights dtype")
+    parser.add_argument("--out", required=True, help="output PNG grid (must not exist unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+def _validate(args: argparse.Namespace) -> list[tuple[Path, float]]:
+    """Check everything cheap before loading a model; returns ``[(adapter path, weight)]``."""
+    if args.num_images < 1:
+        raise CommandError(f"--num-images must be at least 1 (got {args.num_images})")
+    if args.steps < 1:
+        raise CommandError(f"--steps must be at least 1 (got {args.steps})")
+    for side in ("height", "width"):
+        value = getattr(args, side)
+        if value is not None and (value < 8 or value % 8):
+            raise CommandError(f"--{side} must be a positive multiple of 8 (got {value})")
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise CommandError(f"--out {out}: the grid is a PNG file; use a .png name")
+    if not args.overwrite:
+        check_new_output(out)
+    if out.is_dir():
+        raise CommandError(f"--out {out} is a folder")
+    adapters = [parse_adapter_spec(spec, args.scale) for spec in args.adapter]
+    for path, _ in adapters:
+        check_adapter_path(path)
+    return adapters
+
+
+def image_grid(images: list[Any]) -> Any:
+    """PIL images of one size -> one grid image, ``ceil(sqrt(n))`` columns, row-major."""
+    from PIL import Image
+
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    width, height = images[0].size
+    grid = Image.new("RGB", (cols * width, rows * height), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % cols) * width, (i // cols) * height))
+    return grid
+
+
+def _save_png(image: Any, path: Path, text: dict[str, str]) -> None:
+    """Write the PNG under a temporary name beside ``path``, then rename (no partial file)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_text(key, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _generate(pipe: Any, args: argparse.Namespace, device: str) -> list[Any]:
+    """One image per seed with a single progress bar over all denoising steps."""
+    import torch
+    from tqdm.auto import tqdm
+
+    images = []
+    with tqdm(total=args.num_images * args.steps, desc="Sampling", unit="step", file=sys.stderr) as bar:
+
+        def step_done(pipeline: Any, step: int, timestep: Any, kwargs: dict) -> dict:
+            bar.update(1)
+            return kwargs
+
+        for i in range(args.num_images):
+            generator = torch.Generator(device=device).manual_seed(args.seed + i)
+            result = pipe(
+                args.prompt,
+                negative_prompt=args.negative_prompt,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance_scale,
+                height=args.height,
+                width=args.width,
+                generator=generator,
+                callback_on_step_end=step_done,
+            )
+            images.append(result.images[0])
+            bar.n = (i + 1) * args.steps  # schedulers may run a different number of steps
+            bar.refresh()
+    return images
+
+
+@reports_errors
+def run(args: argparse.Namespace) -> int:
+    adapters = _validate(args)
+    import torch
+
+    from .. import load_boft_weights, merge_boft, set_boft_adapters
+    from ..export import parse_dtype
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_base(args.base, parse_dtype(args.dtype), device)
+    names = []
+    for index, (path, _) in enumerate(adapters):
+        names.append(load_boft_weights(pipe, path, adapter_name=f"adapter{index}"))
+    if names:
+        set_boft_adapters(pipe, names, [weight for _, weight in adapters])
+        merge_boft(pipe)
+    images = _generate(pipe, args, device)
+    text = {
+        "prompt": args.prompt,
+        "seed": str(args.seed),
+        "steps": str(args.steps),
+        "base": args.base,
+        "adapters": json.dumps([{"path": str(p), "weight": w} for p, w in adapters]),
+    }
+    out = Path(args.out)
+    _save_png(image_grid(images), out, text)
+    print(f"Wrote {len(images)} image(s) as a grid to {out}")
+    return 0
+
+
+COMMAND = make_command(HELP, add_arguments, run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return standalone_main("sample", HELP, add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
