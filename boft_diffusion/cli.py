@@ -5,7 +5,8 @@
 
 Each subcommand is a :class:`Command` (help line, ``add_arguments(parser)``, ``run(args) -> exit
 code``). ``train`` lives here; any other command ``<name>`` is the ``COMMAND`` object of the
-module ``boft_diffusion.cli_<name>``, found by name, so a new command needs no edit of this file.
+module ``boft_diffusion.commands.<name>`` (or ``boft_diffusion.cli_<name>``), found by name, so a
+new command needs no edit of this file.
 Until such a module exists, a clearly marked stub answers for it. Keep heavy imports (torch,
 diffusers) inside ``run`` so that ``--help`` stays fast.
 """
@@ -14,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["COMMAND_NAMES", "Command", "InputErrors", "build_parser", "load_command", "main"]
+__all__ = ["COMMAND_NAMES", "Command", "input_errors", "build_parser", "load_command", "main"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ COMMAND_NAMES = ("train", "sample", "merge", "export", "inspect", "bench")
 """Subcommands in ``--help`` order."""
 
 
-def InputErrors() -> tuple[type[BaseException], ...]:  # noqa: N802 (reads as a constant at call sites)
+def input_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input: printed as one ``error:`` line, no traceback."""
     from .data import DataError
     from .training.args import ConfigError
@@ -131,7 +133,7 @@ _STUB_HELP = {
 
 
 def _stub(name: str) -> Command:
-    """STUB: placeholder until ``boft_diffusion/cli_<name>.py`` defines ``COMMAND``."""
+    """STUB: placeholder until ``boft_diffusion/commands/<name>.py`` defines ``COMMAND``."""
 
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -143,18 +145,26 @@ def _stub(name: str) -> Command:
     return Command(f"[not implemented yet] {_STUB_HELP.get(name, name)}", add_arguments, run)
 
 
+def _command_modules(name: str) -> list[str]:
+    package = __package__ or "boft_diffusion"
+    return [f"{package}.commands.{name}", f"{package}.cli_{name}"]
+
+
 def load_command(name: str) -> Command:
-    """The command ``name``: ``train`` here, else ``boft_diffusion.cli_<name>.COMMAND`` or a stub."""
+    """The command ``name``: ``train`` here, else the ``COMMAND`` of ``boft_diffusion.commands.<name>``
+    (or ``boft_diffusion.cli_<name>``), else a stub."""
     if name == "train":
         return TRAIN
-    module_name = f"{__package__ or 'boft_diffusion'}.cli_{name}"
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name != module_name:
-            raise
-        return _stub(name)
-    return module.COMMAND
+    for module_name in _command_modules(name):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name is None or not module_name.startswith(err.name):
+                raise  # the module exists but one of its imports is missing
+            continue
+        if getattr(module, "COMMAND", None) is not None:
+            return module.COMMAND
+    return _stub(name)
 
 
 def build_parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
@@ -173,7 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(commands).parse_args(argv)
     try:
         return commands[args.command].run(args) or 0
-    except InputErrors() as err:
+    except input_errors() as err:
+        if os.environ.get("BOFT_DIFFUSION_DEBUG"):
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
 

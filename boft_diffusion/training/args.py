@@ -19,6 +19,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -268,10 +269,16 @@ def _unknown_keys(cls: type, data: Any, prefix: str = "") -> list[str]:
     for key, value in data.items():
         path = f"{prefix}{key}"
         if key not in names:
-            unknown.append(path)
+            unknown.extend(_leaf_paths(value, path))
         elif sub := _dataclass_type(cls, key):
             unknown.extend(_unknown_keys(sub, value, path + "."))
     return unknown
+
+
+def _leaf_paths(value: Any, path: str) -> list[str]:
+    if not isinstance(value, dict) or not value:
+        return [path]
+    return [leaf for key, sub in value.items() for leaf in _leaf_paths(sub, f"{path}.{key}")]
 
 
 def _parse_overrides(overrides: Sequence[str]) -> Any:
@@ -296,7 +303,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
             raise ConfigError(f"Config file {path} does not exist")
         try:
             sources.append((f"config file {path}", OmegaConf.load(path)))
-        except (OmegaConfBaseException, ValueError) as err:  # yaml errors are ValueError subclasses
+        except (OmegaConfBaseException, yaml.YAMLError, ValueError) as err:
             raise ConfigError(f"Config file {path} is not valid YAML: {err}") from err
         if not OmegaConf.is_dict(sources[-1][1]):
             raise ConfigError(f"Config file {path} must hold a mapping of sections (model:, train:, ...)")

@@ -1,0 +1,171 @@
+"""``boft-diffusion train dreambooth`` and ``scripts/train_dreambooth.py``: parsing, errors, end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+from boft_diffusion import cli
+from boft_diffusion.io import read_adapter
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = [
+    "train.max_train_steps=2",
+    "train.checkpointing_steps=0",
+    "train.report_to=none",
+    "validation.validation_steps=0",
+    "validation.num_images_per_prompt=1",
+    "validation.num_inference_steps=2",
+]
+
+
+def console(*args: str) -> list[str]:
+    """The installed console script, or the same entry point through the interpreter."""
+    exe = shutil.which("boft-diffusion", path=os.path.dirname(sys.executable)) or shutil.which(
+        "boft-diffusion"
+    )
+    return [exe, *args] if exe else [sys.executable, "-m", "boft_diffusion.cli", *args]
+
+
+def run_process(cmd: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# --- in-process: parsing and errors -------------------------------------------------------------
+def test_help_lists_every_key_with_its_documentation(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "dreambooth", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "optim.learning_rate = 0.01" in out
+    assert "data.instance_data_dir = None" in out and "Folder of subject photos" in out
+    assert "--config" in out and "KEY=VALUE" in out
+
+
+def test_print_config_applies_file_then_overrides(capsys):
+    config = str(REPO / "configs/dreambooth/sd15.yaml")
+    assert (
+        cli.main(["train", "dreambooth", "--config", config, "--print-config", "optim.learning_rate=1e-4"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "learning_rate: 0.0001" in out and "block_num: 8" in out and "resolution: 512" in out
+
+
+def test_unknown_key_is_one_error_line_with_a_suggestion(capsys):
+    assert cli.main(["train", "dreambooth", "optim.learnin_rate=3"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.strip()
+        == "error: Unknown config key 'optim.learnin_rate' in command line; did you mean 'optim.learning_rate'?"
+    )
+
+
+def test_bad_input_through_the_cli_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = cli.main(
+        ["train", "dreambooth", f"train.output_dir={out}", f"data.instance_data_dir={tmp_path / 'none'}"]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: The instance image folder") and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_unknown_recipe_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "controlnet-xyz"])
+    assert exit_info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_train_in_process(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["train", "dreambooth", f"train.output_dir={out}", *FAST]) == 0
+    assert re.search(r"Trained 2 steps; loss [\d.]+ \(first\) -> [\d.]+ \(last\)", capsys.readouterr().out)
+    assert (out / "boft_weights.safetensors").is_file()
+
+
+# --- command registry -----------------------------------------------------------------------------
+def test_every_command_is_registered():
+    parser = cli.build_parser({name: cli.load_command(name) for name in cli.COMMAND_NAMES})
+    choices = next(a for a in parser._actions if a.dest == "command").choices
+    assert list(choices) == ["train", "sample", "merge", "export", "inspect", "bench"]
+
+
+@pytest.mark.parametrize("name", [n for n in cli.COMMAND_NAMES if n != "train"])
+def test_unwritten_commands_are_marked_stubs(name, capsys):
+    if any(importlib.util.find_spec(m) for m in _existing_modules(name)):
+        pytest.skip(f"'{name}' is implemented")
+    assert cli.load_command(name).help.startswith("[not implemented yet]")
+    assert cli.main([name, "anything"]) == 2
+    assert "not implemented yet" in capsys.readouterr().err
+
+
+def _existing_modules(name: str) -> list[str]:
+    found = []
+    for module in cli._command_modules(name):
+        try:
+            if importlib.util.find_spec(module):
+                found.append(module)
+        except ModuleNotFoundError:
+            pass
+    return found
+
+
+def test_commands_are_found_by_module_name(monkeypatch):
+    def add_arguments(parser):
+        parser.add_argument("--flag", action="store_true")
+
+    module = types.ModuleType("boft_diffusion.cli_hello")
+    module.COMMAND = cli.Command("say hello", add_arguments, lambda args: 7 if args.flag else 0)
+    monkeypatch.setitem(sys.modules, "boft_diffusion.cli_hello", module)
+    monkeypatch.setattr(cli, "COMMAND_NAMES", (*cli.COMMAND_NAMES, "hello"))
+    assert cli.load_command("hello") is module.COMMAND
+    assert cli.main(["hello", "--flag"]) == 7
+
+
+# --- the installed entry points -------------------------------------------------------------------
+def test_console_script_and_thin_script(tmp_path):
+    out = tmp_path / "out"
+    config = str(REPO / "configs/dreambooth/tiny.yaml")
+    proc = run_process(
+        console("train", "dreambooth", "--config", config, f"train.output_dir={out}", *FAST), tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_adapter(out).configs["unet"].boft_block_num == 4
+    script = run_process(
+        [sys.executable, str(REPO / "scripts/train_dreambooth.py"), "--print-config"], tmp_path
+    )
+    assert script.returncode == 0, script.stderr[-3000:]
+    assert "output_dir: outputs/dreambooth-tiny" in script.stdout
+
+
+@pytest.mark.slow
+def test_the_readme_quickstart_command_runs_the_default_job(tmp_path):
+    """`boft-diffusion train dreambooth` in a fresh folder: 50 steps on the tiny default."""
+    start = time.perf_counter()
+    proc = run_process(console("train", "dreambooth"), tmp_path, timeout=600)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "outputs" / "dreambooth-tiny"
+    assert (out / "boft_weights.safetensors").is_file() and (out / "README.md").is_file()
+    assert sorted(p.name for p in (out / "validation").iterdir()) == [
+        "final.png",
+        "step-000025.png",
+        "step-000050.png",
+    ]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-25", "checkpoint-50"]
+    first, last = map(float, re.search(r"loss ([\d.]+) \(first\) -> ([\d.]+) \(last\)", proc.stdout).groups())
+    print(f"default job: {elapsed:.1f}s wall, loss {first:.4f} -> {last:.4f}")
+    assert last < first
