@@ -540,3 +540,12 @@ def test_wandb_offline_logs_loss_lr_and_grids(tmp_path, monkeypatch):
     run(make_config(out, "train.report_to=wandb", "validation.validation_steps=2"))
     runs = list((out / "logs" / "wandb").glob("offline-run-*"))
     assert runs and list(runs[0].rglob("validation_2_*.png"))
+
+
+def test_resume_from_a_checkpoint_of_another_adapter_layout(tmp_path):
+    run(make_config(tmp_path / "a", "train.max_train_steps=1", "train.checkpointing_steps=1"))
+    cfg = make_config(
+        tmp_path / "b", "boft.block_num=2", f"train.resume_from_checkpoint={tmp_path / 'a' / 'checkpoint-1'}"
+    )
+    with pytest.raises(ConfigError, match=r"this run's adapter needs"):
+        run(cfg)

@@ -135,6 +135,12 @@ def load_adapter_tensors(components: Mapping[str, nn.Module], folder: str | Path
             raise ConfigError(
                 f"Checkpoint {folder} does not match this run's {comp} adapter (keys {missing})"
             )
+        wrong = [k for k, t in current.items() if tuple(t.shape) != tuple(tensors[k].shape)]
+        if wrong:
+            raise ConfigError(
+                f"Checkpoint {folder} has {comp}.{wrong[0]} of shape {tuple(tensors[wrong[0]].shape)}, "
+                f"this run's adapter needs {tuple(current[wrong[0]].shape)} (another BOFT config?)"
+            )
         for key, target in current.items():
             target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))
 

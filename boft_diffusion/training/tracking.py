@@ -50,7 +50,7 @@ class ProgressBar:
             total=total,
             initial=initial,
             desc="Steps",
-            disable=not accelerator.is_local_main_process,
+            disable=not accelerator.is_main_process,
             dynamic_ncols=True,
         )
 
