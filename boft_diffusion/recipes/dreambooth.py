@@ -249,7 +249,7 @@ def setup(
     dtype = weight_dtype(accelerator)
     base = [pipe.unet, pipe.vae, pipe.text_encoder]
     for module in base:
-        module.requires_grad_(False)
+        module.requires_grad_(False).eval()  # frozen parts never use dropout
     cast_frozen_weights(base, dtype, accelerator.device)
     instance = _instance_images(cfg, accelerator, images)
     classes = _class_images(cfg, accelerator, pipe)
