@@ -308,3 +308,21 @@ def test_original_layout_matches_sd15_keys_and_inverts_diffusers_converters():
     back = convert_ldm_vae_checkpoint(ckpt, vae.config)
     assert back.keys() == vae_state.keys()
     assert all(back[k].shape == vae_state[k].shape for k in back)
+
+
+def test_modules_to_save_export_their_active_copy():
+    from boft_diffusion import disable_boft
+
+    pipe = build_tiny_pipeline(seed=0)
+    config = BOFTConfig(boft_block_size=4, init_weights=False, modules_to_save=["conv_out"])
+    add_boft_to_pipeline(pipe, {"unet": config})
+    with torch.no_grad():
+        pipe.unet.conv_out.copies["default"].weight.add_(1.0)
+    merged = merged_state_dict(pipe.unet)
+    assert merged.keys() == build_tiny_pipeline(seed=0).unet.state_dict().keys()
+    assert torch.equal(merged["conv_out.weight"], pipe.unet.conv_out.copies["default"].weight)
+    disable_boft(pipe)  # disabled adapters export the base model
+    merged = merged_state_dict(pipe.unet)
+    assert torch.equal(merged["conv_out.weight"], pipe.unet.conv_out.original.weight)
+    name, layer = next(iter(boft_layers(pipe.unet).items()))
+    assert torch.equal(merged[f"{name}.weight"], layer.base_layer.weight)
