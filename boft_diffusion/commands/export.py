@@ -1,0 +1,15 @@
+"""``boft-diffusion export``: the same as ``merge`` (a merged checkpoint from a base and adapters).
+
+Kept as its own verb because users look for "export"; it shares ``merge``'s arguments and code.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .merge import COMMAND, main
+
+__all__ = ["COMMAND", "main"]
+
+if __name__ == "__main__":
+    sys.exit(main())
