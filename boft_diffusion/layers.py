@@ -91,7 +91,8 @@ class BOFTLayer(nn.Module):
         if name in self.merged_adapters:
             raise ValueError(f"Adapter {name!r} is merged; unmerge it before deleting it")
         for store in (self.boft_R, self.boft_s, self.layouts, self.dropout, self.strength):
-            store.pop(name, None)
+            if name in store:
+                del store[name]
         if name in self.active_adapters:
             self.active_adapters.remove(name)
 
@@ -203,18 +204,21 @@ class BOFTLinear(BOFTLayer):
         if not names:
             return self.base_layer(x)
         bias = self.base_layer.bias
-        tokens = x.numel() // x.shape[-1]
-        if tokens >= self.out_features:
-            weight = self.rotated_weight_rows(names).to(x.dtype)
-            return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
-        # Few tokens (e.g. the 77 text tokens into cross-attention): rotate the input instead.
+        bias = None if bias is None else bias.to(x.dtype)
+        # Rotate whichever side has fewer rows: the weight (out × d, then a plain linear) or the
+        # input (tokens × d, e.g. the 77 text tokens into cross-attention), in training too. The
+        # weight path's extra GEMM in backward (the gradient of the rotated weight, g^T x) costs
+        # about what the input path's ~20 passes over activation-sized tensors cost on CPU.
+        if x.numel() // x.shape[-1] >= self.out_features:
+            return F.linear(x, self.rotated_weight_rows(names).to(x.dtype), bias)
         scale = None
         for name in reversed(names):  # x M_k ⋯ M_1
             blocks, perms, s = self.rotation(name)
             x = apply_rotation(x, blocks, perms)
             scale = s if scale is None else scale * s
-        out = F.linear(x, self.weight_rows().to(x.dtype)) * scale.to(x.dtype)
-        return out if bias is None else out + bias.to(x.dtype)
+        out = F.linear(x, self.weight_rows().to(x.dtype))
+        scale = scale.to(x.dtype)
+        return out * scale if bias is None else torch.addcmul(bias, out, scale)
 
 
 class BOFTConv2d(BOFTLayer):

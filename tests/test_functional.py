@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from boft_diffusion import functional
 from boft_diffusion.functional import (
     apply_rotation,
     block_rotations,
@@ -76,12 +77,13 @@ def test_zero_generators_give_identity():
     assert torch.equal(apply_rotation(x, blocks, factor_permutations(16, 4, 4, 2)), x)
 
 
+@pytest.mark.parametrize("rows", [7, 70])  # few rows: factor by factor; more: collapsed blocks
 @pytest.mark.parametrize(("dim", "b", "m"), LAYOUTS)
-def test_structured_rotation_equals_paper_definition(dim, b, m):
+def test_structured_rotation_equals_paper_definition(dim, b, m, rows):
     blocks = random_blocks(m, dim // b, b).double()
     perms = factor_permutations(dim, dim // b, b, m)
     reference = paper_rotation(blocks, dim)
-    x = torch.randn(7, dim, dtype=torch.float64)
+    x = torch.randn(rows, dim, dtype=torch.float64)
     torch.testing.assert_close(apply_rotation(x, blocks, perms), x @ reference, atol=1e-12, rtol=0)
     torch.testing.assert_close(
         apply_rotation(x, blocks, perms, transpose=True), x @ reference.T, atol=1e-12, rtol=0
@@ -135,3 +137,58 @@ def test_gradients_flow_through_structured_path():
     y = apply_rotation(x, block_rotations(packed, 4), factor_permutations(32, 8, 4, 2))
     y.square().sum().backward()
     assert packed.grad is not None and torch.isfinite(packed.grad).all() and packed.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("rows", [5, 30])
+@pytest.mark.parametrize(("dim", "b", "m"), [(16, 4, 1), (16, 4, 2), (32, 4, 3), (24, 2, 3), (48, 6, 2)])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_rotation_gradients_match_finite_differences(dim, b, m, transpose, rows):
+    """The hand-written backward of the structured rotation, for the input, the blocks, and both."""
+    perms = factor_permutations(dim, dim // b, b, m)
+    blocks = random_blocks(m, dim // b, b).double()
+    x = torch.randn(rows, dim, dtype=torch.float64)
+    for needs in [(True, True), (True, False), (False, True)]:
+        args = (x.clone().requires_grad_(needs[0]), blocks.clone().requires_grad_(needs[1]))
+        assert torch.autograd.gradcheck(lambda x, bl: apply_rotation(x, bl, perms, transpose), args)
+
+
+def test_rotation_gradients_equal_dense_autograd():
+    """Gradients through the structured path equal those through the dense paper definition."""
+    dim, b, m = 64, 4, 3
+    packed = torch.randn(m, dim // b, num_free_entries(b), dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 10, dim, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(3, 10, dim, dtype=torch.float64)
+    perms = factor_permutations(dim, dim // b, b, m)
+    (apply_rotation(x, block_rotations(packed, b), perms) * target).sum().backward()
+    grads = packed.grad.clone(), x.grad.clone()
+    packed.grad = x.grad = None
+    (x @ paper_rotation(block_rotations(packed, b), dim) * target).sum().backward()
+    torch.testing.assert_close(grads[0], packed.grad.to(grads[0].dtype), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(grads[1], x.grad, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.4, -2.0])
+def test_cayley_gradient_equals_autograd_through_the_definition(strength):
+    """block_rotations' closed-form backward against autograd through (I - wQ)(I + wQ)^-1 in float64."""
+    packed = torch.randn(2, 3, num_free_entries(6), dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    (block_rotations(packed, 6, strength).double() * weight).sum().backward()
+    ours, packed.grad = packed.grad.clone(), None
+    q = unpack_skew(packed * strength, 6)
+    eye = torch.eye(6, dtype=torch.float64)
+    (((eye - q) @ torch.linalg.inv(eye + q)) * weight).sum().backward()
+    assert ours.dtype == packed.dtype
+    torch.testing.assert_close(ours, packed.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("dim", "b", "m"), [(64, 4, 4), (320, 8, 2), (48, 6, 2)])
+def test_collapsed_and_factored_paths_agree(dim, b, m, monkeypatch):
+    """``M`` applied as one product of its diagonal blocks equals ``M`` applied factor by factor."""
+    blocks = random_blocks(m, dim // b, b)
+    perms = factor_permutations(dim, dim // b, b, m)
+    x = torch.randn(100, dim)
+    collapsed = apply_rotation(x, blocks, perms), apply_rotation(x, blocks, perms, transpose=True)
+    monkeypatch.setattr(functional, "MAX_COLLAPSED_BLOCK", 0)
+    factored = apply_rotation(x, blocks, perms), apply_rotation(x, blocks, perms, transpose=True)
+    for a, f in zip(collapsed, factored):
+        torch.testing.assert_close(a, f, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,645 @@
+"""Benchmark: BOFT against PEFT's LoRA and BOFT, and against the no-adapter floor.
+
+    python scripts/benchmark.py --preset sd15 --json bench-sd15.json    # about 10-15 min on 2 CPU cores
+    python scripts/benchmark.py --preset tiny                           # under a minute
+    boft-diffusion bench --preset sd15                                  # same, through the CLI
+
+For one model preset (the SD-1.5-shaped UNet with random weights, or the tiny one) each method runs
+in its own worker process (``python -m boft_diffusion.benchmark --worker ...``), so its peak memory
+is its own; repeats are interleaved round-robin across methods so that machine noise hits every
+method alike, and the table shows medians. Per method a worker measures:
+
+- training step time: UNet forward on noisy latents, MSE against a random target, backward, AdamW
+  step on the trainable parameters (base frozen). The latents require grad in every method, so
+  every method back-propagates through all activations and the no-adapter run is a true floor;
+- peak memory of the training phase (``ru_maxrss`` of the worker; ``max_memory_allocated`` on CUDA);
+- unmerged inference (one UNet forward, adapters live) and merged inference (adapters folded in);
+- merge time of every adapter of the pipeline (the UNet plus a CLIP text encoder of the preset's shape);
+- trainable parameter count (of the UNet adapter).
+
+On CUDA everything runs under bf16 autocast; the table is the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "METHODS",
+    "PRESETS",
+    "Method",
+    "Preset",
+    "add_arguments",
+    "format_table",
+    "main",
+    "measure",
+    "run",
+    "run_benchmark",
+    "summarize",
+    "targets",
+]
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A model shape and how long to measure it."""
+
+    name: str
+    unet: dict[str, Any]
+    """``UNet2DConditionModel`` config."""
+    text_encoder: dict[str, Any]
+    """``CLIPTextConfig`` kwargs (its hidden size is the UNet's cross-attention dim)."""
+    latent_size: int
+    warmup_steps: int
+    timed_steps: int
+    forward_repeats: int
+    merge_repeats: int
+    rounds: int
+    """Default number of interleaved rounds (each method runs once per round)."""
+
+
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    norm_num_groups=32,
+    act_fn="silu",
+    flip_sin_to_cos=True,
+    freq_shift=0,
+)
+CLIP_L_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+)
+TINY_UNET = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=4,
+    norm_num_groups=8,
+)
+TINY_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    projection_dim=32,
+)
+
+PRESETS = {
+    "sd15": Preset("sd15", SD15_UNET, CLIP_L_TEXT, 32, 2, 3, 3, 3, 2),
+    "tiny": Preset("tiny", TINY_UNET, TINY_TEXT, 16, 2, 3, 3, 2, 1),
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    """An adapter to measure: ``kind`` is ``none``, ``lora`` / ``peft-boft`` (PEFT) or ``boft`` (ours)."""
+
+    key: str
+    label: str
+    kind: str
+    options: dict[str, int] = field(default_factory=dict)
+
+    def available(self) -> bool:
+        return self.kind in ("none", "boft") or find_spec("peft") is not None
+
+
+METHODS = {
+    m.key: m
+    for m in (
+        Method("floor", "no adapter (floor)", "none"),
+        Method("lora", "PEFT LoRA r=8", "lora", {"r": 8}),
+        Method("peft-boft", "PEFT BOFT b=8, m=1", "peft-boft", {"b": 8, "m": 1}),
+        Method("boft-b8-m1", "BOFT b=8, m=1", "boft", {"b": 8, "m": 1}),
+        Method("boft-b8-m2", "BOFT b=8, m=2", "boft", {"b": 8, "m": 2}),
+        Method("boft-b4-m4", "BOFT b=4, m=4", "boft", {"b": 4, "m": 4}),
+    )
+}
+
+
+# --- models -------------------------------------------------------------------------------------
+@torch.no_grad()
+def _cheap_init(model: nn.Module, seed: int) -> None:
+    """Finite, well-scaled values at memory speed: slices of one random pool, scaled by ``1/sqrt(fan_in)``.
+
+    Timing does not depend on the values, only on them being finite and of sane magnitude (no
+    overflow, no denormals); drawing 860M fresh random numbers would take longer than a step.
+    """
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.rand(1 << 20, generator=g) * 2 - 1
+    for i, (name, p) in enumerate(model.named_parameters()):
+        if p.ndim == 1:
+            p.fill_(1.0 if name.endswith("weight") else 0.0)
+            continue
+        bound = math.sqrt(3.0 / p[0].numel())
+        flat = p.view(-1)
+        offset = (i * 7919) % pool.numel()
+        for start in range(0, flat.numel(), pool.numel()):
+            chunk = flat[start : start + pool.numel()]
+            src = torch.roll(pool, -offset)[: chunk.numel()] if start == 0 else pool[: chunk.numel()]
+            chunk.copy_(src * bound)
+
+
+def build_unet(preset: Preset, device: torch.device, seed: int = 0) -> nn.Module:
+    """The preset's ``UNet2DConditionModel``, built on the meta device and filled by :func:`_cheap_init`."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**preset.unet)
+    if next(unet.buffers(), None) is not None:  # buffers would need their real values
+        raise RuntimeError("UNet with buffers: meta-device construction does not apply")
+    unet.to_empty(device=device)
+    _cheap_init(unet, seed)
+    return unet.requires_grad_(False)
+
+
+def build_text_encoder(preset: Preset, device: torch.device) -> nn.Module:
+    """A CLIP text encoder of the preset's shape (standard init: it is small next to the UNet)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(**preset.text_encoder)).to(device).requires_grad_(False)
+
+
+def make_inputs(preset: Preset, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    size = preset.latent_size
+    width = preset.unet["cross_attention_dim"]
+    return {
+        "sample": torch.randn(1, 4, size, size, generator=g).to(device),
+        "timestep": torch.tensor([500], device=device),
+        "encoder_hidden_states": torch.randn(1, 77, width, generator=g).to(device),
+        "target": torch.randn(1, 4, size, size, generator=g).to(device),
+    }
+
+
+# --- adapters -----------------------------------------------------------------------------------
+class Adapter:
+    """One method's adapter on one model: add, merge, unmerge (a no-op for the floor)."""
+
+    def __init__(self, method: Method, model: nn.Module, targets: list[str]) -> None:
+        self.method = method
+        self.model = model
+        if method.kind == "boft":
+            from .config import BOFTConfig
+            from .inject import add_boft
+
+            opts = method.options
+            add_boft(
+                model,
+                BOFTConfig(
+                    boft_block_size=opts["b"], boft_n_butterfly_factor=opts["m"], target_modules=targets
+                ),
+            )
+        elif method.kind in ("lora", "peft-boft"):
+            import peft
+
+            if method.kind == "lora":
+                config = peft.LoraConfig(
+                    r=method.options["r"], lora_alpha=method.options["r"], target_modules=targets
+                )
+            else:
+                config = peft.BOFTConfig(
+                    boft_block_size=method.options["b"],
+                    boft_n_butterfly_factor=method.options["m"],
+                    target_modules=targets,
+                )
+            with _quiet():  # PEFT warns that its CUDA extension is unavailable on CPU
+                peft.inject_adapter_in_model(config, model)
+            for name, p in model.named_parameters():
+                p.requires_grad_("lora_" in name or "boft_" in name)
+
+    def merge(self) -> None:
+        if self.method.kind == "boft":
+            from .inject import merge_adapters
+
+            merge_adapters(self.model)
+        elif self.method.kind != "none":
+            for layer in self._peft_layers():
+                layer.merge()
+
+    def unmerge(self) -> None:
+        if self.method.kind == "boft":
+            from .inject import unmerge_adapters
+
+            unmerge_adapters(self.model)
+        elif self.method.kind != "none":
+            for layer in self._peft_layers():
+                layer.unmerge()
+
+    def enable(self, enabled: bool) -> None:
+        """Switch the (unmerged) adapter on or off: off is the base model."""
+        if self.method.kind == "boft":
+            from .inject import set_enabled
+
+            set_enabled(self.model, enabled)
+        elif self.method.kind != "none":
+            for layer in self._peft_layers():
+                layer.enable_adapters(enabled)
+
+    def _peft_layers(self) -> Iterator[nn.Module]:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return (m for m in self.model.modules() if isinstance(m, BaseTunerLayer))
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    import warnings
+
+    with warnings.catch_warnings(), open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        warnings.simplefilter("ignore")
+        yield
+
+
+# --- measurements -------------------------------------------------------------------------------
+class Clock:
+    """Wall-clock timing that waits for the device; bf16 autocast on CUDA."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def time(self, fn: Callable[[], Any]) -> float:
+        self.sync()
+        start = time.perf_counter()
+        fn()
+        self.sync()
+        return time.perf_counter() - start
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.cuda:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory so far: CUDA allocations, or this process's peak RSS (Linux reports KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    scale = 1 if platform.system() == "Darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _unet_forward(unet: nn.Module, inputs: dict[str, torch.Tensor], sample: torch.Tensor) -> torch.Tensor:
+    return unet(sample, inputs["timestep"], inputs["encoder_hidden_states"]).sample
+
+
+def time_training(
+    unet: nn.Module, inputs: dict[str, torch.Tensor], preset: Preset, clock: Clock
+) -> list[float]:
+    """Step times of ``timed_steps`` training steps after ``warmup_steps`` untimed ones."""
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    sample = inputs["sample"].clone().requires_grad_(True)
+    unet.train()
+
+    def step() -> None:
+        with clock.autocast():
+            out = _unet_forward(unet, inputs, sample)
+        loss = F.mse_loss(out.float(), inputs["target"])
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        sample.grad = None
+
+    times = [clock.time(step) for _ in range(preset.warmup_steps + preset.timed_steps)]
+    return times[preset.warmup_steps :]
+
+
+@torch.no_grad()
+def time_inference(
+    unet: nn.Module, adapter: Adapter, inputs: dict[str, torch.Tensor], repeats: int, clock: Clock
+) -> dict[str, list[float]]:
+    """Forward times of the base model (adapter off), the unmerged adapter and the merged one.
+
+    The three are interleaved in one process, so each ratio to the base compares like with like
+    (same memory state, same machine load); every forward is preceded by an untimed one.
+    """
+    unet.eval()
+
+    def forward() -> float:
+        with clock.autocast():
+            _unet_forward(unet, inputs, inputs["sample"])
+
+    def timed() -> float:
+        forward()
+        return clock.time(forward)
+
+    times: dict[str, list[float]] = {"base": [], "unmerged": [], "merged": []}
+    for _ in range(repeats):
+        adapter.enable(False)
+        times["base"].append(timed())
+        adapter.enable(True)
+        times["unmerged"].append(timed())
+        adapter.merge()
+        times["merged"].append(timed())
+        adapter.unmerge()
+    return times
+
+
+def measure(method: Method, preset: Preset, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Every measurement of one method, in this process (the runner calls it in a fresh worker)."""
+    device = torch.device(device)
+    clock = Clock(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    unet = build_unet(preset, device)
+    unet_adapter = Adapter(method, unet, UNET_TARGETS)
+    trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    inputs = make_inputs(preset, device)
+    step_times = time_training(unet, inputs, preset, clock)
+    peak = peak_memory_bytes(device)  # training peak: measured before anything else is built
+    forward = time_inference(unet, unet_adapter, inputs, preset.forward_repeats, clock)
+
+    text_encoder = build_text_encoder(preset, device)
+    text_adapter = Adapter(method, text_encoder, TEXT_TARGETS)
+    merge_times = []
+    for _ in range(preset.merge_repeats):
+        merge_times.append(clock.time(lambda: (unet_adapter.merge(), text_adapter.merge())))
+        unet_adapter.unmerge()
+        text_adapter.unmerge()
+    return {
+        "method": method.key,
+        "trainable_params": trainable,
+        "step_s": step_times,
+        "peak_memory_bytes": peak,
+        "forward_base_s": forward["base"],
+        "forward_unmerged_s": forward["unmerged"],
+        "forward_merged_s": forward["merged"],
+        "merge_s": merge_times if method.kind != "none" else [],
+    }
+
+
+# --- runner -------------------------------------------------------------------------------------
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _worker_command(method: str, preset: str, device: str, out: Path) -> list[str]:
+    return [sys.executable, "-m", "boft_diffusion.benchmark", "--worker", method,
+            "--preset", preset, "--device", device, "--worker-out", str(out)]  # fmt: skip
+
+
+def run_benchmark(
+    preset: Preset, methods: list[Method], device: str, rounds: int, log: Callable[[str], None] = print
+) -> dict[str, list[dict[str, Any]]]:
+    """Run every method once per round in its own process; rounds alternate the method order."""
+    results: dict[str, list[dict[str, Any]]] = {m.key: [] for m in methods}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            order = methods if r % 2 == 0 else methods[::-1]
+            for method in order:
+                out = Path(tmp) / f"{method.key}-{r}.json"
+                start = time.perf_counter()
+                proc = subprocess.run(
+                    _worker_command(method.key, preset.name, device, out), capture_output=True, text=True
+                )
+                if proc.returncode != 0:
+                    raise RuntimeError(f"Worker for {method.key} failed:\n{proc.stderr[-4000:]}")
+                results[method.key].append(json.loads(out.read_text()))
+                log(f"round {r + 1}/{rounds}  {method.label:<22} {time.perf_counter() - start:6.1f} s")
+    return results
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _paired_ratio(runs: list[dict[str, Any]], key: str) -> float | None:
+    """Median over repeats of ``key`` / the base forward of the same repeat and process."""
+    ratios = [t / b for run in runs for t, b in zip(run[key], run["forward_base_s"])]
+    return _median(ratios)
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Medians per method: pooled over every timed repeat of every round (memory: over rounds).
+
+    Inference ratios pair each forward with the base forward timed next to it in the same worker.
+    """
+    keys = ("step_s", "forward_base_s", "forward_unmerged_s", "forward_merged_s", "merge_s")
+    summary = {}
+    for key, per_round in runs.items():
+        pooled = {k: [v for run in per_round for v in run[k]] for k in keys}
+        summary[key] = {
+            "label": METHODS[key].label,
+            "trainable_params": per_round[0]["trainable_params"],
+            "step_s": _median(pooled["step_s"]),
+            "peak_memory_gb": _median([run["peak_memory_bytes"] for run in per_round]) / 1e9,
+            "forward_base_s": _median(pooled["forward_base_s"]),
+            "forward_unmerged_s": _median(pooled["forward_unmerged_s"]),
+            "forward_merged_s": _median(pooled["forward_merged_s"]),
+            "unmerged_vs_base": _paired_ratio(per_round, "forward_unmerged_s"),
+            "merged_vs_base": _paired_ratio(per_round, "forward_merged_s"),
+            "merge_s": _median(pooled["merge_s"]),
+            "samples": {k: len(v) for k, v in pooled.items()},
+        }
+    return summary
+
+
+def _ratio(value: float | None, reference: float | None) -> float | None:
+    return None if value is None or not reference else value / reference
+
+
+def format_table(summary: dict[str, dict[str, Any]]) -> str:
+    """Markdown table: absolute figures and ratios against LoRA and against the floor.
+
+    Inference ratios ("× base") are against the base model timed in the same worker (adapter off).
+    """
+    lora, floor = summary.get("lora", {}), summary.get("floor", {})
+
+    def cell(value: float | None, fmt: str) -> str:
+        return "—" if value is None else format(value, fmt)
+
+    head = ("| method | trainable params | s/step | × LoRA | × floor | peak mem (GB) | × LoRA "
+            "| unmerged fwd (s) | × base | merged fwd (s) | × base | merge (s) |")  # fmt: skip
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for s in summary.values():
+        lines.append("| " + " | ".join([
+            s["label"], f"{s['trainable_params']:,}",
+            cell(s["step_s"], ".2f"), cell(_ratio(s["step_s"], lora.get("step_s")), ".2f"),
+            cell(_ratio(s["step_s"], floor.get("step_s")), ".2f"),
+            cell(s["peak_memory_gb"], ".2f"), cell(_ratio(s["peak_memory_gb"], lora.get("peak_memory_gb")), ".2f"),
+            cell(s["forward_unmerged_s"], ".2f"), cell(s["unmerged_vs_base"], ".2f"),
+            cell(s["forward_merged_s"], ".2f"), cell(s["merged_vs_base"], ".2f"),
+            cell(s["merge_s"], ".2f"),
+        ]) + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def targets(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue #3's targets, each with the measured figure and whether it is met (skipped if not measured)."""
+    s = summary
+    rows = []
+
+    def check(text: str, method: str, key: str, ref_method: str | None, ref_key: str, limit: float,
+              at_least: bool = False) -> None:  # fmt: skip
+        if method not in s or (ref_method and ref_method not in s):
+            return
+        value = s[method][key] if ref_method is None else _ratio(s[method][key], s[ref_method][ref_key])
+        if value is None:
+            return
+        met = value >= limit if at_least else value <= limit
+        rows.append({"target": text, "measured": value, "limit": limit, "met": met})
+
+    check("BOFT (b=8, m=2) step ≤ 1.05 × LoRA r=8", "boft-b8-m2", "step_s", "lora", "step_s", 1.05)
+    check("BOFT (b=8, m=2) step ≤ 1.10 × floor", "boft-b8-m2", "step_s", "floor", "step_s", 1.10)
+    for key in ("boft-b8-m1", "boft-b8-m2", "boft-b4-m4"):
+        label = METHODS[key].label
+        check(f"{label} peak memory ≤ 1.05 × LoRA", key, "peak_memory_gb", "lora", "peak_memory_gb", 1.05)
+    if "peft-boft" in s and "boft-b8-m1" in s:
+        speedup = s["peft-boft"]["step_s"] / s["boft-b8-m1"]["step_s"]
+        rows.append({"target": "BOFT (b=8, m=1) ≥ 3 × faster per step than PEFT BOFT (b=8, m=1)",
+                     "measured": speedup, "limit": 3.0, "met": speedup >= 3.0})  # fmt: skip
+    for key in ("boft-b8-m1", "boft-b8-m2", "boft-b4-m4"):
+        label = METHODS[key].label
+        check(f"{label} unmerged inference ≤ 1.10 × base", key, "unmerged_vs_base", None, "", 1.10)
+        check(f"{label} merged inference ≤ 1.03 × base", key, "merged_vs_base", None, "", 1.03)
+        check(f"{label} merge of UNet + text encoder < 2 s", key, "merge_s", None, "", 2.0)
+    return rows
+
+
+def format_targets(rows: list[dict[str, Any]]) -> str:
+    unit = lambda r: " s" if "< 2 s" in r["target"] else "×"  # noqa: E731
+    return "\n".join(
+        f"- [{'x' if r['met'] else ' '}] {r['target']}: {r['measured']:.2f}{unit(r)}" for r in rows
+    )
+
+
+# --- command line -------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``scripts/benchmark.py`` and ``boft-diffusion bench``."""
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default="tiny", help="model shape (default: tiny)"
+    )
+    parser.add_argument(
+        "--methods", nargs="+", choices=list(METHODS), default=None,
+        help="methods to run (default: all available; PEFT ones need peft installed)",
+    )  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: the preset's)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
+    parser.add_argument("--json", type=Path, default=None, help="write raw and summarised results here")
+
+
+def _resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark as ``args`` say; print the table and the targets; write JSON if asked."""
+    preset = PRESETS[args.preset]
+    methods = [METHODS[k] for k in (args.methods or METHODS)]
+    skipped = [m.key for m in methods if not m.available()]
+    methods = [m for m in methods if m.available()]
+    if skipped:
+        print(f"skipping {skipped}: peft is not installed")
+    device = _resolve_device(args.device)
+    rounds = args.rounds or preset.rounds
+    print(f"preset {preset.name}, device {device}, {available_cores()} threads, {rounds} round(s)")
+    start = time.perf_counter()
+    runs = run_benchmark(preset, methods, device, rounds)
+    summary = summarize(runs)
+    checks = targets(summary)
+    print()
+    print(format_table(summary))
+    if checks:
+        print()
+        print(format_targets(checks))
+    elapsed = time.perf_counter() - start
+    print(f"\ntotal {elapsed:.0f} s")
+    if args.json is not None:
+        report = {
+            "preset": dataclasses.asdict(preset),
+            "device": device,
+            "threads": available_cores(),
+            "rounds": rounds,
+            "torch": torch.__version__,
+            "command": " ".join(sys.argv),
+            "elapsed_s": elapsed,
+            "summary": summary,
+            "targets": checks,
+            "runs": runs,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _worker(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description="benchmark worker: one method, one process")
+    parser.add_argument("--worker", required=True, choices=list(METHODS))
+    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--worker-out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(available_cores())
+    result = measure(METHODS[args.worker], PRESETS[args.preset], args.device)
+    args.worker_out.write_text(json.dumps(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--worker" in argv:
+        return _worker(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
