@@ -5,10 +5,8 @@
 
 Each subcommand is a :class:`Command` (help line, ``add_arguments(parser)``, ``run(args) -> exit
 code``). ``train`` lives here; any other command ``<name>`` is the ``COMMAND`` object of the
-module ``boft_diffusion.commands.<name>`` (or ``boft_diffusion.cli_<name>``), found by name, so a
-new command needs no edit of this file.
-Until such a module exists, a clearly marked stub answers for it. Keep heavy imports (torch,
-diffusers) inside ``run`` so that ``--help`` stays fast.
+module ``boft_diffusion.commands.<name>``, found by name. Keep heavy imports (torch, diffusers)
+inside ``run`` so that ``--help`` stays fast.
 """
 
 from __future__ import annotations
@@ -122,49 +120,13 @@ def _run_train(args: argparse.Namespace) -> int:
 TRAIN = Command("train a BOFT adapter with a recipe", _add_train_arguments, _run_train)
 
 
-# --- other commands: found by module name, stubs until written -----------------------------------
-_STUB_HELP = {
-    "sample": "sample images from a pipeline with a BOFT adapter",
-    "merge": "merge an adapter into a base pipeline",
-    "export": "export a merged checkpoint (diffusers folder or single file)",
-    "inspect": "show what an adapter file holds",
-    "bench": "benchmark BOFT layers and sampling speed",
-}
-
-
-def _stub(name: str) -> Command:
-    """STUB: placeholder until ``boft_diffusion/commands/<name>.py`` defines ``COMMAND``."""
-
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-
-    def run(args: argparse.Namespace) -> int:
-        print(f"error: 'boft-diffusion {name}' is not implemented yet", file=sys.stderr)
-        return 2
-
-    return Command(f"[not implemented yet] {_STUB_HELP.get(name, name)}", add_arguments, run)
-
-
-def _command_modules(name: str) -> list[str]:
-    package = __package__ or "boft_diffusion"
-    return [f"{package}.commands.{name}", f"{package}.cli_{name}"]
-
-
+# --- other commands: one module each in boft_diffusion.commands -------------------------------------
 def load_command(name: str) -> Command:
-    """The command ``name``: ``train`` here, else the ``COMMAND`` of ``boft_diffusion.commands.<name>``
-    (or ``boft_diffusion.cli_<name>``), else a stub."""
+    """The command ``name``: ``train`` here, else the ``COMMAND`` of ``boft_diffusion.commands.<name>``."""
     if name == "train":
         return TRAIN
-    for module_name in _command_modules(name):
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name is None or not module_name.startswith(err.name):
-                raise  # the module exists but one of its imports is missing
-            continue
-        if getattr(module, "COMMAND", None) is not None:
-            return module.COMMAND
-    return _stub(name)
+    module = importlib.import_module(f"{__package__ or 'boft_diffusion'}.commands.{name}")
+    return module.COMMAND
 
 
 def build_parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
