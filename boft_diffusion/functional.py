@@ -10,11 +10,14 @@ Each block is the Cayley transform ``R = (I - Q)(I + Q)^-1`` of a skew-symmetric
 ``b(b-1)/2`` free entries of ``Q`` are stored ("packed" generators, shape ``(m, r, b(b-1)/2)``);
 :func:`pack_skew` / :func:`unpack_skew` convert exactly to and from PEFT's full ``b × b`` layout.
 
-Nothing here builds a dense ``d × d`` matrix except :func:`dense_rotation` (merge and export only):
-each factor is applied as one gather plus one batched ``b × b`` matmul over the ``r`` blocks, the
-gathers of consecutive factors are fused, and the work runs on the transposed layout where both are
-contiguous. The rotation and the Cayley transform have hand-written backward passes: the rotation
-saves only its input and recomputes the rest; the Cayley transform's derivative is closed-form.
+Nothing here builds a dense ``d × d`` matrix except :func:`dense_rotation` (merge and export only).
+``M`` is block-diagonal with blocks of size ``S = b · 2^(m-1)`` (each factor mixes only within
+aligned groups of ``b · 2^i``): for the usual small ``S`` those blocks are built from the factors
+(cost independent of the input) and the input goes through one batched ``S × S`` product, no
+gather; deep butterflies go factor by factor, one fused gather plus one batched ``b × b`` product
+each. Both run on the transposed layout ``(d, n)``, where gathers and products are contiguous.
+The rotation and the Cayley transform have hand-written backward passes: the rotation saves only
+its input and recomputes the rest, and the Cayley transform's derivative is closed-form.
 """
 
 from __future__ import annotations
@@ -105,7 +108,7 @@ class _PackedCayley(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, packed, block_size, strength):  # noqa: D102
-        blocks = cayley(unpack_skew(packed.float() * strength, block_size))
+        blocks = cayley(_scaled_skew(packed, block_size, strength))
         ctx.save_for_backward(blocks)
         ctx.block_size, ctx.strength, ctx.dtype = block_size, strength, packed.dtype
         return blocks
@@ -129,7 +132,12 @@ def block_rotations(packed: torch.Tensor, block_size: int, strength: float = 1.0
     """
     if torch.is_grad_enabled() and packed.requires_grad:
         return _PackedCayley.apply(packed, block_size, float(strength))
-    return cayley(unpack_skew(packed.float() * strength, block_size))
+    return cayley(_scaled_skew(packed, block_size, strength))
+
+
+def _scaled_skew(packed: torch.Tensor, block_size: int, strength: float) -> torch.Tensor:
+    skew = unpack_skew(packed.float(), block_size)
+    return skew if strength == 1.0 else skew * strength
 
 
 def multiplicative_dropout(

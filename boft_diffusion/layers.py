@@ -8,7 +8,9 @@ it is ``W' = (W M^T) ⊙ s[:, None]``.
 
 The forward pass rotates whichever is smaller: the input rows ``x`` (``tokens × d``) or the weight
 rows ``W`` (``out × d``, then a plain ``F.linear`` / ``F.conv2d``). Convolutions always rotate the
-weight, on its flattened ``(in_channels / groups · kh · kw)`` axis.
+weight, on its flattened ``(in_channels / groups · kh · kw)`` axis. Gradients reach the generators
+through :mod:`~boft_diffusion.functional`'s hand-written backward passes, which save only the
+layer's input (as LoRA does), so BOFT trains in LoRA's memory.
 """
 
 from __future__ import annotations
@@ -206,9 +208,11 @@ class BOFTLinear(BOFTLayer):
         bias = self.base_layer.bias
         bias = None if bias is None else bias.to(x.dtype)
         # Rotate whichever side has fewer rows: the weight (out × d, then a plain linear) or the
-        # input (tokens × d, e.g. the 77 text tokens into cross-attention), in training too. The
-        # weight path's extra GEMM in backward (the gradient of the rotated weight, g^T x) costs
-        # about what the input path's ~20 passes over activation-sized tensors cost on CPU.
+        # input (tokens × d, e.g. the 77 text tokens into cross-attention), in training too. In
+        # training the weight path pays one more GEMM (the rotated weight's gradient, g^T x), the
+        # input path more passes over activations (the rotation, the scale and their backward):
+        # even at tokens = 3.2 × out (SD's 32×32 latents) the two cost the same on CPU, and at
+        # more tokens the weight path wins.
         if x.numel() // x.shape[-1] >= self.out_features:
             return F.linear(x, self.rotated_weight_rows(names).to(x.dtype), bias)
         scale = None
