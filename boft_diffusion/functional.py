@@ -299,16 +299,19 @@ class _Rotation(torch.autograd.Function):
     def backward(ctx, grad):  # noqa: D102
         rows, blocks = ctx.saved_tensors
         plan = ctx.plan
+        # Autocast / checkpointing may hand back a gradient in another dtype: work in the rows' dtype.
+        grad, work_blocks = grad.to(rows.dtype), blocks.to(rows.dtype)
         need_rows, need_blocks = ctx.needs_input_grad[:2]
         if not need_blocks:  # the gradient of x M is g M^T
-            return _rotate_columns(grad.t(), blocks, _plan(plan.perms, not plan.transpose)).t(), None, None
-        inputs = _rotate_columns(rows.t(), blocks, plan, inputs_only=True)
+            return _rotate_columns(grad.t(), work_blocks, _plan(plan.perms, not plan.transpose)).t(), None, None
+        inputs = _rotate_columns(rows.t(), work_blocks, plan, inputs_only=True)
         _, inverse = plan.indices(grad.device)
         m, r, b, _ = blocks.shape
-        factors = plan.factors(blocks)
+        factors = plan.factors(work_blocks)
         # Contiguous, whatever the blocks' layout (LAPACK returns column-major): bmm writes into
         # a strided output one batch entry at a time, ten times slower.
-        grad_blocks = blocks.new_empty(blocks.shape)
+        # In the activations' dtype (bf16/fp16 under mixed precision); cast to the blocks' at the end.
+        grad_blocks = torch.empty(blocks.shape, dtype=grad.dtype, device=grad.device)
         g = _gather(grad.t(), inverse[-1])
         for step in reversed(range(m)):
             i, n = plan.order[step], g.shape[1]
@@ -318,7 +321,7 @@ class _Rotation(torch.autograd.Function):
             torch.bmm(left, right.transpose(1, 2), out=grad_blocks[i])
             if step or need_rows:
                 g = _gather(torch.bmm(factors[i].transpose(1, 2), g3).view(-1, n), inverse[step])
-        return (g.t() if need_rows else None), grad_blocks, None
+        return (g.t() if need_rows else None), grad_blocks.to(blocks.dtype), None
 
 
 def _factored_rotation(rows: torch.Tensor, blocks: torch.Tensor, plan: _Plan) -> torch.Tensor:
