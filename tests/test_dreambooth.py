@@ -519,7 +519,7 @@ def test_two_processes_end_with_identical_adapters(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    ranks = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2)]
     assert all("MULTI_CPU" in r["type"] for r in ranks)
     assert ranks[0]["losses"] == ranks[1]["losses"]  # reduced over both processes
     for key, value in ranks[0]["adapter"].items():
