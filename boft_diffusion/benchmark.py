@@ -11,7 +11,9 @@ method alike, and the table shows medians. Per method a worker measures:
 
 - training step time: UNet forward on noisy latents, MSE against a random target, backward, AdamW
   step on the trainable parameters (base frozen). The latents require grad in every method, so
-  every method back-propagates through all activations and the no-adapter run is a true floor;
+  every method back-propagates through all activations and the no-adapter run is a true floor.
+  Each worker alternates its steps with no-adapter steps (adapter switched off), so the ratios to
+  the floor are paired within one process and cancel drifts in machine speed between workers;
 - peak memory of the training phase (``ru_maxrss`` of the worker; ``max_memory_allocated`` on CUDA);
 - unmerged inference (one UNet forward, adapters live) and merged inference (adapters folded in);
 - merge time of every adapter of the pipeline (the UNet plus a CLIP text encoder of the preset's shape);
@@ -333,26 +335,41 @@ def _unet_forward(unet: nn.Module, inputs: dict[str, torch.Tensor], sample: torc
 
 
 def time_training(
-    unet: nn.Module, inputs: dict[str, torch.Tensor], preset: Preset, clock: Clock
-) -> list[float]:
-    """Step times of ``timed_steps`` training steps after ``warmup_steps`` untimed ones."""
+    unet: nn.Module, adapter: Adapter, inputs: dict[str, torch.Tensor], preset: Preset, clock: Clock
+) -> dict[str, list[float]]:
+    """Training step times, and as many no-adapter steps (adapter off) timed in alternation.
+
+    ``warmup_steps`` untimed steps first. The no-adapter steps give each worker its own floor, so
+    the ratio of the two cancels whatever the machine's speed was while this worker ran.
+    """
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
     sample = inputs["sample"].clone().requires_grad_(True)
     unet.train()
 
-    def step() -> None:
+    def step(adapted: bool) -> None:
         with clock.autocast():
             out = _unet_forward(unet, inputs, sample)
         loss = F.mse_loss(out.float(), inputs["target"])
         loss.backward()
-        if optimizer is not None:
+        if adapted and optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         sample.grad = None
 
-    times = [clock.time(step) for _ in range(preset.warmup_steps + preset.timed_steps)]
-    return times[preset.warmup_steps :]
+    def timed(adapted: bool) -> float:
+        adapter.enable(adapted)
+        return clock.time(lambda: step(adapted))
+
+    for _ in range(preset.warmup_steps):
+        timed(True)
+    timed(False)
+    times: dict[str, list[float]] = {"step": [], "floor": []}
+    for i in range(preset.timed_steps):
+        for adapted in (True, False) if i % 2 == 0 else (False, True):
+            times["step" if adapted else "floor"].append(timed(adapted))
+    adapter.enable(True)
+    return times
 
 
 @torch.no_grad()
@@ -396,7 +413,7 @@ def measure(method: Method, preset: Preset, device: torch.device | str = "cpu") 
     unet_adapter = Adapter(method, unet, UNET_TARGETS)
     trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     inputs = make_inputs(preset, device)
-    step_times = time_training(unet, inputs, preset, clock)
+    steps = time_training(unet, unet_adapter, inputs, preset, clock)
     peak = peak_memory_bytes(device)  # training peak: measured before anything else is built
     forward = time_inference(unet, unet_adapter, inputs, preset.forward_repeats, clock)
 
@@ -410,7 +427,8 @@ def measure(method: Method, preset: Preset, device: torch.device | str = "cpu") 
     return {
         "method": method.key,
         "trainable_params": trainable,
-        "step_s": step_times,
+        "step_s": steps["step"],
+        "floor_step_s": steps["floor"],
         "peak_memory_bytes": peak,
         "forward_base_s": forward["base"],
         "forward_unmerged_s": forward["unmerged"],
@@ -457,18 +475,18 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def _paired_ratio(runs: list[dict[str, Any]], key: str) -> float | None:
-    """Median over repeats of ``key`` / the base forward of the same repeat and process."""
-    ratios = [t / b for run in runs for t, b in zip(run[key], run["forward_base_s"])]
-    return _median(ratios)
+def _paired_ratio(runs: list[dict[str, Any]], key: str, reference: str) -> float | None:
+    """Median over repeats of ``key`` / ``reference`` timed next to it in the same worker."""
+    return _median([t / r for run in runs for t, r in zip(run[key], run[reference])])
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """Medians per method: pooled over every timed repeat of every round (memory: over rounds).
 
-    Inference ratios pair each forward with the base forward timed next to it in the same worker.
+    Ratios to the floor pair each measurement with the adapter-off one timed next to it in the
+    same worker: a training step with its no-adapter step, a forward with the base forward.
     """
-    keys = ("step_s", "forward_base_s", "forward_unmerged_s", "forward_merged_s", "merge_s")
+    keys = ("step_s", "floor_step_s", "forward_base_s", "forward_unmerged_s", "forward_merged_s", "merge_s")
     summary = {}
     for key, per_round in runs.items():
         pooled = {k: [v for run in per_round for v in run[k]] for k in keys}
@@ -476,12 +494,14 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
             "label": METHODS[key].label,
             "trainable_params": per_round[0]["trainable_params"],
             "step_s": _median(pooled["step_s"]),
+            "floor_step_s": _median(pooled["floor_step_s"]),
+            "step_vs_floor": _paired_ratio(per_round, "step_s", "floor_step_s"),
             "peak_memory_gb": _median([run["peak_memory_bytes"] for run in per_round]) / 1e9,
             "forward_base_s": _median(pooled["forward_base_s"]),
             "forward_unmerged_s": _median(pooled["forward_unmerged_s"]),
             "forward_merged_s": _median(pooled["forward_merged_s"]),
-            "unmerged_vs_base": _paired_ratio(per_round, "forward_unmerged_s"),
-            "merged_vs_base": _paired_ratio(per_round, "forward_merged_s"),
+            "unmerged_vs_base": _paired_ratio(per_round, "forward_unmerged_s", "forward_base_s"),
+            "merged_vs_base": _paired_ratio(per_round, "forward_merged_s", "forward_base_s"),
             "merge_s": _median(pooled["merge_s"]),
             "samples": {k: len(v) for k, v in pooled.items()},
         }
@@ -492,12 +512,16 @@ def _ratio(value: float | None, reference: float | None) -> float | None:
     return None if value is None or not reference else value / reference
 
 
-def format_table(summary: dict[str, dict[str, Any]]) -> str:
-    """Markdown table: absolute figures and ratios against LoRA and against the floor.
+TABLE_NOTE = (
+    "Step ratios are paired: every worker also times no-adapter steps (adapter switched off) between "
+    "its own, × floor is the median of step / that step, × LoRA divides by LoRA's × floor; × base "
+    "likewise pairs each forward with an adapter-off forward. Memory: peak of the training phase."
+)
 
-    Inference ratios ("× base") are against the base model timed in the same worker (adapter off).
-    """
-    lora, floor = summary.get("lora", {}), summary.get("floor", {})
+
+def format_table(summary: dict[str, dict[str, Any]]) -> str:
+    """Markdown table: absolute figures and ratios against LoRA and against the floor (see ``TABLE_NOTE``)."""
+    lora = summary.get("lora", {})
 
     def cell(value: float | None, fmt: str) -> str:
         return "—" if value is None else format(value, fmt)
@@ -508,8 +532,8 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
     for s in summary.values():
         lines.append("| " + " | ".join([
             s["label"], f"{s['trainable_params']:,}",
-            cell(s["step_s"], ".2f"), cell(_ratio(s["step_s"], lora.get("step_s")), ".2f"),
-            cell(_ratio(s["step_s"], floor.get("step_s")), ".2f"),
+            cell(s["step_s"], ".2f"), cell(_ratio(s["step_vs_floor"], lora.get("step_vs_floor")), ".2f"),
+            cell(s["step_vs_floor"], ".2f"),
             cell(s["peak_memory_gb"], ".2f"), cell(_ratio(s["peak_memory_gb"], lora.get("peak_memory_gb")), ".2f"),
             cell(s["forward_unmerged_s"], ".2f"), cell(s["unmerged_vs_base"], ".2f"),
             cell(s["forward_merged_s"], ".2f"), cell(s["merged_vs_base"], ".2f"),
@@ -533,13 +557,15 @@ def targets(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         met = value >= limit if at_least else value <= limit
         rows.append({"target": text, "measured": value, "limit": limit, "met": met})
 
-    check("BOFT (b=8, m=2) step ≤ 1.05 × LoRA r=8", "boft-b8-m2", "step_s", "lora", "step_s", 1.05)
-    check("BOFT (b=8, m=2) step ≤ 1.10 × floor", "boft-b8-m2", "step_s", "floor", "step_s", 1.10)
+    check(
+        "BOFT (b=8, m=2) step ≤ 1.05 × LoRA r=8", "boft-b8-m2", "step_vs_floor", "lora", "step_vs_floor", 1.05
+    )
+    check("BOFT (b=8, m=2) step ≤ 1.10 × floor", "boft-b8-m2", "step_vs_floor", None, "", 1.10)
     for key in ("boft-b8-m1", "boft-b8-m2", "boft-b4-m4"):
         label = METHODS[key].label
         check(f"{label} peak memory ≤ 1.05 × LoRA", key, "peak_memory_gb", "lora", "peak_memory_gb", 1.05)
     if "peft-boft" in s and "boft-b8-m1" in s:
-        speedup = s["peft-boft"]["step_s"] / s["boft-b8-m1"]["step_s"]
+        speedup = s["peft-boft"]["step_vs_floor"] / s["boft-b8-m1"]["step_vs_floor"]
         rows.append({"target": "BOFT (b=8, m=1) ≥ 3 × faster per step than PEFT BOFT (b=8, m=1)",
                      "measured": speedup, "limit": 3.0, "met": speedup >= 3.0})  # fmt: skip
     for key in ("boft-b8-m1", "boft-b8-m2", "boft-b4-m4"):
@@ -595,6 +621,7 @@ def run(args: argparse.Namespace) -> int:
     checks = targets(summary)
     print()
     print(format_table(summary))
+    print(f"\n{TABLE_NOTE}")
     if checks:
         print()
         print(format_targets(checks))

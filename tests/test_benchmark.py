@@ -14,7 +14,7 @@ def test_worker_measures_every_figure_in_process():
     result = benchmark.measure(benchmark.METHODS["boft-b8-m2"], benchmark.PRESETS["tiny"])
     preset = benchmark.PRESETS["tiny"]
     assert result["trainable_params"] > 0
-    assert len(result["step_s"]) == preset.timed_steps
+    assert len(result["step_s"]) == len(result["floor_step_s"]) == preset.timed_steps
     for key in ("forward_base_s", "forward_unmerged_s", "forward_merged_s"):
         assert len(result[key]) == preset.forward_repeats
     assert len(result["merge_s"]) == preset.merge_repeats
@@ -48,6 +48,7 @@ def test_table_and_targets_from_a_summary():
             "label": benchmark.METHODS[key].label,
             "trainable_params": 10,
             "step_s": step,
+            "step_vs_floor": step / 2.0,
             "peak_memory_gb": 4.0,
             "forward_base_s": 1.0,
             "forward_unmerged_s": 1.05,
