@@ -8,6 +8,7 @@ function of ``(seed, epoch, index)``, so an interrupted run that resumes sees th
 
 from __future__ import annotations
 
+import codecs
 import os
 import random
 import tempfile
@@ -31,6 +32,7 @@ __all__ = [
     "generate_class_images",
     "image_to_tensor",
     "list_images",
+    "load_rgb",
     "read_caption",
     "tokenize_prompts",
 ]
@@ -42,11 +44,41 @@ class DataError(ValueError):
     """Training data the run cannot use; the message names the folder or file."""
 
 
+def load_rgb(path: Path) -> Image.Image:
+    """Open ``path`` as an 8-bit RGB image, mapping high-bit-depth and float pixels by their real range.
+
+    Pillow's ``convert("RGB")`` clips 16/32-bit integer pixels to white and float pixels to black.
+    Here 16-bit images (``I;16*``, and ``I`` holding values up to 65535) are scaled by ``255/65535``,
+    float images (``F``) by 255 when they lie in ``[0, 1]`` (used as-is when in ``[0, 255]``).
+    Other ranges raise :class:`DataError` naming the file: there is no safe guess for them.
+    """
+    with Image.open(path) as raw:
+        image = ImageOps.exif_transpose(raw)
+        image.load()
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        if not np.isfinite(array).all():
+            raise DataError(f"{path}: image holds non-finite pixel values")
+        if image.mode == "F" and low >= 0.0 and high <= 1.0:
+            scale = 255.0
+        elif image.mode == "F" and low >= 0.0 and high <= 255.0:
+            scale = 1.0
+        elif image.mode != "F" and low >= 0 and high <= 65535:
+            scale = 255.0 / 65535.0
+        else:
+            raise DataError(
+                f"{path}: {image.mode} image with pixel range [{low:g}, {high:g}]; expected 16-bit "
+                "(0..65535) or float (0..1) values; save it as an 8- or 16-bit PNG"
+            )
+        image = Image.fromarray(np.clip(np.rint(array * scale), 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
 def _readable(path: Path) -> str | None:
     """None if ``path`` decodes as an image, else why not."""
     try:
-        with Image.open(path) as image:
-            image.load()
+        load_rgb(path)
     except Exception as err:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
         return f"{type(err).__name__}: {err}"
     return None
@@ -60,8 +92,9 @@ def list_images(
 ) -> list[Path]:
     """Sorted readable images in ``folder`` (caption files and hidden files are not images).
 
-    A file that does not decode is skipped with a warning naming it. Raises :class:`DataError`
-    when the folder is missing (unless ``must_exist`` is False: then ``[]``), empty, or has no
+    A file that does not decode is skipped with a warning naming it. For the ``instance`` role the
+    caption files are read too, so one that cannot be decoded fails here, before training. Raises
+    :class:`DataError` when the folder is missing (unless ``must_exist`` is False: then ``[]``), empty, or has no
     readable image.
     """
     folder = Path(folder).expanduser()
@@ -92,15 +125,31 @@ def list_images(
         raise DataError(
             f"No readable image in the {role} image folder {folder} (skipped: {', '.join(skipped)})"
         )
+    if role == "instance":
+        for path in images:
+            read_caption(path, caption_extension)  # a caption that cannot be read fails now, not mid-run
     return images
 
 
 def read_caption(image: Path, caption_extension: str = ".txt") -> str | None:
-    """The text of ``<image stem><caption_extension>`` beside the image, if that file exists."""
+    """The text of ``<image stem><caption_extension>`` beside the image, if that file exists.
+
+    UTF-8 (with or without a byte-order mark) and UTF-16 with a byte-order mark are read; any other
+    encoding raises :class:`DataError` naming the file.
+    """
     path = image.with_suffix(caption_extension)
     if not path.is_file():
         return None
-    text = " ".join(path.read_text(encoding="utf-8").split())
+    raw = path.read_bytes()
+    encoding = "utf-16" if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"Caption file {path} is not UTF-8 text (byte {err.start}: {raw[err.start : err.start + 1]!r}); "
+            "save it as UTF-8"
+        ) from None
+    text = " ".join(text.split())
     return text or None
 
 
@@ -116,8 +165,7 @@ def image_to_tensor(
     The shorter side is resized to ``resolution`` (bilinear, antialiased), then cropped square:
     centered, or at a position drawn from ``rng``; ``flip`` mirrors it left-right.
     """
-    with Image.open(path) as raw:
-        image = ImageOps.exif_transpose(raw).convert("RGB")
+    image = load_rgb(path)
     scale = resolution / min(image.size)
     size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
     image = image.resize(size, Image.Resampling.BILINEAR)

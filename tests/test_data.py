@@ -96,6 +96,37 @@ def test_read_caption(instance_dir):
     assert read_caption(image) is None
 
 
+def test_caption_encodings_bom_utf16_and_undecodable(instance_dir):
+    image = instance_dir / "toy_01.png"
+    caption = image.with_suffix(".txt")
+    caption.write_bytes(b"\xef\xbb\xbfa photo of sks toy")  # UTF-8 with a byte-order mark
+    assert read_caption(image) == "a photo of sks toy"
+    caption.write_bytes("a photo of sks toy".encode("utf-16"))  # Windows "Unicode" (BOM + UTF-16)
+    assert read_caption(image) == "a photo of sks toy"
+    caption.write_bytes("une photo de sks jouet \xe0 la plage".encode("latin-1"))
+    with pytest.raises(DataError, match=r"toy_01\.txt is not UTF-8"):
+        read_caption(image)
+    with pytest.raises(DataError, match=r"toy_01\.txt is not UTF-8"):  # found when listing, before training
+        list_images(instance_dir)
+
+
+def test_16_bit_and_float_images_keep_their_range(tmp_path):
+    ramp = np.linspace(0.0, 1.0, 32 * 32).reshape(32, 32)
+    Image.fromarray(np.round(ramp * 65535).astype(np.uint16)).save(tmp_path / "g16.png")
+    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "f32.tif")
+    Image.fromarray(np.round(ramp * 255).astype(np.uint8)).save(tmp_path / "g8.png")
+    reference = image_to_tensor(tmp_path / "g8.png", 32, center_crop=True)
+    for name in ("g16.png", "f32.tif"):
+        pixels = image_to_tensor(tmp_path / name, 32, center_crop=True)
+        assert (pixels - reference).abs().max() <= 2 / 127.5, name  # not clipped to white or black
+        assert pixels.min() < -0.99 and pixels.max() > 0.99
+    Image.fromarray((ramp * 1000 - 500).astype(np.float32)).save(tmp_path / "odd.tif")
+    with pytest.raises(DataError, match=r"odd\.tif.*pixel range"):
+        image_to_tensor(tmp_path / "odd.tif", 32)
+    with pytest.warns(UserWarning, match="odd.tif"):
+        assert [p.name for p in list_images(tmp_path)] == ["f32.tif", "g16.png", "g8.png"]
+
+
 # --- transforms -----------------------------------------------------------------------------------
 def test_image_to_tensor_resizes_shorter_side_and_crops(tmp_path):
     path = _image(tmp_path / "wide.png", size=(80, 40))
