@@ -47,6 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .inject import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS
+from .tiny import TINY_TEXT_CONFIG, TINY_UNET_CONFIG
+
 __all__ = [
     "METHODS",
     "PRESETS",
@@ -59,11 +62,7 @@ __all__ = [
     "run",
     "run_benchmark",
     "summarize",
-    "targets",
 ]
-
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 @dataclass(frozen=True)
@@ -109,31 +108,9 @@ CLIP_L_TEXT = dict(
     hidden_act="quick_gelu",
     projection_dim=768,
 )
-TINY_UNET = dict(
-    sample_size=16,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32,
-    attention_head_dim=4,
-    norm_num_groups=8,
-)
-TINY_TEXT = dict(
-    vocab_size=49408,
-    hidden_size=32,
-    intermediate_size=37,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=77,
-    projection_dim=32,
-)
-
 PRESETS = {
     "sd15": Preset("sd15", SD15_UNET, CLIP_L_TEXT, 32, 2, 3, 3, 3, 2),
-    "tiny": Preset("tiny", TINY_UNET, TINY_TEXT, 16, 2, 3, 3, 2, 1),
+    "tiny": Preset("tiny", TINY_UNET_CONFIG, {"vocab_size": 49408, **TINY_TEXT_CONFIG}, 16, 2, 3, 3, 2, 1),
 }
 
 
@@ -410,7 +387,7 @@ def measure(method: Method, preset: Preset, device: torch.device | str = "cpu") 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     unet = build_unet(preset, device)
-    unet_adapter = Adapter(method, unet, UNET_TARGETS)
+    unet_adapter = Adapter(method, unet, UNET_ATTENTION_TARGETS)
     trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     inputs = make_inputs(preset, device)
     steps = time_training(unet, unet_adapter, inputs, preset, clock)
@@ -418,7 +395,7 @@ def measure(method: Method, preset: Preset, device: torch.device | str = "cpu") 
     forward = time_inference(unet, unet_adapter, inputs, preset.forward_repeats, clock)
 
     text_encoder = build_text_encoder(preset, device)
-    text_adapter = Adapter(method, text_encoder, TEXT_TARGETS)
+    text_adapter = Adapter(method, text_encoder, TEXT_ENCODER_TARGETS)
     merge_times = []
     for _ in range(preset.merge_repeats):
         merge_times.append(clock.time(lambda: (unet_adapter.merge(), text_adapter.merge())))
@@ -542,47 +519,6 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def targets(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Issue #3's targets, each with the measured figure and whether it is met (skipped if not measured)."""
-    s = summary
-    rows = []
-
-    def check(text: str, method: str, key: str, ref_method: str | None, ref_key: str, limit: float,
-              at_least: bool = False) -> None:  # fmt: skip
-        if method not in s or (ref_method and ref_method not in s):
-            return
-        value = s[method][key] if ref_method is None else _ratio(s[method][key], s[ref_method][ref_key])
-        if value is None:
-            return
-        met = value >= limit if at_least else value <= limit
-        rows.append({"target": text, "measured": value, "limit": limit, "met": met})
-
-    check(
-        "BOFT (b=8, m=2) step ≤ 1.05 × LoRA r=8", "boft-b8-m2", "step_vs_floor", "lora", "step_vs_floor", 1.05
-    )
-    check("BOFT (b=8, m=2) step ≤ 1.10 × floor", "boft-b8-m2", "step_vs_floor", None, "", 1.10)
-    for key in ("boft-b8-m1", "boft-b8-m2", "boft-b4-m4"):
-        label = METHODS[key].label
-        check(f"{label} peak memory ≤ 1.05 × LoRA", key, "peak_memory_gb", "lora", "peak_memory_gb", 1.05)
-    if "peft-boft" in s and "boft-b8-m1" in s:
-        speedup = s["peft-boft"]["step_vs_floor"] / s["boft-b8-m1"]["step_vs_floor"]
-        rows.append({"target": "BOFT (b=8, m=1) ≥ 3 × faster per step than PEFT BOFT (b=8, m=1)",
-                     "measured": speedup, "limit": 3.0, "met": speedup >= 3.0})  # fmt: skip
-    for key in ("boft-b8-m1", "boft-b8-m2", "boft-b4-m4"):
-        label = METHODS[key].label
-        check(f"{label} unmerged inference ≤ 1.10 × base", key, "unmerged_vs_base", None, "", 1.10)
-        check(f"{label} merged inference ≤ 1.03 × base", key, "merged_vs_base", None, "", 1.03)
-        check(f"{label} merge of UNet + text encoder < 2 s", key, "merge_s", None, "", 2.0)
-    return rows
-
-
-def format_targets(rows: list[dict[str, Any]]) -> str:
-    unit = lambda r: " s" if "< 2 s" in r["target"] else "×"  # noqa: E731
-    return "\n".join(
-        f"- [{'x' if r['met'] else ' '}] {r['target']}: {r['measured']:.2f}{unit(r)}" for r in rows
-    )
-
-
 # --- command line -------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``scripts/benchmark.py`` and ``boft-diffusion bench``."""
@@ -605,7 +541,7 @@ def _resolve_device(name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the benchmark as ``args`` say; print the table and the targets; write JSON if asked."""
+    """Run the benchmark as ``args`` say; print the table; write JSON if asked."""
     preset = PRESETS[args.preset]
     methods = [METHODS[k] for k in (args.methods or METHODS)]
     skipped = [m.key for m in methods if not m.available()]
@@ -618,13 +554,9 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     runs = run_benchmark(preset, methods, device, rounds)
     summary = summarize(runs)
-    checks = targets(summary)
     print()
     print(format_table(summary))
     print(f"\n{TABLE_NOTE}")
-    if checks:
-        print()
-        print(format_targets(checks))
     elapsed = time.perf_counter() - start
     print(f"\ntotal {elapsed:.0f} s")
     if args.json is not None:
@@ -637,7 +569,6 @@ def run(args: argparse.Namespace) -> int:
             "command": " ".join(sys.argv),
             "elapsed_s": elapsed,
             "summary": summary,
-            "targets": checks,
             "runs": runs,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)

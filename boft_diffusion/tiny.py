@@ -171,24 +171,38 @@ def build_tiny_tokenizer() -> CLIPTokenizer:
         )
 
 
+TINY_UNET_CONFIG: dict = dict(
+    sample_size=TINY_RESOLUTION // 4,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=4,
+    norm_num_groups=8,
+)
+"""The tiny ``UNet2DConditionModel`` config (also the benchmark's ``tiny`` preset)."""
+
+TINY_TEXT_CONFIG: dict = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    projection_dim=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=MAX_TOKENS,
+)
+"""The tiny ``CLIPTextConfig`` shape (vocabulary and special tokens come from the tokenizer)."""
+
+
 def _tiny_unet() -> UNet2DConditionModel:
     """SD-shaped UNet: latents (B, 4, 16, 16), cross-attention on (B, 77, 32) text states.
 
     Cross-attention sits at both widths (32 channels in the first block, 64 in the mid block), so
     adapters see projections of several shapes, as in a real UNet.
     """
-    return UNet2DConditionModel(
-        sample_size=TINY_RESOLUTION // 4,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
+    return UNet2DConditionModel(**TINY_UNET_CONFIG)
 
 
 def _tiny_vae() -> AutoencoderKL:
@@ -210,12 +224,7 @@ def _tiny_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     """Two-layer CLIP text encoder: ids (B, 77) -> last hidden state (B, 77, 32), SDPA attention."""
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=37,
-        projection_dim=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=MAX_TOKENS,
+        **TINY_TEXT_CONFIG,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
