@@ -9,8 +9,9 @@ checkpoint that opens with no project code:
   ``first_stage_model.*``, ``cond_stage_model.transformer.text_model.*``) that ComfyUI, AUTOMATIC1111 and
   ``StableDiffusionPipeline.from_single_file(path, config=<diffusers folder of the base>)`` read.
 
-The caller's pipeline is never modified: merged weights ``W' = (W M^T) ⊙ s`` are computed per layer into
-new tensors, and every other tensor is shared, not copied. Provenance (base model, adapters and
+The caller's pipeline is never modified (nor its modules' train/eval mode): merged weights
+``W' = (W M^T) ⊙ s`` and biases are computed per layer into new tensors, deterministically (dropout is
+training-only), and every other tensor is shared, not copied. A non-finite merged tensor is refused. Provenance (base model, adapters and
 strengths) goes into the safetensors metadata and, for folders, ``boft_provenance.json``. Output is
 written beside ``out_dir`` under a temporary name and renamed into place: an error leaves nothing behind.
 """
@@ -69,37 +70,34 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 # --- merged weights, computed without touching the pipeline ---------------------------------------
-@contextlib.contextmanager
-def _eval_mode(layer: nn.Module) -> Iterator[None]:
-    """Eval mode for one computation (multiplicative dropout is training-only), then restore."""
-    was_training = layer.training
-    layer.training = False
-    try:
-        yield
-    finally:
-        layer.training = was_training
-
-
 @torch.no_grad()
-def _merged_weight(layer: BOFTLayer) -> torch.Tensor | None:
-    """The layer's weight with its pending (active, unmerged) adapters folded in, in the base layout.
+def _merged_tensors(path: str, layer: BOFTLayer, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """``{"<path>.weight": W', "<path>.bias": b'}`` of a layer's pending adapters, in the stock dtype.
 
-    ``None`` when nothing is pending (the base weight already is the answer). Float32 or wider.
+    Empty when nothing is pending (the base tensors already are the answer). Raises ``ValueError``
+    naming the tensor if a merged value is not finite.
     """
-    pending = layer._pending_adapters()
+    pending = layer.pending_adapters()
     if not pending:
-        return None
-    with _eval_mode(layer):
-        rows = layer.rotated_weight_rows(pending)
-    weight = layer.base_layer.weight
-    return rows.t() if getattr(layer, "fan_in_fan_out", False) else rows.reshape(weight.shape)
+        return {}
+    base = layer.base_layer
+    out = {f"{path}.weight": layer.merged_weight().to(dtype or base.weight.dtype)}
+    if base.bias is not None and any(name in layer.boft_bias for name in pending):
+        out[f"{path}.bias"] = layer.merged_bias().to(dtype or base.bias.dtype)
+    for key, tensor in out.items():
+        if not torch.isfinite(tensor).all():
+            raise ValueError(
+                f"Non-finite values in the merged tensor {key!r}: adapter(s) {pending} look broken; "
+                "nothing was exported"
+            )
+    return out
 
 
 def _stock_key(key: str, layers: Mapping[str, BOFTLayer], saved: Mapping[str, ModulesToSave]) -> str | None:
     """The stock module's key for a state-dict key of an adapted module (``None``: not part of it)."""
     prefix, _, _ = key.rpartition(".")
     path, _, leaf = prefix.rpartition(".")
-    if leaf in ("boft_R", "boft_s") and path in layers:
+    if leaf in ("boft_R", "boft_s", "boft_bias") and path in layers:
         return None
     for name, wrapper in saved.items():
         if not key.startswith(name + "."):
@@ -116,8 +114,10 @@ def merged_state_dict(module: nn.Module, dtype: torch.dtype | None = None) -> di
     """``module``'s state dict as the stock (un-adapted) module has it, with active adapters merged.
 
     BOFT parameters are dropped, ``.base_layer`` leaves the keys, adapted weights become
-    ``W' = (W M^T) ⊙ s`` (new tensors), ``modules_to_save`` give their active copy. Every other tensor is
-    the module's own (shared, not copied) unless ``dtype`` casts floating tensors.
+    ``W' = (W M^T) ⊙ s`` and adapted biases ``b + w (b_a - b)`` (new tensors, computed deterministically
+    whatever the module's train/eval mode), ``modules_to_save`` give their active copy. Every other tensor
+    is the module's own (shared, not copied) unless ``dtype`` casts floating tensors. A non-finite merged
+    tensor raises ``ValueError``.
     """
     layers = boft_layers(module)
     saved = {n: m for n, m in module.named_modules() if isinstance(m, ModulesToSave)}
@@ -127,9 +127,7 @@ def merged_state_dict(module: nn.Module, dtype: torch.dtype | None = None) -> di
         if stock is not None:
             state[stock] = tensor
     for path, layer in layers.items():
-        merged = _merged_weight(layer)
-        if merged is not None:
-            state[f"{path}.weight"] = merged.to(dtype or layer.base_layer.weight.dtype)
+        state.update(_merged_tensors(path, layer, dtype))
     if dtype is not None:
         state = {k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()}
     return state
@@ -414,7 +412,8 @@ def export_merged(
     ``"bf16"``, ``"fp32"`` or a ``torch.dtype``) casts the floating weights; ``variant`` names diffusers
     files ``*.<variant>.safetensors``. ``base_model`` and ``extra_provenance`` go into the provenance.
 
-    ``out_dir`` must not exist. The pipeline is left exactly as it was.
+    ``out_dir`` must not exist. The pipeline is left exactly as it was. A broken adapter (a non-finite
+    merged weight or bias) raises ``ValueError`` and nothing is written.
     """
     fmt = format.replace("-", "_")
     if fmt not in ("diffusers", "single_file"):

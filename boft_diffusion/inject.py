@@ -4,13 +4,21 @@ Works on any ``nn.Module`` (diffusers ``UNet2DConditionModel`` / ``ControlNetMod
 ``CLIPTextModel`` / ``CLIPTextModelWithProjection``, plain modules). Layers are addressed by their
 qualified module name (as in ``unet.attn_processors`` keys), which stays the same after injection;
 the attention modules and their processors (SDPA, xformers, custom) are never touched.
+
+Biases (``BOFTConfig.bias``): with ``"boft_only"`` each adapted layer trains the adapter's own copy of
+its bias (``layer.boft_bias[name]``); the base bias is never trained or loaded into, so strength 0,
+``disable``, ``unload`` and ``delete_adapter`` give the base model back exactly. With ``"all"`` the
+biases of every other (not adapted) module train as well; those are the modules' own parameters (no
+layer wraps them), so their original values are snapshotted when the adapter is added and put back bit
+for bit by :func:`remove_boft` (``keep_merged=False``) and :func:`delete_adapter` (once no ``"all"``
+adapter is left). Strength, ``disable`` and composition do not scale those un-adapted biases: they hold
+the trained values while an ``"all"`` adapter is loaded.
 """
 
 from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -18,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import BOFTConfig
-from .layers import BOFTLayer, wrap_layer
+from .layers import BOFTLayer, MergePlan, wrap_layer
 
 __all__ = [
     "TEXT_ENCODER_TARGETS",
@@ -29,11 +37,13 @@ __all__ = [
     "adapter_configs",
     "adapter_state_dict",
     "add_boft",
+    "apply_merges",
     "boft_layers",
     "check_merge_finite",
     "default_targets",
     "find_target_names",
     "merge_adapters",
+    "plan_merges",
     "remove_boft",
     "set_active_adapters",
     "unmerge_adapters",
@@ -44,6 +54,7 @@ UNET_ATTENTION_TARGETS_WITH_ADDED_KV = [*UNET_ATTENTION_TARGETS, "add_k_proj", "
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 _CONFIGS_ATTR = "_boft_configs"
+_BIAS_SNAPSHOT_ATTR = "_boft_bias_snapshot"
 
 
 class ModulesToSave(nn.Module):
@@ -154,6 +165,8 @@ def add_boft(model: nn.Module, config: BOFTConfig, adapter_name: str = "default"
         wrapper = modules[name] if isinstance(modules[name], ModulesToSave) else ModulesToSave(modules[name])
         wrapper.add_adapter(adapter_name)
         model.set_submodule(name, wrapper)
+    if config.bias == "all":
+        _snapshot_own_biases(model)
     configs = dict(adapter_configs(model))
     configs[adapter_name] = config
     object.__setattr__(model, _CONFIGS_ATTR, configs)
@@ -179,11 +192,54 @@ def _find_modules_to_save(model: nn.Module, config: BOFTConfig) -> list[str]:
     return found
 
 
-def _bias_parameters(model: nn.Module, mode: str) -> Iterator[nn.Parameter]:
+def _own_biases(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Biases of modules no BOFT layer or ``modules_to_save`` wrapper holds, by state-dict key."""
+    wrapped = tuple(f"{n}." for n in [*boft_layers(model), *_saved_modules(model)])
+    return {
+        n: p
+        for n, p in model.named_parameters()
+        if n.endswith(".bias") and not (wrapped and n.startswith(wrapped))
+    }
+
+
+def _bias_parameters(model: nn.Module, mode: str, adapter_name: str) -> dict[str, nn.Parameter]:
+    """The biases adapter ``adapter_name`` trains, by state-dict key of the stock module (``<path>.bias``).
+
+    ``"boft_only"``: the adapter's own bias on each layer it adapts. ``"all"``: those, plus the biases
+    of modules that no BOFT layer or ``modules_to_save`` wrapper holds (the modules' own parameters).
+    """
+    if mode == "none":
+        return {}
+    found = {
+        f"{path}.bias": layer.boft_bias[adapter_name]
+        for path, layer in boft_layers(model).items()
+        if adapter_name in layer.boft_bias
+    }
     if mode == "all":
-        yield from (p for n, p in model.named_parameters() if n.endswith(".bias") and "boft_" not in n)
-    elif mode == "boft_only":
-        yield from (m.base_layer.bias for m in boft_layers(model).values() if m.base_layer.bias is not None)
+        found.update(_own_biases(model))
+    return found
+
+
+def _snapshot_own_biases(model: nn.Module) -> None:
+    """Remember the original value of every un-adapted bias not remembered yet (for bias ``"all"``)."""
+    snapshot = getattr(model, _BIAS_SNAPSHOT_ATTR, {})
+    for param in _own_biases(model).values():
+        if id(param) not in snapshot:
+            snapshot[id(param)] = (param, param.detach().clone())
+    object.__setattr__(model, _BIAS_SNAPSHOT_ATTR, snapshot)
+
+
+@torch.no_grad()
+def _restore_own_biases(model: nn.Module) -> None:
+    """Put back the snapshotted un-adapted biases bit for bit (a bias a merged layer holds stays for now)."""
+    snapshot = getattr(model, _BIAS_SNAPSHOT_ATTR, {})
+    merged = {id(layer.base_layer.bias) for layer in boft_layers(model).values() if layer.merged}
+    for key, (param, value) in list(snapshot.items()):
+        if key not in merged:
+            param.copy_(value)
+            del snapshot[key]
+    if not snapshot and hasattr(model, _BIAS_SNAPSHOT_ATTR):
+        object.__delattr__(model, _BIAS_SNAPSHOT_ATTR)
 
 
 def mark_trainable(model: nn.Module, adapter_names: list[str] | str) -> None:
@@ -195,15 +251,11 @@ def mark_trainable(model: nn.Module, adapter_names: list[str] | str) -> None:
             if adapter_name in layer.boft_R:
                 layer.boft_R[adapter_name].requires_grad_(True)
                 layer.boft_s[adapter_name].requires_grad_(True)
-        for bias in _bias_parameters(model, adapter_configs(model)[adapter_name].bias):
+        for bias in _bias_parameters(model, adapter_configs(model)[adapter_name].bias, adapter_name).values():
             bias.requires_grad_(True)
         for wrapper in _saved_modules(model).values():
             if adapter_name in wrapper.copies:
                 wrapper.copies[adapter_name].requires_grad_(True)
-
-
-def _clean(name: str) -> str:
-    return name.replace(".base_layer", "")
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -215,11 +267,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
         if adapter_name in layer.boft_R:
             state[f"{name}.boft_R"] = layer.boft_R[adapter_name].detach()
             state[f"{name}.boft_s"] = layer.boft_s[adapter_name].detach()
-    if config.bias != "none":
-        bias_ids = {id(p) for p in _bias_parameters(model, config.bias)}
-        for name, param in model.named_parameters():
-            if id(param) in bias_ids:
-                state[_clean(name)] = param.detach()
+    for key, param in _bias_parameters(model, config.bias, adapter_name).items():
+        state[key] = param.detach()
     for name, wrapper in _saved_modules(model).items():
         if adapter_name in wrapper.copies:
             for pname, param in wrapper.copies[adapter_name].named_parameters():
@@ -245,32 +294,45 @@ def set_active_adapters(model: nn.Module, names: list[str] | str, weights: list[
         wrapper.active = next((n for n in names if n in wrapper.copies), None)
 
 
+def plan_merges(
+    model: nn.Module, names: list[str] | None = None, progressbar: bool = False
+) -> list[tuple[BOFTLayer, MergePlan]]:
+    """Compute and check the merge of ``names`` (default: the active adapters) in every BOFT layer.
+
+    Nothing is written; a non-finite merged weight or bias raises ``ValueError`` naming the layer.
+    Holds one merged copy of each adapted weight until :func:`apply_merges` writes them.
+    """
+    plans = []
+    layers = boft_layers(model)
+    for name, layer in tqdm(layers.items(), desc="Merging BOFT", disable=not progressbar):
+        plan = layer.plan_merge(names, name)
+        if plan is not None:
+            plans.append((layer, plan))
+    return plans
+
+
+def apply_merges(plans: list[tuple[BOFTLayer, MergePlan]]) -> None:
+    """Write merges planned (and checked) by :func:`plan_merges`."""
+    for layer, plan in plans:
+        layer.apply_merge(plan)
+
+
 def check_merge_finite(model: nn.Module, names: list[str] | None = None) -> None:
     """Raise (naming layer and adapters) if merging ``names`` would write a non-finite weight."""
-    for name, layer in boft_layers(model).items():
-        pending = [
-            n
-            for n in (names or layer.active_adapters)
-            if n in layer.boft_R and n not in layer.merged_adapters
-        ]
-        if pending and not torch.isfinite(layer.rotated_weight_rows(pending)).all():
-            raise ValueError(f"Non-finite merged weight at {name!r}: adapter(s) {pending} look broken")
+    plan_merges(model, names)
 
 
 def merge_adapters(
     model: nn.Module, names: list[str] | None = None, safe_merge: bool = False, progressbar: bool = False
 ) -> None:
-    """Fold adapters (default: the active ones) into the base weights of every BOFT layer.
+    """Fold adapters (default: the active ones) into the base weights and biases of every BOFT layer.
 
-    With ``safe_merge`` every merged weight is checked for non-finite values before any layer is
-    written, so a broken adapter raises and leaves the model untouched.
+    Every merged weight is checked for non-finite values before any layer is written, so a broken
+    adapter raises and leaves the model untouched. ``safe_merge`` is accepted for PEFT compatibility;
+    the check always runs.
     """
-    if safe_merge:
-        with torch.no_grad():
-            check_merge_finite(model, names)
-    layers = boft_layers(model)
-    for layer in tqdm(layers.values(), desc="Merging BOFT", disable=not progressbar):
-        layer.merge(names)
+    del safe_merge  # always on
+    apply_merges(plan_merges(model, names, progressbar))
 
 
 def unmerge_adapters(model: nn.Module) -> None:
@@ -282,14 +344,19 @@ def unmerge_adapters(model: nn.Module) -> None:
 def remove_boft(model: nn.Module, keep_merged: bool = False) -> nn.Module:
     """Take every BOFT layer and ``modules_to_save`` wrapper out of ``model``.
 
-    ``keep_merged=False`` (unload): merged adapters are unmerged first and the original module
-    objects go back. ``keep_merged=True`` (merge_and_unload): merged weights stay, and trained
+    ``keep_merged=False`` (unload): merged adapters are unmerged first, the original module
+    objects go back, and biases trained by ``bias="all"`` adapters get their original values back.
+    ``keep_merged=True`` (merge_and_unload): merged weights and trained biases stay, and trained
     ``modules_to_save`` copies replace their originals.
     """
     for name, layer in boft_layers(model).items():
         if layer.merged and not keep_merged:
             layer.unmerge()
         model.set_submodule(name, layer.base_layer)
+    if not keep_merged:
+        _restore_own_biases(model)
+    if hasattr(model, _BIAS_SNAPSHOT_ATTR):
+        object.__delattr__(model, _BIAS_SNAPSHOT_ATTR)
     for name, wrapper in _saved_modules(model).items():
         keep = (
             wrapper.copies[wrapper.active]
@@ -320,6 +387,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
             wrapper.active = next(iter(wrapper.copies))
     del configs[adapter_name]
     object.__setattr__(model, _CONFIGS_ATTR, configs)
+    if not any(config.bias == "all" for config in configs.values()):
+        _restore_own_biases(model)
 
 
 def set_enabled(model: nn.Module, enabled: bool) -> None:
@@ -388,7 +457,10 @@ class BOFTModel(nn.Module):
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
     ) -> nn.Module:
-        """Merge (default: the active adapters), then remove the BOFT layers; returns the base model."""
+        """Merge (default: the active adapters), then remove the BOFT layers; returns the base model.
+
+        A non-finite merged weight raises before anything is written (``safe_merge`` or not).
+        """
         merge_adapters(self.model, adapter_names, safe_merge=safe_merge, progressbar=progressbar)
         return remove_boft(self.model, keep_merged=True)
 

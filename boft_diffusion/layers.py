@@ -1,21 +1,28 @@
 """BOFT layers: thin ``nn.Module`` wrappers over :mod:`boft_diffusion.functional`.
 
 A :class:`BOFTLayer` owns the original layer (``base_layer``, untouched unless merged) and any
-number of named adapters, each a packed generator ``boft_R`` ``(m, r, b(b-1)/2)`` and a scale
-``boft_s`` ``(out,)``, kept in float32 whatever the base dtype. With rotation ``M`` and scale ``s``
-the adapted layer computes ``y = ((x M) W^T) ⊙ s + bias`` (bias excluded from the scale); merged
-it is ``W' = (W M^T) ⊙ s[:, None]``.
+number of named adapters, each a packed generator ``boft_R`` ``(m, r, b(b-1)/2)``, a scale
+``boft_s`` ``(out,)`` and, when it trains biases, its own full bias ``boft_bias`` ``(out,)``
+(initialised as a copy of the base bias), all kept in float32 whatever the base dtype. With rotation
+``M``, scale ``s`` and adapter bias ``b_a`` the adapted layer computes
+``y = ((x M) W^T) ⊙ s + b + w (b_a - b)`` (bias excluded from the scale; ``w`` the strength, summed
+over active adapters); merged it is ``W' = (W M^T) ⊙ s[:, None]`` and ``b' = b + w (b_a - b)``.
+The base bias ``b`` is written by :meth:`BOFTLayer.merge` only, and :meth:`BOFTLayer.unmerge` puts it
+back bit for bit.
 
 The forward pass rotates whichever is smaller: the input rows ``x`` (``tokens × d``) or the weight
 rows ``W`` (``out × d``, then a plain ``F.linear`` / ``F.conv2d``). Convolutions always rotate the
 weight, on its flattened ``(in_channels / groups · kh · kw)`` axis. Gradients reach the generators
 through :mod:`~boft_diffusion.functional`'s hand-written backward passes, which save only the
-layer's input (as LoRA does), so BOFT trains in LoRA's memory.
+layer's input (as LoRA does), so BOFT trains in LoRA's memory. Multiplicative dropout is applied in
+the training forward pass only: rotations, merged weights, merge and unmerge are deterministic in
+any module mode.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,12 +37,28 @@ from .functional import (
     num_free_entries,
 )
 
-__all__ = ["BOFTConv2d", "BOFTLayer", "BOFTLinear", "is_conv1d", "wrap_layer"]
+__all__ = ["BOFTConv2d", "BOFTLayer", "BOFTLinear", "MergePlan", "is_conv1d", "wrap_layer"]
 
 
 def is_conv1d(module: nn.Module) -> bool:
     """transformers' ``Conv1D`` (GPT-2 style linear with weight stored ``(in, out)``)."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _at_least_float32(tensor: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
+@dataclass
+class MergePlan:
+    """A merge computed and checked by :meth:`BOFTLayer.plan_merge`, not yet written.
+
+    ``weight`` and ``bias`` are in the base layer's layout and dtype (``bias`` ``None``: unchanged).
+    """
+
+    names: list[str]
+    weight: torch.Tensor
+    bias: torch.Tensor | None
 
 
 class BOFTLayer(nn.Module):
@@ -46,6 +69,9 @@ class BOFTLayer(nn.Module):
         self.base_layer = base_layer
         self.boft_R = nn.ParameterDict()
         self.boft_s = nn.ParameterDict()
+        self.boft_bias = nn.ParameterDict()
+        # The base bias as it was before the first merge (merge writes the bias; unmerge restores it).
+        self.register_buffer("unmerged_bias", None, persistent=False)
         self.layouts: dict[str, BlockLayout] = {}
         self.dropout: dict[str, float] = {}
         self.strength: dict[str, float] = {}
@@ -66,12 +92,19 @@ class BOFTLayer(nn.Module):
         """The base weight as rows ``(out, d)`` on the rotated axis (a view where possible)."""
         raise NotImplementedError
 
-    def set_weight_rows(self, rows: torch.Tensor) -> None:
+    def weight_from_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`weight_rows`: rows ``(out, d)`` -> the base layer's weight layout."""
         raise NotImplementedError
+
+    def set_weight_rows(self, rows: torch.Tensor) -> None:
+        self.base_layer.weight.data.copy_(self.weight_from_rows(rows))
 
     # --- adapters -----------------------------------------------------------------------------
     def add_adapter(self, name: str, config: BOFTConfig, layer_name: str = "<layer>") -> None:
-        """Create adapter ``name`` (identity at init unless ``config.init_weights`` is False)."""
+        """Create adapter ``name`` (identity at init unless ``config.init_weights`` is False).
+
+        With ``config.bias != "none"`` the adapter gets its own bias, a float32 copy of the base bias.
+        """
         if name in self.boft_R:
             raise ValueError(f"Adapter {name!r} already exists on layer {layer_name!r}")
         layout = config.resolve_blocks(self.rotation_dim, layer_name)
@@ -83,6 +116,11 @@ class BOFTLayer(nn.Module):
             nn.init.normal_(scale, mean=1.0, std=0.1)
         self.boft_R[name] = nn.Parameter(generators.to(weight.device))
         self.boft_s[name] = nn.Parameter(scale.to(weight.device))
+        base_bias = self.original_bias()
+        if config.bias != "none" and base_bias is not None:
+            self.boft_bias[name] = nn.Parameter(
+                base_bias.detach().to(_at_least_float32(base_bias), copy=True)
+            )
         self.layouts[name] = layout
         self.dropout[name] = config.boft_dropout
         self.strength[name] = 1.0
@@ -92,80 +130,175 @@ class BOFTLayer(nn.Module):
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise ValueError(f"Adapter {name!r} is merged; unmerge it before deleting it")
-        for store in (self.boft_R, self.boft_s, self.layouts, self.dropout, self.strength):
+        for store in (self.boft_R, self.boft_s, self.boft_bias, self.layouts, self.dropout, self.strength):
             if name in store:
                 del store[name]
         if name in self.active_adapters:
             self.active_adapters.remove(name)
 
     def set_active(self, names: list[str], strengths: dict[str, float] | None = None) -> None:
-        """Activate exactly ``names`` (those this layer holds) with optional strengths."""
-        self.active_adapters = [n for n in names if n in self.boft_R]
-        for n in self.active_adapters:
-            self.strength[n] = float((strengths or {}).get(n, self.strength.get(n, 1.0)))
+        """Activate exactly ``names`` (those this layer holds) with optional strengths.
 
-    def rotation(self, name: str, strength: float | None = None) -> tuple[torch.Tensor, tuple, torch.Tensor]:
+        A merged adapter keeps the strength it was merged with (unmerge inverts exactly that).
+        """
+        active = [n for n in names if n in self.boft_R]
+        wanted = {n: float((strengths or {}).get(n, self.strength.get(n, 1.0))) for n in active}
+        changed = [n for n in self.merged_adapters if n in wanted and wanted[n] != self.strength[n]]
+        if changed:
+            raise ValueError(f"Adapter(s) {changed} are merged; unmerge them before changing their strength")
+        self.active_adapters = active
+        self.strength.update(wanted)
+
+    def pending_adapters(self) -> list[str]:
+        """Active adapters whose rotation the forward pass applies (not merged, layer not disabled)."""
+        if self.disabled:
+            return []
+        return [n for n in self.active_adapters if n not in self.merged_adapters and n in self.boft_R]
+
+    def rotation(
+        self, name: str, strength: float | None = None, dropout: bool = False
+    ) -> tuple[torch.Tensor, tuple, torch.Tensor]:
         """Adapter ``name``'s orthogonal blocks ``(m, r, b, b)``, permutations and scale ``(out,)``.
 
         Strength ``w`` gives ``Cayley(w Q)`` and ``s(w) = 1 + w (s - 1)``; ``w = 0`` is exactly the base.
+        Deterministic unless ``dropout`` (the training forward pass passes ``self.training``): then
+        multiplicative dropout replaces random blocks by the identity.
         """
         w = self.strength[name] if strength is None else strength
         layout = self.layouts[name]
         with torch.autocast(device_type=self.boft_R[name].device.type, enabled=False):
             blocks = block_rotations(self.boft_R[name], layout.block_size, w)
-        if self.training and self.dropout[name] > 0:
+        if dropout and self.dropout[name] > 0:
             blocks = multiplicative_dropout(blocks, self.dropout[name])
         scale = self.boft_s[name] if w == 1.0 else 1.0 + w * (self.boft_s[name] - 1.0)
         perms = factor_permutations(layout.dim, layout.block_num, layout.block_size, layout.n_factors)
         return blocks, perms, scale
 
-    def _pending_adapters(self) -> list[str]:
-        """Active adapters whose rotation is applied in the forward pass (not merged)."""
-        if self.disabled:
-            return []
-        return [n for n in self.active_adapters if n not in self.merged_adapters and n in self.boft_R]
-
-    def rotated_weight_rows(self, names: list[str]) -> torch.Tensor:
+    def rotated_weight_rows(self, names: list[str], dropout: bool = False) -> torch.Tensor:
         """``W (M_k ⋯ M_1)^T ⊙ s`` for adapters ``names`` (in order), rows ``(out, d)``."""
         rows = self.weight_rows()
         scale = None
         for name in names:
-            blocks, perms, s = self.rotation(name)
+            blocks, perms, s = self.rotation(name, dropout=dropout)
             rows = apply_rotation(
                 rows.to(torch.promote_types(rows.dtype, blocks.dtype)), blocks, perms, transpose=True
             )
             scale = s if scale is None else scale * s
         return rows * scale[:, None].to(rows.dtype)
 
+    def original_bias(self) -> torch.Tensor | None:
+        """The base layer's bias without any merged adapter (``None`` if it has no bias)."""
+        return self.base_layer.bias if self.unmerged_bias is None else self.unmerged_bias
+
+    def adapted_bias(self, names: list[str]) -> torch.Tensor | None:
+        """The current base bias plus ``Σ_a w_a (b_a - b)`` over adapters ``names`` holding a bias.
+
+        ``b`` is the unmerged base bias. One adapter at ``w = 1`` gives ``b_a`` exactly, ``w = 0``
+        leaves the bias exactly as it is. ``None`` when the base layer has no bias.
+        """
+        bias = self.base_layer.bias
+        if bias is None:
+            return None
+        reference = self.original_bias()
+        for name in names:
+            w = self.strength[name]
+            if name not in self.boft_bias or w == 0.0:
+                continue
+            if w == 1.0 and bias is reference:
+                bias = self.boft_bias[name]
+            else:
+                bias = bias + w * (self.boft_bias[name] - reference)
+        return bias
+
+    # --- merged weights -------------------------------------------------------------------------
+    def _unmerged(self, adapter_names: list[str] | None) -> list[str]:
+        if adapter_names is None:
+            return self.pending_adapters()
+        return [n for n in adapter_names if n in self.boft_R and n not in self.merged_adapters]
+
+    @torch.no_grad()
+    def merged_weight(self, adapter_names: list[str] | None = None) -> torch.Tensor:
+        """The base weight with adapters folded in, ``W' = (W M^T) ⊙ s``, as a new tensor.
+
+        In the base layer's own layout: Linear ``(out, in)``, Conv1D ``(in, out)``, Conv2d
+        ``(out, in / groups, kh, kw)``; float32 or wider. ``adapter_names=None``: the pending
+        adapters (active, not merged, layer enabled); adapters already merged are skipped (the weight
+        holds them). Deterministic in any module mode (no dropout).
+        """
+        names = self._unmerged(adapter_names)
+        if names:
+            return self.weight_from_rows(self.rotated_weight_rows(names))
+        rows = self.weight_rows()
+        return self.weight_from_rows(rows.to(_at_least_float32(rows), copy=True))
+
+    @torch.no_grad()
+    def merged_bias(self, adapter_names: list[str] | None = None) -> torch.Tensor | None:
+        """The base bias with the adapters' biases folded in (:meth:`adapted_bias`), as a new tensor.
+
+        Same adapter selection as :meth:`merged_weight`; float32 or wider; ``None`` without a base bias.
+        """
+        bias = self.adapted_bias(self._unmerged(adapter_names))
+        return None if bias is None else bias.detach().to(_at_least_float32(bias), copy=True)
+
     # --- merge --------------------------------------------------------------------------------
     @torch.no_grad()
-    def merge(self, names: list[str] | None = None, safe_merge: bool = False) -> list[str]:
-        """Fold adapters into the base weight (default: the active ones). Returns those merged.
+    def plan_merge(self, names: list[str] | None = None, layer_name: str = "<layer>") -> MergePlan | None:
+        """Compute and check the merge of ``names`` (default: the active adapters); write nothing.
 
-        Already merged adapters are skipped (merging twice changes nothing). With ``safe_merge``
-        the result is checked for non-finite values before the weight is written.
+        ``None`` when there is nothing to merge (already merged adapters are skipped). Raises
+        ``ValueError`` (naming the layer and adapters) if the merged weight or bias, in the base
+        dtype, holds a non-finite value.
         """
-        names = [n for n in (self.active_adapters if names is None else names) if n in self.boft_R]
-        names = [n for n in names if n not in self.merged_adapters]
+        names = self._unmerged(self.active_adapters if names is None else names)
         if not names:
+            return None
+        base = self.base_layer
+        weight = self.merged_weight(names).to(base.weight.dtype)
+        bias = None
+        if base.bias is not None and any(n in self.boft_bias for n in names):
+            bias = self.merged_bias(names).to(base.bias.dtype)
+        if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
+            raise ValueError(
+                f"Non-finite values in the merged weight of {layer_name!r}: adapter(s) {names} look broken; "
+                "nothing was merged"
+            )
+        return MergePlan(names, weight, bias)
+
+    @torch.no_grad()
+    def apply_merge(self, plan: MergePlan) -> None:
+        """Write a plan of this layer made by :meth:`plan_merge` (the base bias is saved for unmerge)."""
+        base = self.base_layer
+        if not self.merged_adapters and base.bias is not None:
+            self.unmerged_bias = base.bias.detach().clone()
+        base.weight.data.copy_(plan.weight)
+        if plan.bias is not None:
+            base.bias.data.copy_(plan.bias)
+        self.merged_adapters.extend(plan.names)
+
+    def merge(self, names: list[str] | None = None, layer_name: str = "<layer>") -> list[str]:
+        """Fold adapters into the base weight and bias (default: the active ones). Returns those merged.
+
+        Already merged adapters are skipped (merging twice changes nothing). The merged values are
+        checked before anything is written: a non-finite one raises and leaves the layer untouched.
+        """
+        plan = self.plan_merge(names, layer_name)
+        if plan is None:
             return []
-        base = self.weight_rows()
-        merged = self.rotated_weight_rows(names)
-        if safe_merge and not torch.isfinite(merged).all():
-            raise ValueError(f"Non-finite values in the merged weight: adapter(s) {names} look broken")
-        self.set_weight_rows(merged.to(base.dtype))
-        self.merged_adapters.extend(names)
-        return names
+        self.apply_merge(plan)
+        return plan.names
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo every merge exactly: ``W = (W' / s) M`` (``M`` orthogonal), last merged first."""
+        """Undo every merge: ``W = (W' / s) M`` (``M`` orthogonal), last merged first; the bias exactly."""
         base = self.weight_rows()
         rows = base.float()
         for name in reversed(self.merged_adapters):
             blocks, perms, scale = self.rotation(name)
             rows = apply_rotation(rows / scale[:, None], blocks, perms)
         self.set_weight_rows(rows.to(base.dtype))
+        if self.unmerged_bias is not None:
+            self.base_layer.bias.data.copy_(self.unmerged_bias)
+            self.unmerged_bias = None
         self.merged_adapters.clear()
 
     @property
@@ -197,15 +330,14 @@ class BOFTLinear(BOFTLayer):
         w = self.base_layer.weight
         return w.t() if self.fan_in_fan_out else w
 
-    def set_weight_rows(self, rows: torch.Tensor) -> None:
-        w = self.base_layer.weight
-        w.data.copy_(rows.t() if self.fan_in_fan_out else rows)
+    def weight_from_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.t() if self.fan_in_fan_out else rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        names = self._pending_adapters()
+        names = self.pending_adapters()
         if not names:
             return self.base_layer(x)
-        bias = self.base_layer.bias
+        bias = self.adapted_bias(names)
         bias = None if bias is None else bias.to(x.dtype)
         # Rotate whichever side has fewer rows: the weight (out × d, then a plain linear) or the
         # input (tokens × d, e.g. the 77 text tokens into cross-attention), in training too. In
@@ -214,10 +346,10 @@ class BOFTLinear(BOFTLayer):
         # even at tokens = 3.2 × out (SD's 32×32 latents) the two cost the same on CPU, and at
         # more tokens the weight path wins.
         if x.numel() // x.shape[-1] >= self.out_features:
-            return F.linear(x, self.rotated_weight_rows(names).to(x.dtype), bias)
+            return F.linear(x, self.rotated_weight_rows(names, self.training).to(x.dtype), bias)
         scale = None
         for name in reversed(names):  # x M_k ⋯ M_1
-            blocks, perms, s = self.rotation(name)
+            blocks, perms, s = self.rotation(name, dropout=self.training)
             x = apply_rotation(x, blocks, perms)
             scale = s if scale is None else scale * s
         out = F.linear(x, self.weight_rows().to(x.dtype))
@@ -245,17 +377,17 @@ class BOFTConv2d(BOFTLayer):
         w = self.base_layer.weight
         return w.reshape(w.shape[0], -1)
 
-    def set_weight_rows(self, rows: torch.Tensor) -> None:
-        w = self.base_layer.weight
-        w.data.copy_(rows.reshape(w.shape))
+    def weight_from_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.reshape(self.base_layer.weight.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        names = self._pending_adapters()
+        names = self.pending_adapters()
         if not names:
             return self.base_layer(x)
         base = self.base_layer
-        weight = self.rotated_weight_rows(names).reshape(base.weight.shape).to(x.dtype)
-        bias = None if base.bias is None else base.bias.to(x.dtype)
+        weight = self.weight_from_rows(self.rotated_weight_rows(names, self.training)).to(x.dtype)
+        bias = self.adapted_bias(names)
+        bias = None if bias is None else bias.to(x.dtype)
         return base._conv_forward(x, weight, bias)
 
 

@@ -10,16 +10,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import nn
 
 from .config import BOFTConfig
 from .inject import (
     adapter_configs,
     add_boft,
-    check_merge_finite,
+    apply_merges,
     delete_adapter,
-    merge_adapters,
+    plan_merges,
     remove_boft,
     set_active_adapters,
     set_enabled,
@@ -73,17 +72,19 @@ def add_boft_to_pipeline(pipe: Any, configs: Mapping[str, BOFTConfig], adapter_n
 def merge_boft(
     pipe: Any, adapter_names: list[str] | None = None, safe_merge: bool = False, progressbar: bool = False
 ) -> None:
-    """Fold adapters (default: the active ones) into the weights for base-speed sampling.
+    """Fold adapters (default: the active ones) into the weights and biases for base-speed sampling.
 
-    With ``safe_merge``, every component is checked for non-finite merged weights before any is written.
+    Every component's merged weights are computed and checked for non-finite values before any is
+    written: a broken adapter raises ``ValueError`` and leaves the pipeline untouched. ``safe_merge``
+    is accepted for diffusers/PEFT compatibility; the check always runs.
     """
-    components = _components(pipe).values()
-    if safe_merge:
-        with torch.no_grad():
-            for module in components:
-                check_merge_finite(module, adapter_names)
-    for module in components:
-        merge_adapters(module, adapter_names, progressbar=progressbar)
+    del safe_merge  # always on
+    plans = [
+        plan
+        for module in _components(pipe).values()
+        for plan in plan_merges(module, adapter_names, progressbar=progressbar)
+    ]
+    apply_merges(plans)
 
 
 def unmerge_boft(pipe: Any) -> None:
@@ -93,7 +94,7 @@ def unmerge_boft(pipe: Any) -> None:
 
 
 def unload_boft(pipe: Any) -> None:
-    """Remove every BOFT adapter: the original module objects go back, unmerged."""
+    """Remove every BOFT adapter: the original module objects go back, unmerged, with their original biases."""
     for module in _components(pipe).values():
         remove_boft(module, keep_merged=False)
 

@@ -46,8 +46,8 @@ def adapted_pipe(seed: int = 0, name: str = "toy"):
     add_boft_to_pipeline(pipe, {"unet": UNET, "text_encoder": TEXT}, name)
     with torch.no_grad():
         for layer in boft_layers(pipe.unet).values():
-            if layer.base_layer.bias is not None:  # to_out.0 has one; to_q/k/v do not
-                layer.base_layer.bias.add_(0.05 * torch.randn_like(layer.base_layer.bias))
+            if name in layer.boft_bias:  # to_out.0 has a bias; to_q/k/v do not
+                layer.boft_bias[name].add_(0.05 * torch.randn_like(layer.boft_bias[name]))
     return pipe
 
 
@@ -151,8 +151,8 @@ def test_merged_state_dict_has_the_stock_layout(exports):
         assert merged.keys() == expected.keys(), comp
         assert all(merged[k].shape == expected[k].shape for k in expected)
     # trained biases of adapted layers are carried over
-    name = next(n for n, layer in boft_layers(pipe.unet).items() if layer.base_layer.bias is not None)
-    bias = boft_layers(pipe.unet)[name].base_layer.bias
+    name = next(n for n, layer in boft_layers(pipe.unet).items() if "toy" in layer.boft_bias)
+    bias = boft_layers(pipe.unet)[name].boft_bias["toy"]
     assert torch.equal(merged_state_dict(pipe.unet)[f"{name}.bias"], bias)
 
 

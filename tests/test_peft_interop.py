@@ -41,10 +41,13 @@ def fresh_pipe():
 
 
 def perturb_biases(layers) -> None:
+    """Trained-looking biases: PEFT trains the base layer's bias, this project the adapter's own copy."""
     with torch.no_grad():
         for layer in layers:
-            if layer.base_layer.bias is not None:
-                layer.base_layer.bias.add_(0.05 * torch.randn_like(layer.base_layer.bias))
+            biases = layer.boft_bias.values() if hasattr(layer, "boft_bias") else [layer.base_layer.bias]
+            for bias in biases:
+                if bias is not None:
+                    bias.add_(0.05 * torch.randn_like(bias))
 
 
 @pytest.fixture(scope="module")

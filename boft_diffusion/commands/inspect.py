@@ -11,6 +11,10 @@ scales and any trained biases or modules); file size; and per layer:
   ``e^{±iθ_k}``), reported as the largest and the mean over every block of every factor, in degrees.
   ``0°`` is the identity (an untrained adapter); ``180°`` is the Cayley transform's limit;
 - the range of the output scale ``s``.
+
+A broken adapter is refused, not reported: a tensor holding NaN or inf, or ``boft_config`` metadata
+that does not parse (malformed, wrongly typed, nested too deeply), is one ``error:`` line naming the
+file (and the first non-finite tensor) with exit code 2, since its statistics would mean nothing.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ EXAMPLE = """examples:
   boft-diffusion inspect ./out/toy-boft
   boft-diffusion inspect ./peft-dreambooth-output --json > report.json
 
-Rotation angles are the principal angles 2*atan(sigma(Q)) of each orthogonal block, in degrees."""
+Rotation angles are the principal angles 2*atan(sigma(Q)) of each orthogonal block, in degrees.
+An adapter holding NaN or inf values is refused with one error line (exit code 2)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

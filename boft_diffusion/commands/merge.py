@@ -3,8 +3,9 @@
 Adapters compose by multiplying their rotations, each at its own strength ``w`` (``R(w) = Cayley(w Q)``,
 scales ``1 + w (s - 1)``). The result is written by :func:`boft_diffusion.export.export_merged`: a
 diffusers folder or one original-layout ``.safetensors`` file, with provenance in its metadata.
-Everything that can be checked before loading the model is checked first; on any error nothing is
-left at ``--out``.
+Everything that can be checked before loading the model is checked first; on any error (a broken
+adapter holding NaN or inf values, or merging to a non-finite weight, included) nothing is left at
+``--out``, one ``error:`` line is printed and the exit code is 2.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Image ``i`` uses seed ``S + i``, so it does not depend on how many images are asked for. Adapters are
 merged into the weights before sampling (base-model speed); the grid PNG records prompt, seed, steps
-and adapters in its text chunks.
+and adapters in its text chunks. A broken adapter (NaN or inf values, or a merge to a non-finite
+weight) is one ``error:`` line and exit code 2, and no image is written.
 """
 
 from __future__ import annotations

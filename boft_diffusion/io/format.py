@@ -4,7 +4,10 @@ Keys are component-prefixed module paths (``unet.<path>.boft_R``, ``unet.<path>.
 ``text_encoder.<path>...``, plus ``<path>.bias`` and ``modules_to_save`` weights when trained).
 Only trained tensors are stored, never permutations. The metadata holds the format name and
 version, the adapter name and one ``BOFTConfig`` per component (JSON). Writes are atomic
-(temporary file in the same folder, then ``os.replace``); reading never executes code.
+(temporary file in the same folder, then ``os.replace``); reading never executes code, and refuses
+an adapter holding a non-finite (NaN or infinite) tensor or a ``boft_config`` that is not a JSON
+object of configs (malformed, wrongly typed or nested too deeply to parse). :func:`get_boft_adapter`
+collects one adapter of a pipeline as an :class:`AdapterFile` (what every writer here writes).
 """
 
 from __future__ import annotations
@@ -12,14 +15,18 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..config import BOFTConfig
+from ..inject import adapter_configs, adapter_state_dict
+from ..pipeline import _components
 
 __all__ = [
     "ADAPTER_WEIGHTS_NAME",
@@ -30,6 +37,8 @@ __all__ = [
     "read_adapter",
     "write_adapter",
     "atomic_save_safetensors",
+    "check_finite",
+    "get_boft_adapter",
 ]
 
 ADAPTER_WEIGHTS_NAME = "boft_weights.safetensors"
@@ -50,6 +59,48 @@ class AdapterFile:
     adapter_name: str = "default"
     metadata: dict[str, str] = field(default_factory=dict)
     source: str = "<state dict>"
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise :class:`AdapterFormatError` naming ``source`` and the first tensor holding NaN or inf."""
+    for key, tensor in tensors.items():
+        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+            raise AdapterFormatError(
+                f"{source}: tensor {key!r} holds non-finite values (NaN or inf); the adapter is broken"
+            )
+
+
+def get_boft_adapter(pipe: Any, adapter_name: str = "default") -> AdapterFile:
+    """The trained tensors and configs of one adapter across the pipeline's components."""
+    tensors, configs = {}, {}
+    for comp, module in _components(pipe).items():
+        if adapter_name in adapter_configs(module):
+            tensors[comp] = adapter_state_dict(module, adapter_name)
+            configs[comp] = adapter_configs(module)[adapter_name]
+    if not configs:
+        raise ValueError(f"No component of the pipeline holds a BOFT adapter named {adapter_name!r}")
+    return AdapterFile(tensors, configs, adapter_name)
+
+
+def _cut(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters (metadata comes from the file and may be huge)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _parse_configs(text: str | None, file: Path) -> dict[str, BOFTConfig]:
+    """The ``boft_config`` metadata: a JSON object ``{component: {BOFTConfig fields}}``."""
+    try:
+        if text is None:
+            raise ValueError("no boft_config entry")
+        raw = json.loads(text)
+        if not isinstance(raw, dict) or not all(isinstance(cfg, dict) for cfg in raw.values()):
+            raise ValueError("expected a JSON object of one config object per component")
+        return {comp: BOFTConfig.from_dict(cfg) for comp, cfg in raw.items()}
+    except RecursionError:
+        raise AdapterFormatError(f"{file}: invalid boft_config metadata (JSON nested too deeply)") from None
+    except (ValueError, TypeError) as err:
+        message = _cut(" ".join(str(err).split()), 200)
+        raise AdapterFormatError(f"{file}: invalid boft_config metadata ({message})") from err
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -106,17 +157,15 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
         raise AdapterFormatError(f"{file}: not a readable safetensors file ({err})") from err
     if metadata.get("format") != FORMAT_NAME:
         raise AdapterFormatError(
-            f"{file}: not a boft_diffusion adapter (metadata format={metadata.get('format')!r})"
+            f"{file}: not a boft_diffusion adapter (metadata format={_cut(repr(metadata.get('format')))})"
         )
     if metadata.get("format_version") != FORMAT_VERSION:
         raise AdapterFormatError(
-            f"{file}: adapter format version {metadata.get('format_version')!r}; this version reads {FORMAT_VERSION!r}"
+            f"{file}: adapter format version {_cut(repr(metadata.get('format_version')))}; "
+            f"this version reads {FORMAT_VERSION!r}"
         )
-    try:
-        raw = json.loads(metadata["boft_config"])
-        configs = {comp: BOFTConfig.from_dict(cfg) for comp, cfg in raw.items()}
-    except (KeyError, ValueError, TypeError) as err:
-        raise AdapterFormatError(f"{file}: invalid boft_config metadata ({err})") from err
+    configs = _parse_configs(metadata.get("boft_config"), file)
+    check_finite(flat, str(file))
     tensors: dict[str, dict[str, torch.Tensor]] = {comp: {} for comp in configs}
     for key, tensor in flat.items():
         comp, _, rest = key.partition(".")

@@ -1,7 +1,9 @@
 """Saving and loading adapters on a pipeline: ``save_boft_weights`` and ``load_boft_weights``.
 
-Loading checks every component, target and shape before the pipeline is touched, so a file that
-does not fit leaves the pipeline exactly as it was.
+Loading checks every component, target, shape and value (no NaN or inf) before the pipeline is
+touched, so a file that does not fit leaves the pipeline exactly as it was. A trained bias of an
+adapted layer (``<path>.bias``) goes into the adapter's own bias (``layer.boft_bias``), never into the
+base layer's.
 """
 
 from __future__ import annotations
@@ -16,24 +18,20 @@ from torch import nn
 
 from ..config import BOFTConfig
 from ..functional import num_free_entries
-from ..inject import ModulesToSave, adapter_configs, adapter_state_dict, boft_layers, find_target_names
+from ..inject import ModulesToSave, adapter_configs, boft_layers, find_target_names
 from ..layers import BOFTLayer, wrap_layer
 from ..pipeline import BOFT_LOADABLE_COMPONENTS, _components, add_boft_to_pipeline
-from .format import AdapterFile, AdapterFormatError, read_adapter, write_adapter
+from .format import (
+    AdapterFile,
+    AdapterFormatError,
+    check_finite,
+    get_boft_adapter,
+    read_adapter,
+    write_adapter,
+)
+from .peft import is_peft_adapter, read_peft_adapter
 
 __all__ = ["get_boft_adapter", "load_boft_weights", "save_boft_weights"]
-
-
-def get_boft_adapter(pipe: Any, adapter_name: str = "default") -> AdapterFile:
-    """The trained tensors and configs of one adapter across the pipeline's components."""
-    tensors, configs = {}, {}
-    for comp, module in _components(pipe).items():
-        if adapter_name in adapter_configs(module):
-            tensors[comp] = adapter_state_dict(module, adapter_name)
-            configs[comp] = adapter_configs(module)[adapter_name]
-    if not configs:
-        raise ValueError(f"No component of the pipeline holds a BOFT adapter named {adapter_name!r}")
-    return AdapterFile(tensors, configs, adapter_name)
 
 
 def save_boft_weights(
@@ -82,9 +80,8 @@ def _config_from_tensors(tensors: Mapping[str, torch.Tensor]) -> BOFTConfig:
 
 def _as_adapter(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> AdapterFile:
     if not isinstance(source, Mapping):
-        from .peft import is_peft_adapter, read_peft_adapter
-
         return read_peft_adapter(source) if is_peft_adapter(source) else read_adapter(source)
+    check_finite(source, "<state dict>")
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in source.items():
         comp, _, rest = key.partition(".")
@@ -120,9 +117,20 @@ def _check_fits(
     except (ValueError, TypeError) as err:
         raise AdapterFormatError(f"{src}: adapter does not fit {comp}: {err}") from err
     params = {n.replace(".base_layer", ""): p for n, p in module.named_parameters()}
+    layers = boft_layers(module)
     for key, tensor in tensors.items():
         shape = expected.get(key)
         if shape is None and not key.endswith((".boft_R", ".boft_s")):
+            path = key.rpartition(".")[0]
+            if path in layers and f"{path}.boft_R" not in expected:
+                raise AdapterFormatError(
+                    f"{src}: {comp}.{key} belongs to {path!r}, a layer another adapter holds and this one "
+                    "does not target"
+                )
+            if key.endswith(".bias") and f"{path}.boft_R" in expected and config.bias == "none":
+                raise AdapterFormatError(
+                    f"{src}: {comp}.{key} is a trained bias, but the adapter's config has bias='none'"
+                )
             param = params[key] if key in params else _saved_param(module, key)
             shape = None if param is None else tuple(param.shape)
         if shape is None:
@@ -183,6 +191,8 @@ def _load_tensors(module: nn.Module, adapter_name: str, tensors: Mapping[str, to
         path, _, leaf = key.rpartition(".")
         if leaf in ("boft_R", "boft_s") and path in layers:
             target = getattr(layers[path], leaf)[adapter_name]
+        elif leaf == "bias" and path in layers and adapter_name in layers[path].boft_bias:
+            target = layers[path].boft_bias[adapter_name]  # the adapter's own bias, not the base layer's
         else:
             target = _copy_param(module, adapter_name, key)
             target = params[key] if target is None else target

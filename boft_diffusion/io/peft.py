@@ -11,7 +11,7 @@ packed (:func:`~boft_diffusion.functional.pack_skew`, exact: only ``Q`` matters)
 What the tensors hold decides (PEFT without its CUDA extension silently trains one butterfly factor,
 whatever its config says). Anything this project cannot represent is refused with the reason before
 a pipeline is touched: another PEFT method, tensors of unknown kind, layers that share neither a block
-size nor a block number, a ``.bin`` (pickle) file.
+size nor a block number, a ``.bin`` (pickle) file, a non-finite (NaN or infinite) tensor.
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ from safetensors import SafetensorError, safe_open
 
 from ..config import BOFTConfig
 from ..functional import num_free_entries, pack_skew, unpack_skew
+from ..inject import boft_layers
 from ..layers import BOFTConv2d
-from .format import AdapterFile, AdapterFormatError, atomic_save_safetensors
+from ..pipeline import _components
+from .format import AdapterFile, AdapterFormatError, atomic_save_safetensors, check_finite, get_boft_adapter
 
 __all__ = ["is_peft_adapter", "read_peft_adapter", "save_peft_adapter"]
 
@@ -59,7 +61,7 @@ def _component_of(folder: Path) -> str:
     """
     try:
         raw = json.loads((folder / CONFIG_NAME).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return "unet"  # _read_config reports the broken file
     base_class = ((raw.get("auto_mapping") or {}) if isinstance(raw, dict) else {}).get("base_model_class")
     if base_class:
@@ -80,6 +82,8 @@ def _read_config(folder: Path) -> dict[str, Any]:
         raw = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise AdapterFormatError(f"{file}: not a readable adapter config ({err})") from err
+    except RecursionError:
+        raise AdapterFormatError(f"{file}: not a readable adapter config (JSON nested too deeply)") from None
     if not isinstance(raw, dict):
         raise AdapterFormatError(f"{file}: not a PEFT adapter config (a JSON object is expected)")
     if raw.get("peft_type") != "BOFT":
@@ -99,9 +103,11 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
         )
     try:
         with safe_open(file, framework="pt") as handle:
-            return {k.removeprefix(_PREFIX): handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterFormatError(f"{file}: not a readable safetensors file ({err})") from err
+    check_finite(tensors, str(file))
+    return {k.removeprefix(_PREFIX): t for k, t in tensors.items()}
 
 
 def _layout_config(generators: dict[str, torch.Tensor], src: Path) -> dict[str, int]:
@@ -238,10 +244,6 @@ def save_peft_adapter(pipe: Any, save_directory: str | os.PathLike, adapter_name
     extension for more than one butterfly factor). Component folders must not exist yet; each is
     written under a temporary name and renamed, so an error leaves none half-written. Returns ``<dir>``.
     """
-    from ..inject import boft_layers
-    from ..pipeline import _components
-    from .load import get_boft_adapter
-
     adapter = get_boft_adapter(pipe, adapter_name)
     components = _components(pipe)
     root = Path(save_directory)
