@@ -27,6 +27,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..data import (
+    IMAGE_EXTENSIONS,
+    DataError,
     DreamBoothDataset,
     EpochSampler,
     collate_dreambooth,
@@ -34,7 +36,7 @@ from ..data import (
     list_images,
 )
 from ..inject import adapter_state_dict, add_boft, count_parameters
-from ..io import save_boft_weights
+from ..io import ADAPTER_WEIGHTS_NAME, save_boft_weights
 from ..tiny import TINY_INSTANCE_PROMPT, TINY_RESOLUTION, make_instance_images
 from ..training.args import (
     BOFTArgs,
@@ -48,12 +50,26 @@ from ..training.args import (
 )
 from ..training.card import write_model_card
 from ..training.checkpoint import (
+    TrainingState,
     TrainProgress,
-    register_adapter_checkpointing,
+    check_finite_adapter,
+    check_resume,
+    interruption,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
     resolve_resume_checkpoint,
+    resume_keys,
     save_checkpoint,
 )
-from ..training.loop import LossMeter, StepPlan, epoch_batches, is_due
+from ..training.loop import (
+    LossMeter,
+    StepPlan,
+    check_finite_loss,
+    check_finite_parameters,
+    epoch_batches,
+    is_due,
+)
 from ..training.noise import (
     diffusion_loss,
     encode_latents,
@@ -64,15 +80,22 @@ from ..training.noise import (
 )
 from ..training.optim import make_lr_scheduler, make_optimizer, trainable_parameters
 from ..training.setup import (
+    RUN_CONFIG_NAME,
     cast_frozen_weights,
+    check_device,
     check_environment,
     check_model_source,
     check_output_dir,
+    check_resolution,
+    claim_output_dir,
     enable_memory_savers,
+    folder_write_problem,
+    forget_outputs,
     load_pipeline,
     make_accelerator,
-    prepare_output_dir,
+    record_outputs,
     weight_dtype,
+    write_run_config,
 )
 from ..training.tracking import ProgressBar, init_trackers
 from ..training.validation import run_validation
@@ -124,6 +147,11 @@ class DreamBoothDataArgs:
             raise ConfigError(
                 "data.num_class_images, num_generated_images and sample_batch_size must be >= 1"
             )
+        if self.class_inference_steps < 1:
+            raise ConfigError(f"data.class_inference_steps must be >= 1 (got {self.class_inference_steps})")
+        weight = self.prior_loss_weight
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ConfigError(f"data.prior_loss_weight must be a finite number >= 0 (got {weight})")
 
 
 @dataclass
@@ -172,18 +200,58 @@ class Parts:
     params: list[nn.Parameter]
     plan: StepPlan
     progress: TrainProgress
+    state: TrainingState
+    """What a checkpoint saves and restores (the adapter, optimiser, schedule and ``progress``)."""
 
 
 # --- setup ----------------------------------------------------------------------------------------
+def _planned_outputs(cfg: DreamBoothConfig) -> list[str]:
+    """What a run writes into output_dir (relative paths), besides checkpoints and class images."""
+    t = cfg.train
+    paths = [RUN_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, "README.md"]
+    paths += ["instance_images"] if cfg.data.instance_data_dir is None else []
+    paths += [t.logging_dir] if t.report_to != "none" else []
+    paths += ["validation"] if cfg.validation.prompts else []
+    return paths + (["merged"] if t.export_merged else [])
+
+
+def _class_folder(cfg: DreamBoothConfig) -> Path:
+    data_dir = cfg.data.class_data_dir
+    return Path(data_dir).expanduser() if data_dir else Path(cfg.train.output_dir) / "class_images"
+
+
+def _check_class_folder(cfg: DreamBoothConfig) -> None:
+    """Class images are there already, or their folder can be created and filled."""
+    folder = _class_folder(cfg)
+    if folder.is_dir():
+        present = sum(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir())
+        if present >= cfg.data.num_class_images:
+            return  # nothing to generate: a read-only folder is fine
+    problem = folder_write_problem(folder)
+    if problem:
+        raise DataError(f"data.class_data_dir: the class image folder {folder} {problem}")
+
+
 def check_inputs(cfg: DreamBoothConfig) -> tuple[list[Path] | None, Path | None]:
     """Reject bad input before anything is written: returns (instance images, checkpoint to resume)."""
-    check_environment(cfg.train, cfg.optim)
+    t = cfg.train
+    check_environment(t, cfg.optim)
     check_model_source(cfg.model.pretrained_model_name_or_path)
     images = None
     if cfg.data.instance_data_dir is not None:
         images = list_images(cfg.data.instance_data_dir, "instance", cfg.data.caption_extension)
-    resume = resolve_resume_checkpoint(cfg.train.resume_from_checkpoint, cfg.train.output_dir)
-    check_output_dir(cfg.train.output_dir, config_to_dict(cfg), RUN_IDENTITY, cfg.train.overwrite_output_dir)
+    if cfg.data.with_prior_preservation:
+        _check_class_folder(cfg)
+    resume = resolve_resume_checkpoint(t.resume_from_checkpoint, t.output_dir)
+    if resume is not None:
+        check_resume(resume, cfg)  # the checkpoint's files and the keys its state depends on
+    writes = _planned_outputs(cfg) + (["checkpoint-*"] if t.checkpointing_steps else [])
+    check_output_dir(t.output_dir, config_to_dict(cfg), RUN_IDENTITY, t.overwrite_output_dir, writes)
+    if t.export_merged and not t.overwrite_output_dir and (Path(t.output_dir) / "merged").exists():
+        raise ConfigError(
+            f"train.export_merged: {Path(t.output_dir) / 'merged'} exists (an earlier export); remove it "
+            "or pass train.overwrite_output_dir=true"
+        )
     return images, resume
 
 
@@ -194,21 +262,29 @@ def _instance_images(
         return images
     folder = Path(cfg.train.output_dir) / "instance_images"
     if accelerator.is_main_process:
+        record_outputs(cfg.train.output_dir, folder)  # first: a start killed while writing leaves it ours
         make_instance_images(folder, cfg.data.num_generated_images, cfg.model.tiny_seed, cfg.data.resolution)
     accelerator.wait_for_everyone()
     return list_images(folder, "instance", cfg.data.caption_extension)
 
 
 def _class_images(cfg: DreamBoothConfig, accelerator: Accelerator, pipe: Any) -> list[Path] | None:
-    data = cfg.data
+    """Class images, generated where missing; those generated inside output_dir are recorded as ours."""
+    data, out = cfg.data, Path(cfg.train.output_dir)
     if not data.with_prior_preservation:
         return None
-    folder = Path(data.class_data_dir or Path(cfg.train.output_dir) / "class_images")
+    folder = _class_folder(cfg)
     if accelerator.is_main_process:
+        inside = folder.resolve().is_relative_to(out.resolve())
+        before = set(folder.iterdir()) if folder.is_dir() else None
+        if inside and before is None:
+            record_outputs(out, folder)  # a folder this run creates
         generate_class_images(
             pipe, folder, data.class_prompt, data.num_class_images, data.sample_batch_size,
             data.class_inference_steps, data.resolution, cfg.train.seed, accelerator.is_local_main_process,
         )  # fmt: skip
+        if inside and before is not None:
+            record_outputs(out, *(set(folder.iterdir()) - before))  # images added to an existing folder
     accelerator.wait_for_everyone()
     return list_images(folder, "class")[: data.num_class_images]
 
@@ -273,11 +349,11 @@ def setup(
         *components.values(), optimizer, loader, lr_scheduler
     )
     progress = TrainProgress()
-    accelerator.register_for_checkpointing(progress)
-    register_adapter_checkpointing(accelerator, components, cfg.boft.adapter_name)
+    keys = resume_keys(cfg, plan.max_train_steps)
+    state = TrainingState(components, optimizer, lr_scheduler, progress, cfg.boft.adapter_name, keys)
     if resume is not None:
         accelerator.print(f"Resuming from {resume}")
-        accelerator.load_state(str(resume))
+        load_checkpoint(accelerator, resume, state)
     return Parts(
         pipe=pipe,
         unet=models[0],
@@ -291,6 +367,7 @@ def setup(
         params=params,
         plan=plan,
         progress=progress,
+        state=state,
     )
 
 
@@ -326,46 +403,67 @@ def validate(
     )  # fmt: skip
 
 
+def _save_checkpoint(cfg: DreamBoothConfig, accelerator: Accelerator, parts: Parts) -> None:
+    """A checkpoint of this step, recorded as this run's; older ones pruned only once it is saved."""
+    out = cfg.train.output_dir
+    saved = save_checkpoint(accelerator, parts.state, out, parts.progress.step)
+    if accelerator.is_main_process:
+        record_outputs(out, saved)
+        forget_outputs(out, *prune_checkpoints(out, saved, cfg.train.checkpoints_total_limit))
+    accelerator.wait_for_everyone()
+
+
 def train(
     cfg: DreamBoothConfig,
     accelerator: Accelerator,
     parts: Parts,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> list[float]:
-    """The loop: accumulate, clip, step; log, checkpoint and validate on schedule. Returns the losses."""
+    """The loop: accumulate, clip, step; log, checkpoint and validate on schedule. Returns the losses.
+
+    A NaN or inf loss (checked before ``backward``) or trained parameter (after the step) stops the
+    run with ``TrainingDiverged`` before anything of that step is saved. Ctrl-C abandons the step
+    in progress and raises ``TrainingInterrupted`` naming the last checkpoint.
+    """
     plan, progress, t = parts.plan, parts.progress, cfg.train
     bar = ProgressBar(accelerator, plan.max_train_steps, progress.step)
     meter, losses = LossMeter(), []
     first_epoch, skip = plan.position(progress.step)
     trained = [parts.unet, parts.text_encoder] if cfg.boft.train_text_encoder else [parts.unet]
-    for epoch in range(first_epoch, plan.num_epochs):
-        skip_now = skip if epoch == first_epoch else 0
-        for batch in epoch_batches(accelerator, parts.dataloader, epoch, skip_now, parts.epoch_aware):
-            if progress.step >= plan.max_train_steps:
-                break
-            with accelerator.accumulate(*trained):
-                loss = compute_loss(cfg, parts, batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.optim.max_grad_norm:
-                    accelerator.clip_grad_norm_(parts.params, cfg.optim.max_grad_norm)
-                parts.optimizer.step()
-                parts.lr_scheduler.step()
-                parts.optimizer.zero_grad(set_to_none=True)
-            meter.add(loss)
-            if not accelerator.sync_gradients:
-                continue
-            progress.step += 1
-            logs = {"loss": meter.pop(accelerator), "lr": parts.lr_scheduler.get_last_lr()[0]}
-            losses.append(logs["loss"])
-            bar.update(logs)
-            accelerator.log(logs, step=progress.step)
-            if is_due(progress.step, t.checkpointing_steps):
-                save_checkpoint(accelerator, t.output_dir, progress.step, t.checkpoints_total_limit)
-            if is_due(progress.step, cfg.validation.validation_steps):
-                validate(cfg, accelerator, parts, f"step-{progress.step:06d}")
-            if on_step is not None:
-                on_step(progress.step, logs)
-    bar.close()
+    try:
+        for epoch in range(first_epoch, plan.num_epochs):
+            skip_now = skip if epoch == first_epoch else 0
+            for batch in epoch_batches(accelerator, parts.dataloader, epoch, skip_now, parts.epoch_aware):
+                if progress.step >= plan.max_train_steps:
+                    break
+                with accelerator.accumulate(*trained):
+                    loss = compute_loss(cfg, parts, batch)
+                    check_finite_loss(accelerator, loss, progress.step + 1)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.optim.max_grad_norm:
+                        accelerator.clip_grad_norm_(parts.params, cfg.optim.max_grad_norm)
+                    parts.optimizer.step()
+                    parts.lr_scheduler.step()
+                    parts.optimizer.zero_grad(set_to_none=True)
+                meter.add(loss)
+                if not accelerator.sync_gradients:
+                    continue
+                progress.step += 1
+                check_finite_parameters(parts.components, progress.step)
+                logs = {"loss": meter.pop(accelerator), "lr": parts.lr_scheduler.get_last_lr()[0]}
+                losses.append(logs["loss"])
+                bar.update(logs)
+                accelerator.log(logs, step=progress.step)
+                if is_due(progress.step, t.checkpointing_steps):
+                    _save_checkpoint(cfg, accelerator, parts)
+                if is_due(progress.step, cfg.validation.validation_steps):
+                    validate(cfg, accelerator, parts, f"step-{progress.step:06d}")
+                if on_step is not None:
+                    on_step(progress.step, logs)
+    except KeyboardInterrupt as err:
+        raise interruption(t.output_dir, progress.step) from err
+    finally:
+        bar.close()
     return losses
 
 
@@ -398,6 +496,7 @@ def save_outputs(cfg: DreamBoothConfig, accelerator: Accelerator, parts: Parts, 
     """Adapter, final sample grid, model card and (if asked) the merged export; main process writes."""
     out = Path(cfg.train.output_dir)
     base = cfg.model.pretrained_model_name_or_path or f"boft_diffusion.tiny (seed {cfg.model.tiny_seed})"
+    check_finite_adapter(parts.components, cfg.boft.adapter_name, f"the final adapter in {out}")
     if accelerator.is_main_process:
         save_boft_weights(parts.components, out, cfg.boft.adapter_name, metadata={"base_model": base})
     grid = validate(cfg, accelerator, parts, "final", tag="final")
@@ -443,15 +542,26 @@ def save_outputs(cfg: DreamBoothConfig, accelerator: Accelerator, parts: Parts, 
 
 
 def run(cfg: DreamBoothConfig, on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
-    """Train a DreamBooth BOFT adapter as ``cfg`` says; ``on_step(step, logs)`` runs after each step."""
+    """Train a DreamBooth BOFT adapter as ``cfg`` says; ``on_step(step, logs)`` runs after each step.
+
+    Every check (config, data, model, resume, device, folders, sizes) runs before anything is
+    written; everything written into output_dir is recorded in its manifest.
+    """
     images, resume = check_inputs(cfg)
-    pipe = load_pipeline(cfg.model)  # the last check: a hub id may not load
     accelerator = make_accelerator(cfg.train)
+    check_device(accelerator, cfg.train)
+    pipe = load_pipeline(cfg.model)  # the last checks: a hub id may not load, a size may not suit the model
+    check_resolution(pipe, cfg.data.resolution, "data.resolution")
+    check_resolution(pipe, cfg.validation.resolution, "validation.resolution")
     set_seed(cfg.train.seed, device_specific=True)
-    if accelerator.is_main_process:
-        prepare_output_dir(cfg.train, config_to_yaml(cfg))
-    accelerator.wait_for_everyone()
-    parts = setup(cfg, accelerator, pipe, images, resume)
+    out, main = Path(cfg.train.output_dir), accelerator.is_main_process
+    inputs = [p for p in (cfg.data.instance_data_dir, cfg.data.class_data_dir, resume) if p is not None]
+    with claim_output_dir(accelerator, cfg.train, keep=inputs):  # a failed start puts overwritten runs back
+        parts = setup(cfg, accelerator, pipe, images, resume)
+        if main:  # only now: a start that failed leaves no config that would refuse the corrected rerun
+            write_run_config(out, config_to_yaml(cfg))
+    if main:
+        record_outputs(out, *_planned_outputs(cfg))
     init_trackers(accelerator, cfg.train.tracker_project_name, config_to_dict(cfg))
     trainable = sum(count_parameters(m)[0] for m in parts.components.values())
     accelerator.print(f"Training {trainable:,d} BOFT parameters for {parts.plan.max_train_steps} steps")
@@ -459,6 +569,8 @@ def run(cfg: DreamBoothConfig, on_step: Callable[[int, dict[str, float]], None] 
     losses = train(cfg, accelerator, parts, on_step)
     accelerator.wait_for_everyone()
     save_outputs(cfg, accelerator, parts, trainable)
+    if main:
+        record_outputs(out, *(path for _, path in list_checkpoints(out)))
     accelerator.print(f"Done in {time.perf_counter() - start:.1f}s; adapter in {cfg.train.output_dir}")
     accelerator.end_training()
     adapter = {

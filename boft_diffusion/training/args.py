@@ -12,11 +12,12 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Literal, TypeVar
 
 import yaml
@@ -47,6 +48,31 @@ class ConfigError(ValueError):
     """A configuration the run cannot start with; the message names the key and how to fix it."""
 
 
+def _require(ok: bool, key: str, rule: str, value: Any) -> None:
+    """Raise :class:`ConfigError` naming ``key`` and the rule it breaks unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key} must be {rule} (got {value!r})")
+
+
+def _finite(value: Any) -> bool:
+    """A real number that is neither NaN nor infinite (the comparisons after it then mean what they say)."""
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _check_seed(key: str, value: int) -> None:
+    _require(0 <= value < 2**32, key, "in [0, 2**32)", value)  # numpy's range (set_seed seeds numpy too)
+
+
+def _check_logging_dir(value: str) -> None:
+    """A folder inside output_dir: relative, without ``..`` (overwrite may remove it; it must be ours)."""
+    path = PurePath(value)
+    if path.is_absolute() or ".." in path.parts or not path.parts or value.startswith("~"):
+        raise ConfigError(
+            f"train.logging_dir must be a folder inside train.output_dir: a relative path without '..' "
+            f"(got {value!r}; e.g. logs)"
+        )
+
+
 @dataclass
 class ModelArgs:
     """The base pipeline to finetune."""
@@ -61,6 +87,9 @@ class ModelArgs:
     """Override the scheduler's prediction type (null: keep the model's, e.g. v_prediction for SD 2.1-768)."""
     tiny_seed: int = 0
     """Seed the embedded tiny pipeline is built from (only without pretrained_model_name_or_path)."""
+
+    def __post_init__(self) -> None:
+        _check_seed("model.tiny_seed", self.tiny_seed)
 
 
 @dataclass
@@ -87,6 +116,7 @@ class BOFTArgs:
     """Name of the adapter in the saved file."""
 
     def __post_init__(self) -> None:
+        _require(_finite(self.dropout) and 0 <= self.dropout < 1, "boft.dropout", "in [0, 1)", self.dropout)
         self.to_config(self.unet_target_modules)  # raises on an invalid combination
 
     def to_config(self, target_modules: list[str]) -> BOFTConfig:
@@ -129,7 +159,26 @@ class OptimArgs:
     adam_epsilon: float = 1e-8
     """AdamW epsilon."""
     max_grad_norm: float | None = 1.0
-    """Clip the gradient norm of the trained parameters to this (null: no clipping)."""
+    """Clip the gradient norm of the trained parameters to this (null or 0: no clipping)."""
+
+    def __post_init__(self) -> None:
+        lr = self.learning_rate
+        _require(_finite(lr) and lr > 0, "optim.learning_rate", "a finite number > 0", lr)
+        for name in ("adam_beta1", "adam_beta2"):
+            beta = getattr(self, name)
+            _require(_finite(beta) and 0 <= beta < 1, f"optim.{name}", "in [0, 1)", beta)
+        for name in ("adam_epsilon", "adam_weight_decay", "lr_power"):
+            value = getattr(self, name)
+            _require(_finite(value) and value >= 0, f"optim.{name}", "a finite number >= 0", value)
+        _require(self.lr_warmup_steps >= 0, "optim.lr_warmup_steps", ">= 0", self.lr_warmup_steps)
+        _require(self.lr_num_cycles >= 1, "optim.lr_num_cycles", ">= 1", self.lr_num_cycles)
+        clip = self.max_grad_norm
+        _require(
+            clip is None or (_finite(clip) and clip >= 0),
+            "optim.max_grad_norm",
+            "a finite number >= 0 or null",
+            clip,
+        )
 
 
 @dataclass
@@ -139,7 +188,7 @@ class TrainArgs:
     output_dir: str = "outputs/dreambooth-tiny"
     """Folder of the run: adapter, config, model card, checkpoints, validation grids, logs."""
     overwrite_output_dir: bool = False
-    """Allow output_dir to hold a different run (its checkpoints, grids and logs are deleted first)."""
+    """Allow output_dir to hold a different run: what earlier runs recorded there (checkpoints, grids, logs, ...) is removed once this run has started; other files stay."""
     seed: int = 0
     """Seed of everything random (data order, augmentation, noise, dropout); each process adds its rank."""
     train_batch_size: int = 1
@@ -175,7 +224,7 @@ class TrainArgs:
     tracker_project_name: str = "boft-diffusion"
     """Project name in the tracker."""
     logging_dir: str = "logs"
-    """Tracker folder, relative to output_dir."""
+    """Tracker folder, relative to output_dir (and inside it)."""
     export_merged: bool = False
     """After training, also write the merged model to output_dir/merged (boft_diffusion.export)."""
 
@@ -192,6 +241,18 @@ class TrainArgs:
             raise ConfigError(
                 f"train.checkpoints_total_limit must be >= 1 or null (got {self.checkpoints_total_limit})"
             )
+        _check_seed("train.seed", self.seed)
+        gamma, offset = self.snr_gamma, self.noise_offset
+        _require(
+            gamma is None or (_finite(gamma) and gamma > 0),
+            "train.snr_gamma",
+            "a finite number > 0 or null",
+            gamma,
+        )
+        _require(_finite(offset) and offset >= 0, "train.noise_offset", "a finite number >= 0", offset)
+        workers = self.dataloader_num_workers
+        _require(workers >= 0, "train.dataloader_num_workers", ">= 0", workers)
+        _check_logging_dir(self.logging_dir)
 
 
 @dataclass
@@ -213,13 +274,24 @@ class ValidationArgs:
     guidance_scale: float = 7.5
     """Classifier-free guidance scale."""
     resolution: int | None = None
-    """Image size in pixels (null: the training resolution)."""
+    """Image size in pixels, a multiple of 8 (null: the training resolution)."""
 
     def __post_init__(self) -> None:
         if self.validation_steps < 0 or self.num_images_per_prompt < 1 or self.num_inference_steps < 1:
             raise ConfigError(
                 "validation.validation_steps must be >= 0, num_images_per_prompt and num_inference_steps >= 1"
             )
+        _check_seed("validation.seed", self.seed)
+        _require(
+            _finite(self.guidance_scale), "validation.guidance_scale", "a finite number", self.guidance_scale
+        )
+        size = self.resolution
+        _require(
+            size is None or (size >= 8 and size % 8 == 0),
+            "validation.resolution",
+            "a positive multiple of 8 or null (Stable Diffusion pipelines sample only such sizes)",
+            size,
+        )
 
 
 # --- loading ------------------------------------------------------------------------------------

@@ -1,17 +1,43 @@
 """Step bookkeeping shared by the recipes' training loops: how many steps and epochs, where a
-resumed run picks up, and the batches of one epoch."""
+resumed run picks up, the batches of one epoch, and the guards that stop a run that cannot go on
+(a non-finite loss or parameter, Ctrl-C)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from torch import nn
 
-__all__ = ["LossMeter", "StepPlan", "epoch_batches", "is_due"]
+__all__ = [
+    "LossMeter",
+    "StepPlan",
+    "TrainingDiverged",
+    "TrainingError",
+    "TrainingInterrupted",
+    "check_finite_loss",
+    "check_finite_parameters",
+    "epoch_batches",
+    "first_nonfinite",
+    "is_due",
+]
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (it diverged, a checkpoint could not be written); the message is one
+    line for the user: what happened, where, and what was kept."""
+
+
+class TrainingDiverged(TrainingError):
+    """A loss or trained tensor became NaN or infinite; nothing was saved in that state."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says where the last checkpoint is and how to resume."""
 
 
 @dataclass(frozen=True)
@@ -79,3 +105,45 @@ class LossMeter:
         mean = accelerator.reduce(self.total / self.count, reduction="mean")
         self.total, self.count = None, 0
         return float(mean.item())
+
+
+# --- guards ---------------------------------------------------------------------------------------
+def first_nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """Name of the first floating-point tensor holding NaN or inf, else None (one device sync)."""
+    named = [(name, t) for name, t in named if t.is_floating_point()]
+    if not named:
+        return None
+    bad = torch.stack([~torch.isfinite(t.detach()).all() for _, t in named]).cpu()
+    return named[int(bad.nonzero()[0])][0] if bool(bad.any()) else None
+
+
+def check_finite_loss(accelerator: Accelerator, loss: torch.Tensor, step: int) -> None:
+    """Raise :class:`TrainingDiverged` if the loss of any process is NaN or inf (all processes call
+    this together, before ``backward``, so that all of them stop). ``step``: the step being computed."""
+    losses = loss.detach().float().reshape(1)
+    if accelerator.num_processes > 1:
+        losses = accelerator.gather(losses)
+    bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+    if bad:
+        where = f" on process {bad[0]}" if accelerator.num_processes > 1 else ""
+        raise TrainingDiverged(
+            f"Training diverged at step {step}: the loss is {losses[bad[0]].item()}{where} (lower "
+            "optim.learning_rate or set optim.max_grad_norm); nothing of this step was saved"
+        )
+
+
+def check_finite_parameters(components: Mapping[str, nn.Module], step: int) -> None:
+    """Raise :class:`TrainingDiverged` naming the first trained parameter that is NaN or inf after
+    the optimiser step ``step`` (parameters are identical on every process)."""
+    named = (
+        (f"{comp}.{name}", param)
+        for comp, module in components.items()
+        for name, param in module.named_parameters()
+        if param.requires_grad
+    )
+    bad = first_nonfinite(named)
+    if bad is not None:
+        raise TrainingDiverged(
+            f"Training diverged at step {step}: the parameter {bad} is NaN or inf after the optimiser "
+            "step (lower optim.learning_rate or set optim.max_grad_norm); nothing of this step was saved"
+        )

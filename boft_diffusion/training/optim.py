@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
-from .args import ConfigError, OptimArgs
+from .args import ConfigError, OptimArgs, TrainArgs
 
-__all__ = ["make_lr_scheduler", "make_optimizer", "trainable_parameters"]
+__all__ = ["make_lr_scheduler", "make_optimizer", "schedule_keys", "trainable_parameters"]
+
+_DECAYING = ("linear", "cosine", "cosine_with_restarts", "polynomial")
+"""Schedules whose value at a step depends on the run's total number of steps."""
 
 
 def trainable_parameters(modules: Iterable[nn.Module | None]) -> list[nn.Parameter]:
@@ -66,3 +70,37 @@ def make_lr_scheduler(
         num_cycles=optim.lr_num_cycles,
         power=optim.lr_power,
     )
+
+
+def schedule_keys(optim: OptimArgs, train: TrainArgs, total_steps: int | None = None) -> dict[str, Any]:
+    """The config values the optimiser's and schedule's state were built from, by dotted key.
+
+    A resumed run restores that state (learning rate, betas, decay and the schedule's base rates
+    and position live in it), so it would silently keep an old value of any of these keys: a
+    checkpoint records them and a resume must not change them. Only the keys the chosen schedule
+    reads are listed (e.g. ``train.max_train_steps`` for a decaying schedule, not for ``constant``,
+    so a constant-rate run may be extended). ``total_steps``, the resolved schedule length, is
+    added for decaying schedules when known (it also depends on the data size with epochs).
+    """
+    keys: dict[str, Any] = {
+        f"optim.{k}": getattr(optim, k)
+        for k in ("optimizer", "learning_rate", "scale_lr", "lr_scheduler")
+        + ("adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon")
+    }
+    if optim.scale_lr:  # the rate is multiplied by these (and the number of processes)
+        keys["train.train_batch_size"] = train.train_batch_size
+        keys["train.gradient_accumulation_steps"] = train.gradient_accumulation_steps
+    name = optim.lr_scheduler
+    if name != "constant":
+        keys["optim.lr_warmup_steps"] = optim.lr_warmup_steps
+    if name == "cosine_with_restarts":
+        keys["optim.lr_num_cycles"] = optim.lr_num_cycles
+    if name == "polynomial":
+        keys["optim.lr_power"] = optim.lr_power
+    if name in _DECAYING:
+        keys["train.max_train_steps"] = train.max_train_steps
+        if train.max_train_steps is None:
+            keys["train.num_train_epochs"] = train.num_train_epochs
+        if total_steps is not None:
+            keys["train.max_train_steps (resolved)"] = total_steps
+    return keys
