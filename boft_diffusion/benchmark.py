@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
@@ -47,8 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .atomic import atomic_write_text
 from .inject import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS
-from .tiny import TINY_TEXT_CONFIG, TINY_UNET_CONFIG
 
 __all__ = [
     "METHODS",
@@ -108,10 +108,34 @@ CLIP_L_TEXT = dict(
     hidden_act="quick_gelu",
     projection_dim=768,
 )
-PRESETS = {
-    "sd15": Preset("sd15", SD15_UNET, CLIP_L_TEXT, 32, 2, 3, 3, 3, 2),
-    "tiny": Preset("tiny", TINY_UNET_CONFIG, {"vocab_size": 49408, **TINY_TEXT_CONFIG}, 16, 2, 3, 3, 2, 1),
-}
+
+
+def _tiny_preset() -> Preset:
+    from .tiny import TINY_TEXT_CONFIG, TINY_UNET_CONFIG  # (imports diffusers: only when measured)
+
+    return Preset("tiny", TINY_UNET_CONFIG, {"vocab_size": 49408, **TINY_TEXT_CONFIG}, 16, 2, 3, 3, 2, 1)
+
+
+class _Presets(Mapping[str, Preset]):
+    """Presets by name, built on first use (so ``--help`` lists them without importing diffusers)."""
+
+    _builders: dict[str, Callable[[], Preset]] = {
+        "sd15": lambda: Preset("sd15", SD15_UNET, CLIP_L_TEXT, 32, 2, 3, 3, 3, 2),
+        "tiny": _tiny_preset,
+    }
+
+    def __getitem__(self, name: str) -> Preset:
+        return self._builders[name]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._builders)
+
+    def __len__(self) -> int:
+        return len(self._builders)
+
+
+PRESETS = _Presets()
+"""The model shapes: ``sd15`` (SD-1.5 UNet, CLIP-L) and ``tiny`` (the embedded tiny pipeline's)."""
 
 
 @dataclass(frozen=True)
@@ -571,8 +595,7 @@ def run(args: argparse.Namespace) -> int:
             "summary": summary,
             "runs": runs,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+        atomic_write_text(args.json, json.dumps(report, indent=2))
         print(f"wrote {args.json}")
     return 0
 
@@ -586,7 +609,7 @@ def _worker(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(available_cores())
     result = measure(METHODS[args.worker], PRESETS[args.preset], args.device)
-    args.worker_out.write_text(json.dumps(result))
+    atomic_write_text(args.worker_out, json.dumps(result))
     return 0
 
 

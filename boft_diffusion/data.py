@@ -11,7 +11,6 @@ from __future__ import annotations
 import codecs
 import os
 import random
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,6 +21,8 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
+
+from .atomic import atomic_file
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -293,18 +294,6 @@ class EpochSampler(Sampler[int]):
         return iter(torch.randperm(self.n, generator=rng).tolist())
 
 
-def _save_png(image: Image.Image, path: Path) -> None:
-    """Write ``path`` atomically (temporary file, then rename): a killed run leaves no half file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 @torch.no_grad()
 def generate_class_images(
     pipe: Any,
@@ -341,7 +330,9 @@ def generate_class_images(
                 width=resolution,
             ).images
             for k, image in zip(chunk, images):
-                _save_png(image, class_dir / f"class_{k:05d}.png")
+                # Atomic: a killed run leaves no half image for the next run to reuse.
+                with atomic_file(class_dir / f"class_{k:05d}.png") as tmp:
+                    image.save(tmp, format="PNG")
             bar.update(len(chunk))
         bar.close()
         existing = list_images(class_dir, role="class")

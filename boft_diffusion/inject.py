@@ -5,6 +5,13 @@ Works on any ``nn.Module`` (diffusers ``UNet2DConditionModel`` / ``ControlNetMod
 qualified module name (as in ``unet.attn_processors`` keys), which stays the same after injection;
 the attention modules and their processors (SDPA, xformers, custom) are never touched.
 
+Adapter state in both directions lives here, and only here: :func:`plan_adapter` works out what
+:func:`add_boft` will create (per target its layer type, block layout and tensor shapes) without touching
+the model, :func:`check_adapter_state_dict` checks a file's tensors against a plan,
+:func:`adapter_state_dict` / :func:`load_adapter_state_dict` take the trained tensors out and put them
+back (exact inverses), and :func:`stock_state_dict` gives a model's state dict under the stock keys.
+Nothing else in the package knows how the wrappers (BOFT layers, ``modules_to_save``) lay out their keys.
+
 Biases (``BOFTConfig.bias``): with ``"boft_only"`` each adapted layer trains the adapter's own copy of
 its bias (``layer.boft_bias[name]``); the base bias is never trained or loaded into, so strength 0,
 ``disable``, ``unload`` and ``delete_adapter`` give the base model back exactly. With ``"all"`` the
@@ -19,33 +26,43 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import BOFTConfig
-from .layers import BOFTLayer, MergePlan, wrap_layer
+from .config import BlockLayout, BOFTConfig
+from .functional import num_free_entries
+from .layers import BOFTLayer, MergePlan, layer_class, wrap_layer
 
 __all__ = [
     "TEXT_ENCODER_TARGETS",
     "UNET_ATTENTION_TARGETS",
     "UNET_ATTENTION_TARGETS_WITH_ADDED_KV",
+    "AdapterPlan",
     "BOFTModel",
     "ModulesToSave",
+    "TargetPlan",
     "adapter_configs",
     "adapter_state_dict",
     "add_boft",
+    "apply_adapter_plan",
     "apply_merges",
     "boft_layers",
+    "check_adapter_state_dict",
     "check_merge_finite",
     "default_targets",
     "find_target_names",
+    "load_adapter_state_dict",
     "merge_adapters",
+    "plan_adapter",
     "plan_merges",
     "remove_boft",
     "set_active_adapters",
+    "stock_state_dict",
     "unmerge_adapters",
 ]
 
@@ -141,36 +158,193 @@ def find_target_names(model: nn.Module, config: BOFTConfig) -> list[str]:
     return found
 
 
+# --- the plan: what add_boft creates, worked out without touching the model ------------------------
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    """One layer an adapter adapts: its BOFT layer type, block layout and output size.
+
+    ``bias`` is the shape of the adapter's own bias (``None``: the config trains no bias, or the base
+    layer has none).
+    """
+
+    layer_type: type[BOFTLayer]
+    layout: BlockLayout
+    out_features: int
+    bias: Shape | None
+
+    def shapes(self) -> dict[str, Shape]:
+        """``{leaf: shape}``: ``boft_R`` ``(m, r, b(b-1)/2)``, ``boft_s`` ``(out,)``, ``bias`` ``(out,)``."""
+        layout = self.layout
+        shapes = {
+            "boft_R": (layout.n_factors, layout.block_num, num_free_entries(layout.block_size)),
+            "boft_s": (self.out_features,),
+        }
+        if self.bias is not None:
+            shapes["bias"] = self.bias
+        return shapes
+
+
+@dataclass(frozen=True)
+class AdapterPlan:
+    """What ``add_boft(model, config, adapter_name)`` creates, computed by :func:`plan_adapter`.
+
+    ``targets``: ``{layer path: TargetPlan}``; ``saved``: ``{modules_to_save path: {parameter: shape}}``;
+    ``own_biases``: ``{state-dict key: shape}`` of the un-adapted biases ``bias="all"`` trains;
+    ``other_layers``: BOFT layers of other adapters that this one does not target.
+    """
+
+    adapter_name: str
+    config: BOFTConfig
+    model_type: type[nn.Module]
+    targets: dict[str, TargetPlan]
+    saved: dict[str, dict[str, Shape]]
+    own_biases: dict[str, Shape]
+    other_layers: frozenset[str]
+
+    def shapes(self) -> dict[str, Shape]:
+        """Every key of :func:`adapter_state_dict` once the plan is applied, with its shape (same order)."""
+        shapes = {}
+        for path, target in self.targets.items():
+            shapes.update(
+                {f"{path}.{leaf}": shape for leaf, shape in target.shapes().items() if leaf != "bias"}
+            )
+        shapes.update({f"{path}.bias": t.bias for path, t in self.targets.items() if t.bias is not None})
+        shapes.update(self.own_biases)
+        for path, params in self.saved.items():
+            shapes.update({f"{path}.{name}": shape for name, shape in params.items()})
+        return shapes
+
+    def required(self) -> list[str]:
+        """Keys an adapter file must hold: every generator and scale, and the biases of ``bias="boft_only"``."""
+        keys = [f"{path}.{leaf}" for path in self.targets for leaf in ("boft_R", "boft_s")]
+        if self.config.bias == "boft_only":
+            keys += [f"{path}.bias" for path, t in self.targets.items() if t.bias is not None]
+        return keys
+
+
+def plan_adapter(model: nn.Module, config: BOFTConfig, adapter_name: str = "default") -> AdapterPlan:
+    """What :func:`add_boft` creates on ``model``: per target its layer type, layout and tensor shapes.
+
+    Nothing is built or modified. Raises what :func:`add_boft` raises, naming the layer: targets or
+    ``modules_to_save`` that match nothing, a target of an unsupported type, sizes that break the
+    block or butterfly rules, a module both adapted and trained in full. On a model that already holds
+    ``adapter_name`` (added with ``config``), the plan describes that adapter as it is.
+    """
+    modules = dict(model.named_modules())
+    targets = {name: _plan_target(modules[name], config, name) for name in find_target_names(model, config)}
+    saved_names = _find_modules_to_save(model, config)
+    layers, wrappers = boft_layers(model), _saved_modules(model)
+    _check_nesting([*targets, *layers], [*saved_names, *wrappers])
+    saved = {
+        name: {n: tuple(p.shape) for n, p in _original(modules[name]).named_parameters()}
+        for name in saved_names
+    }
+    own = {}
+    if config.bias == "all":
+        wrapped = [*targets, *layers, *saved_names, *wrappers]
+        own = {key: tuple(p.shape) for key, p in _unwrapped_biases(model, wrapped).items()}
+    others = frozenset(name for name in layers if name not in targets)
+    return AdapterPlan(adapter_name, config, type(model), targets, saved, own, others)
+
+
+def _plan_target(module: nn.Module, config: BOFTConfig, name: str) -> TargetPlan:
+    if isinstance(module, BOFTLayer):  # adapted by another adapter already
+        layer_type, base, bias = type(module), module.base_layer, module.original_bias()
+    else:
+        layer_type, base, bias = layer_class(module, name), module, module.bias
+    dim, out = layer_type.shape_of(base)
+    layout = config.resolve_blocks(dim, name)  # raises with the layer's name
+    trains_bias = config.bias != "none" and bias is not None
+    return TargetPlan(layer_type, layout, out, tuple(bias.shape) if trains_bias else None)
+
+
+def _original(module: nn.Module) -> nn.Module:
+    return module.original if isinstance(module, ModulesToSave) else module
+
+
+def _check_nesting(adapted: list[str], full: list[str]) -> None:
+    """A module is either adapted or trained in full (``modules_to_save``), and full ones do not nest."""
+    for outer in dict.fromkeys(full):
+        inside = [n for n in [*adapted, *full] if n.startswith(outer + ".")] + [
+            n for n in adapted if n == outer
+        ]
+        if inside:
+            raise ValueError(
+                f"modules_to_save module {outer!r} holds {inside[0]!r}, which is adapted or trained in full "
+                "as well; a module is either adapted or trained in full, once"
+            )
+
+
+def check_adapter_state_dict(
+    plan: AdapterPlan, tensors: Mapping[str, torch.Tensor], prefix: str = ""
+) -> None:
+    """Raise ``ValueError`` unless ``tensors`` fit ``plan``: every key one the adapter holds, with its shape,
+    and no generator, scale or ``boft_only`` bias missing. Messages name the key (after ``prefix``)."""
+    shapes = plan.shapes()
+    for key, tensor in tensors.items():
+        need = shapes.get(key)
+        if need is None:
+            raise ValueError(_unexpected_key(plan, key, prefix))
+        if tuple(tensor.shape) != need:
+            raise ValueError(f"{prefix}{key} has shape {tuple(tensor.shape)}, the model needs {need}")
+    missing = [prefix + key for key in plan.required() if key not in tensors]
+    if missing:
+        raise ValueError(f"targets {missing[:3]} have no weights in the adapter")
+
+
+def _unexpected_key(plan: AdapterPlan, key: str, prefix: str) -> str:
+    path = key.rpartition(".")[0]
+    if path in plan.other_layers:
+        return (
+            f"{prefix}{key} belongs to {path!r}, a layer another adapter holds and this one does not target"
+        )
+    if key.endswith(".bias") and path in plan.targets and plan.config.bias == "none":
+        return f"{prefix}{key} is a trained bias, but the adapter's config has bias='none'"
+    return f"the model has no target module for {prefix + key!r}"
+
+
 def add_boft(model: nn.Module, config: BOFTConfig, adapter_name: str = "default") -> nn.Module:
     """Add adapter ``adapter_name`` to ``model`` in place and make only its parameters trainable.
 
-    Every target is checked first (type, sizes, butterfly rules): on any error, the model is
-    left exactly as it was. The new adapter joins the active set.
+    Every target is checked first (:func:`plan_adapter`: type, sizes, butterfly rules): on any error,
+    the model is left exactly as it was. The new adapter joins the active set.
     """
+    _check_new_name(model, adapter_name)
+    return apply_adapter_plan(model, plan_adapter(model, config, adapter_name))
+
+
+def _check_new_name(model: nn.Module, adapter_name: str) -> None:
     if adapter_name in adapter_configs(model):
         raise ValueError(f"Adapter {adapter_name!r} already exists; delete it first or pick another name")
-    names = find_target_names(model, config)
+
+
+def apply_adapter_plan(model: nn.Module, plan: AdapterPlan) -> nn.Module:
+    """Create the adapter ``plan`` describes (made by :func:`plan_adapter` for this very ``model``, which
+    has not changed since). Only its parameters are trainable afterwards; it joins the active set."""
+    name, config = plan.adapter_name, plan.config
+    _check_new_name(model, name)
     modules = dict(model.named_modules())
-    planned = {}
-    for name in names:
-        module = modules[name]
-        layer = module if isinstance(module, BOFTLayer) else wrap_layer(module, config)
-        config.resolve_blocks(layer.rotation_dim, name)  # raises with the layer's name
-        planned[name] = layer
-    for name, layer in planned.items():
-        layer.add_adapter(adapter_name, config, name)
-        if layer is not modules[name]:
-            model.set_submodule(name, layer)
-    for name in _find_modules_to_save(model, config):
-        wrapper = modules[name] if isinstance(modules[name], ModulesToSave) else ModulesToSave(modules[name])
-        wrapper.add_adapter(adapter_name)
-        model.set_submodule(name, wrapper)
+    for path, target in plan.targets.items():
+        module = modules[path]
+        layer = module if isinstance(module, BOFTLayer) else wrap_layer(module, config, path)
+        layer.add_adapter(name, config, path, layout=target.layout)
+        if layer is not module:
+            model.set_submodule(path, layer)
+    for path in plan.saved:
+        module = modules[path]
+        wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
+        wrapper.add_adapter(name)
+        if wrapper is not module:
+            model.set_submodule(path, wrapper)
     if config.bias == "all":
         _snapshot_own_biases(model)
     configs = dict(adapter_configs(model))
-    configs[adapter_name] = config
+    configs[name] = config
     object.__setattr__(model, _CONFIGS_ATTR, configs)
-    mark_trainable(model, adapter_name)
+    mark_trainable(model, name)
     return model
 
 
@@ -183,6 +357,7 @@ def _find_modules_to_save(model: nn.Module, config: BOFTConfig) -> list[str]:
         if name
         and ".original" not in name
         and ".copies." not in name
+        and ".base_layer" not in name
         and _matches(name, config.modules_to_save)
     ]
     if not found:
@@ -194,7 +369,12 @@ def _find_modules_to_save(model: nn.Module, config: BOFTConfig) -> list[str]:
 
 def _own_biases(model: nn.Module) -> dict[str, nn.Parameter]:
     """Biases of modules no BOFT layer or ``modules_to_save`` wrapper holds, by state-dict key."""
-    wrapped = tuple(f"{n}." for n in [*boft_layers(model), *_saved_modules(model)])
+    return _unwrapped_biases(model, [*boft_layers(model), *_saved_modules(model)])
+
+
+def _unwrapped_biases(model: nn.Module, wrapped_paths: list[str]) -> dict[str, nn.Parameter]:
+    """Biases of ``model`` outside the modules ``wrapped_paths``, by state-dict key."""
+    wrapped = tuple(f"{n}." for n in wrapped_paths)
     return {
         n: p
         for n, p in model.named_parameters()
@@ -247,33 +427,92 @@ def mark_trainable(model: nn.Module, adapter_names: list[str] | str) -> None:
     names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
     model.requires_grad_(False)
     for adapter_name in names:
-        for layer in boft_layers(model).values():
-            if adapter_name in layer.boft_R:
-                layer.boft_R[adapter_name].requires_grad_(True)
-                layer.boft_s[adapter_name].requires_grad_(True)
-        for bias in _bias_parameters(model, adapter_configs(model)[adapter_name].bias, adapter_name).values():
-            bias.requires_grad_(True)
-        for wrapper in _saved_modules(model).values():
-            if adapter_name in wrapper.copies:
-                wrapper.copies[adapter_name].requires_grad_(True)
+        for param in _adapter_parameters(model, adapter_name).values():
+            param.requires_grad_(True)
+
+
+def _adapter_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
+    """The parameters adapter ``adapter_name`` trains, keyed as :func:`adapter_state_dict` keys them."""
+    config = adapter_configs(model)[adapter_name]
+    params: dict[str, nn.Parameter] = {}
+    for name, layer in boft_layers(model).items():
+        if adapter_name in layer.boft_R:
+            params[f"{name}.boft_R"] = layer.boft_R[adapter_name]
+            params[f"{name}.boft_s"] = layer.boft_s[adapter_name]
+    params.update(_bias_parameters(model, config.bias, adapter_name))
+    for name, wrapper in _saved_modules(model).items():
+        if adapter_name in wrapper.copies:
+            for pname, param in wrapper.copies[adapter_name].named_parameters():
+                params[f"{name}.{pname}"] = param
+    return params
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """Only the trained tensors of one adapter, keyed by module path: ``<path>.boft_R``, ``<path>.boft_s``,
-    ``<path>.bias`` (bias modes ``all``/``boft_only``) and ``<path>.<param>`` for ``modules_to_save``."""
-    config = adapter_configs(model)[adapter_name]
-    state: dict[str, torch.Tensor] = {}
-    for name, layer in boft_layers(model).items():
-        if adapter_name in layer.boft_R:
-            state[f"{name}.boft_R"] = layer.boft_R[adapter_name].detach()
-            state[f"{name}.boft_s"] = layer.boft_s[adapter_name].detach()
-    for key, param in _bias_parameters(model, config.bias, adapter_name).items():
-        state[key] = param.detach()
-    for name, wrapper in _saved_modules(model).items():
-        if adapter_name in wrapper.copies:
-            for pname, param in wrapper.copies[adapter_name].named_parameters():
-                state[f"{name}.{pname}"] = param.detach()
+    ``<path>.bias`` (bias modes ``all``/``boft_only``) and ``<path>.<param>`` for ``modules_to_save``.
+
+    The tensors share storage with the parameters (detached). Inverse: :func:`load_adapter_state_dict`.
+    """
+    return {key: param.detach() for key, param in _adapter_parameters(model, adapter_name).items()}
+
+
+@torch.no_grad()
+def load_adapter_state_dict(
+    model: nn.Module, tensors: Mapping[str, torch.Tensor], adapter_name: str = "default", strict: bool = True
+) -> None:
+    """Copy ``tensors`` into adapter ``adapter_name``: the exact inverse of :func:`adapter_state_dict`.
+
+    Each tensor is cast to its parameter's dtype and device. Keys and shapes are checked before anything
+    is written (``ValueError`` naming the key): every key must be one the adapter holds and, with
+    ``strict``, every key the adapter holds must be given.
+    """
+    params = _adapter_parameters(model, adapter_name)
+    unexpected = sorted(k for k in tensors if k not in params)
+    missing = sorted(k for k in params if k not in tensors) if strict else []
+    if unexpected or missing:
+        raise ValueError(
+            f"Tensors do not fit adapter {adapter_name!r} of {type(model).__name__}: "
+            f"unexpected keys {unexpected[:3]}, missing keys {missing[:3]}"
+        )
+    for key, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(params[key].shape):
+            raise ValueError(
+                f"{key} has shape {tuple(tensor.shape)}, the adapter needs {tuple(params[key].shape)}"
+            )
+    for key, tensor in tensors.items():
+        params[key].copy_(tensor)
+
+
+def stock_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` as the stock (un-adapted) module has it, adapters not merged.
+
+    BOFT tensors are dropped and each BOFT layer's base tensors take the stock keys; a
+    ``modules_to_save`` module gives the copy in effect (the active adapter's unless disabled) or the
+    original. Tensors are the module's own (shared, not copied).
+    """
+    layers, saved = boft_layers(model), _saved_modules(model)
+    state = {}
+    for key, tensor in model.state_dict().items():
+        stock = _stock_key(key, layers, saved)
+        if stock is not None:
+            state[stock] = tensor
     return state
+
+
+def _stock_key(key: str, layers: Mapping[str, BOFTLayer], saved: Mapping[str, ModulesToSave]) -> str | None:
+    """The stock module's key for a state-dict key of an adapted module (``None``: not part of it)."""
+    prefix, _, _ = key.rpartition(".")
+    path, _, leaf = prefix.rpartition(".")
+    if leaf in ("boft_R", "boft_s", "boft_bias") and path in layers:
+        return None
+    for name, wrapper in saved.items():
+        if not key.startswith(name + "."):
+            continue
+        rest = key[len(name) + 1 :]
+        active = wrapper.active if not wrapper.disabled and wrapper.active in wrapper.copies else None
+        keep = "original." if active is None else f"copies.{active}."
+        return f"{name}.{rest[len(keep) :]}" if rest.startswith(keep) else None
+    return key.replace(".base_layer.", ".")
 
 
 def set_active_adapters(model: nn.Module, names: list[str] | str, weights: list[float] | None = None) -> None:

@@ -37,7 +37,7 @@ from .functional import (
     num_free_entries,
 )
 
-__all__ = ["BOFTConv2d", "BOFTLayer", "BOFTLinear", "MergePlan", "is_conv1d", "wrap_layer"]
+__all__ = ["BOFTConv2d", "BOFTLayer", "BOFTLinear", "MergePlan", "is_conv1d", "layer_class", "wrap_layer"]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -80,13 +80,18 @@ class BOFTLayer(nn.Module):
         self.disabled = False
 
     # --- shape hooks (per base layer type) ----------------------------------------------------
-    @property
-    def rotation_dim(self) -> int:
+    @staticmethod
+    def shape_of(base_layer: nn.Module) -> tuple[int, int]:
+        """``(d, out)`` of a base layer of this type: the rotated axis and the output size."""
         raise NotImplementedError
 
     @property
+    def rotation_dim(self) -> int:
+        return self.shape_of(self.base_layer)[0]
+
+    @property
     def out_features(self) -> int:
-        raise NotImplementedError
+        return self.shape_of(self.base_layer)[1]
 
     def weight_rows(self) -> torch.Tensor:
         """The base weight as rows ``(out, d)`` on the rotated axis (a view where possible)."""
@@ -100,14 +105,18 @@ class BOFTLayer(nn.Module):
         self.base_layer.weight.data.copy_(self.weight_from_rows(rows))
 
     # --- adapters -----------------------------------------------------------------------------
-    def add_adapter(self, name: str, config: BOFTConfig, layer_name: str = "<layer>") -> None:
+    def add_adapter(
+        self, name: str, config: BOFTConfig, layer_name: str = "<layer>", layout: BlockLayout | None = None
+    ) -> None:
         """Create adapter ``name`` (identity at init unless ``config.init_weights`` is False).
 
+        ``layout``: the block layout already resolved for this layer (default: resolved here).
         With ``config.bias != "none"`` the adapter gets its own bias, a float32 copy of the base bias.
         """
         if name in self.boft_R:
             raise ValueError(f"Adapter {name!r} already exists on layer {layer_name!r}")
-        layout = config.resolve_blocks(self.rotation_dim, layer_name)
+        if layout is None:
+            layout = config.resolve_blocks(self.rotation_dim, layer_name)
         weight = self.weight_rows()
         generators = torch.zeros(layout.n_factors, layout.block_num, num_free_entries(layout.block_size))
         scale = torch.ones(self.out_features)
@@ -316,15 +325,10 @@ class BOFTLinear(BOFTLayer):
         super().__init__(base_layer)
         self.fan_in_fan_out = is_conv1d(base_layer)
 
-    @property
-    def rotation_dim(self) -> int:
-        w = self.base_layer.weight
-        return w.shape[0] if self.fan_in_fan_out else w.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        w = self.base_layer.weight
-        return w.shape[1] if self.fan_in_fan_out else w.shape[0]
+    @staticmethod
+    def shape_of(base_layer: nn.Module) -> tuple[int, int]:
+        w = base_layer.weight
+        return (w.shape[0], w.shape[1]) if is_conv1d(base_layer) else (w.shape[1], w.shape[0])
 
     def weight_rows(self) -> torch.Tensor:
         w = self.base_layer.weight
@@ -364,14 +368,10 @@ class BOFTConv2d(BOFTLayer):
     rotation for every group.
     """
 
-    @property
-    def rotation_dim(self) -> int:
-        w = self.base_layer.weight
-        return w.shape[1] * w.shape[2] * w.shape[3]
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.weight.shape[0]
+    @staticmethod
+    def shape_of(base_layer: nn.Module) -> tuple[int, int]:
+        w = base_layer.weight
+        return w.shape[1] * w.shape[2] * w.shape[3], w.shape[0]
 
     def weight_rows(self) -> torch.Tensor:
         w = self.base_layer.weight
@@ -391,19 +391,26 @@ class BOFTConv2d(BOFTLayer):
         return base._conv_forward(x, weight, bias)
 
 
-def wrap_layer(module: nn.Module, config: BOFTConfig) -> BOFTLayer:
-    """A BOFT layer around ``module`` (Linear, Conv1D or Conv2d); other types are a clear error."""
+def layer_class(module: nn.Module, layer_name: str = "<layer>") -> type[BOFTLayer]:
+    """The BOFT layer type that adapts ``module`` (Linear, Conv1D or Conv2d); others are an error naming it."""
     if isinstance(module, nn.Linear) or is_conv1d(module):
-        if config.fan_in_fan_out != is_conv1d(module):
-            # As PEFT: the layer type decides; the flag only documents it.
-            warnings.warn(
-                f"fan_in_fan_out={config.fan_in_fan_out} does not fit {type(module).__name__}; "
-                f"using {is_conv1d(module)}",
-                stacklevel=3,
-            )
-        return BOFTLinear(module)
+        return BOFTLinear
     if isinstance(module, nn.Conv2d):
-        return BOFTConv2d(module)
+        return BOFTConv2d
     raise TypeError(
-        f"BOFT supports nn.Linear, transformers Conv1D and nn.Conv2d, not {type(module).__name__}"
+        f"layer {layer_name!r}: BOFT supports nn.Linear, transformers Conv1D and nn.Conv2d, "
+        f"not {type(module).__name__}"
     )
+
+
+def wrap_layer(module: nn.Module, config: BOFTConfig, layer_name: str = "<layer>") -> BOFTLayer:
+    """A BOFT layer (no adapter yet) around ``module``, of the type :func:`layer_class` names."""
+    cls = layer_class(module, layer_name)
+    if cls is BOFTLinear and config.fan_in_fan_out != is_conv1d(module):
+        # As PEFT: the layer type decides; the flag only documents it.
+        warnings.warn(
+            f"fan_in_fan_out={config.fan_in_fan_out} does not fit {type(module).__name__}; "
+            f"using {is_conv1d(module)}",
+            stacklevel=4,
+        )
+    return cls(module)

@@ -10,14 +10,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from .config import BOFTConfig
 from .inject import (
+    AdapterPlan,
     adapter_configs,
-    add_boft,
+    apply_adapter_plan,
     apply_merges,
     delete_adapter,
+    load_adapter_state_dict,
+    plan_adapter,
     plan_merges,
     remove_boft,
     set_active_adapters,
@@ -28,10 +32,12 @@ from .inject import (
 __all__ = [
     "BOFT_LOADABLE_COMPONENTS",
     "add_boft_to_pipeline",
+    "apply_adapter_plans",
     "boft_adapters",
     "disable_boft",
     "enable_boft",
     "merge_boft",
+    "pipeline_components",
     "set_boft_adapters",
     "unload_boft",
     "unmerge_boft",
@@ -40,7 +46,7 @@ __all__ = [
 BOFT_LOADABLE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "controlnet")
 
 
-def _components(pipe: Any) -> dict[str, nn.Module]:
+def pipeline_components(pipe: Any) -> dict[str, nn.Module]:
     """The loadable components present on ``pipe`` (attribute or mapping), in canonical order."""
     get = pipe.get if isinstance(pipe, Mapping) else lambda n: getattr(pipe, n, None)
     return {n: m for n in BOFT_LOADABLE_COMPONENTS if isinstance(m := get(n), nn.Module)}
@@ -48,23 +54,46 @@ def _components(pipe: Any) -> dict[str, nn.Module]:
 
 def boft_adapters(pipe: Any) -> dict[str, list[str]]:
     """``{component: [adapter names]}`` for components that hold BOFT adapters."""
-    return {c: list(adapter_configs(m)) for c, m in _components(pipe).items() if adapter_configs(m)}
+    return {c: list(adapter_configs(m)) for c, m in pipeline_components(pipe).items() if adapter_configs(m)}
 
 
 def add_boft_to_pipeline(pipe: Any, configs: Mapping[str, BOFTConfig], adapter_name: str = "default") -> None:
-    """Add a fresh adapter to each named component (``{"unet": cfg, "text_encoder": cfg}``)."""
-    components = _components(pipe)
+    """Add a fresh adapter to each named component (``{"unet": cfg, "text_encoder": cfg}``).
+
+    Every component is planned (and so checked) before any is touched: on error the pipeline is unchanged.
+    """
+    components = pipeline_components(pipe)
     missing = [c for c in configs if c not in components]
     if missing:
         raise ValueError(f"Pipeline has no component(s) {missing}; it has {list(components)}")
+    taken = [c for c in configs if adapter_name in adapter_configs(components[c])]
+    if taken:
+        raise ValueError(
+            f"{taken[0]} already has an adapter named {adapter_name!r}; pass another adapter_name"
+        )
+    plans = {comp: plan_adapter(components[comp], config, adapter_name) for comp, config in configs.items()}
+    apply_adapter_plans(pipe, plans)
+
+
+def apply_adapter_plans(
+    pipe: Any,
+    plans: Mapping[str, AdapterPlan],
+    tensors: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+) -> None:
+    """Add the adapter each plan describes to its component, then load ``tensors`` (``{component:
+    adapter state dict}``, possibly partial) into it. All or nothing: on error every component is as before.
+    """
+    components = pipeline_components(pipe)
     done = []
     try:
-        for comp, config in configs.items():
-            add_boft(components[comp], config, adapter_name)
+        for comp, plan in plans.items():
+            apply_adapter_plan(components[comp], plan)
             done.append(comp)
-    except Exception:
+            if tensors is not None and comp in tensors:
+                load_adapter_state_dict(components[comp], tensors[comp], plan.adapter_name, strict=False)
+    except BaseException:
         for comp in done:
-            delete_adapter(components[comp], adapter_name)
+            delete_adapter(components[comp], plans[comp].adapter_name)
         raise
 
 
@@ -81,7 +110,7 @@ def merge_boft(
     del safe_merge  # always on
     plans = [
         plan
-        for module in _components(pipe).values()
+        for module in pipeline_components(pipe).values()
         for plan in plan_merges(module, adapter_names, progressbar=progressbar)
     ]
     apply_merges(plans)
@@ -89,13 +118,13 @@ def merge_boft(
 
 def unmerge_boft(pipe: Any) -> None:
     """Undo :func:`merge_boft` exactly (rotations are orthogonal)."""
-    for module in _components(pipe).values():
+    for module in pipeline_components(pipe).values():
         unmerge_adapters(module)
 
 
 def unload_boft(pipe: Any) -> None:
     """Remove every BOFT adapter: the original module objects go back, unmerged, with their original biases."""
-    for module in _components(pipe).values():
+    for module in pipeline_components(pipe).values():
         remove_boft(module, keep_merged=False)
 
 
@@ -109,7 +138,7 @@ def set_boft_adapters(
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"Unknown BOFT adapter(s) {unknown}; loaded: {sorted(known)}")
-    for module in _components(pipe).values():
+    for module in pipeline_components(pipe).values():
         if adapter_configs(module):
             present = [
                 (n, w) for n, w in zip(names, weights or [1.0] * len(names)) if n in adapter_configs(module)
@@ -118,17 +147,17 @@ def set_boft_adapters(
 
 
 def enable_boft(pipe: Any) -> None:
-    for module in _components(pipe).values():
+    for module in pipeline_components(pipe).values():
         set_enabled(module, True)
 
 
 def disable_boft(pipe: Any) -> None:
     """Sample from the base model with adapters kept loaded (merged ones are unmerged first)."""
-    for module in _components(pipe).values():
+    for module in pipeline_components(pipe).values():
         set_enabled(module, False)
 
 
 def delete_boft_adapter(pipe: Any, adapter_name: str) -> None:
-    for module in _components(pipe).values():
+    for module in pipeline_components(pipe).values():
         if adapter_name in adapter_configs(module):
             delete_adapter(module, adapter_name)

@@ -18,7 +18,6 @@ import json
 import os
 import random
 import re
-import shutil
 import tempfile
 import threading
 from collections import Counter
@@ -36,6 +35,8 @@ from diffusers import (
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image, ImageDraw
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .atomic import atomic_file, staged_dir
 
 __all__ = [
     "TINY_CLASS_PROMPT",
@@ -319,37 +320,22 @@ def tiny_pipeline_path(cache_dir: str | os.PathLike[str] | None = None, seed: in
 
     The folder is ``<cache_dir>/tiny-sd-seed{seed}``; ``cache_dir`` defaults to ``$BOFT_DIFFUSION_CACHE``
     or ``~/.cache/boft_diffusion``. It is built in a temporary folder beside the target and renamed
-    into place, so concurrent processes never see a half-written folder.
+    into place, so concurrent processes never see a half-written folder: a stale folder (older
+    format, unfinished) is replaced, a finished one another process put there meanwhile is kept.
     """
     root = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_root()
     target = root / f"tiny-sd-seed{seed}"
     if _is_complete(target, seed):
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
     try:
-        save_tiny_pipeline(staging, seed)
-        (staging / _MARKER).write_text(json.dumps({"format_version": TINY_FORMAT_VERSION, "seed": seed}))
-        _swap_into_place(staging, target, seed)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def _swap_into_place(staging: Path, target: Path, seed: int) -> None:
-    """Rename ``staging`` to ``target``; a stale ``target`` is moved aside first, a fresh one kept."""
-    if _is_complete(target, seed):
-        return  # another process finished first
-    if target.exists():
-        stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
-        os.replace(target, stale / "old")
-        shutil.rmtree(stale, ignore_errors=True)
-    try:
-        os.replace(staging, target)
-    except OSError:
-        # Lost a race: another process renamed its finished folder into place meanwhile.
-        if not _is_complete(target, seed):
+        with staged_dir(target, replace=lambda found: not _is_complete(found, seed)) as staging:
+            save_tiny_pipeline(staging, seed)
+            marker = {"format_version": TINY_FORMAT_VERSION, "seed": seed}
+            (staging / _MARKER).write_text(json.dumps(marker))
+    except FileExistsError:
+        if not _is_complete(target, seed):  # only a finished build by another process is a success
             raise
+    return target
 
 
 def _draw_toy(size: int, rng: random.Random) -> Image.Image:
@@ -394,6 +380,7 @@ def make_instance_images(
     paths = []
     for i in range(num_images):
         path = out_dir / f"toy_{i:02d}.png"
-        _draw_toy(resolution, rng).save(path, format="PNG")
+        with atomic_file(path) as tmp:
+            _draw_toy(resolution, rng).save(tmp, format="PNG")
         paths.append(path)
     return paths

@@ -18,8 +18,7 @@ from torch import nn
 from boft_diffusion import cli
 from boft_diffusion.io import format as adapter_format
 from boft_diffusion.io import read_adapter
-from boft_diffusion.recipes import dreambooth
-from boft_diffusion.recipes.dreambooth import DreamBoothConfig, run
+from boft_diffusion.recipes.dreambooth import DreamBoothConfig, DreamBoothRecipe, run
 from boft_diffusion.training import checkpoint as checkpoint_module
 from boft_diffusion.training.args import ConfigError, load_config
 from boft_diffusion.training.checkpoint import CHECKPOINT_MARKER, latest_checkpoint, list_checkpoints
@@ -238,13 +237,13 @@ def test_check_resume_names_a_missing_or_corrupt_file(out, name, damage):
 # --- 3. a diverging run stops, keeping the last finite checkpoint ---------------------------------
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    original = dreambooth.compute_loss
+    original = DreamBoothRecipe.compute_loss
 
-    def nan_from_step_3(cfg, parts, batch):
-        loss = original(cfg, parts, batch)
-        return loss * float("nan") if parts.progress.step >= 2 else loss
+    def nan_from_step_3(self, batch):
+        loss = original(self, batch)
+        return loss * float("nan") if self.step >= 2 else loss
 
-    monkeypatch.setattr(dreambooth, "compute_loss", nan_from_step_3)
+    monkeypatch.setattr(DreamBoothRecipe, "compute_loss", nan_from_step_3)
     code = cli_train(
         out, "train.max_train_steps=4", "train.checkpoints_total_limit=1", "validation.validation_steps=1"
     )
@@ -257,7 +256,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path,
     assert not (out / "boft_weights.safetensors").exists()  # no final adapter
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000001.png", "step-000002.png"]
 
-    monkeypatch.setattr(dreambooth, "compute_loss", original)
+    monkeypatch.setattr(DreamBoothRecipe, "compute_loss", original)
     result = run(
         make_config(
             out,
@@ -347,14 +346,14 @@ def test_save_and_load_restore_optimiser_schedule_step_and_random_state_exactly(
 # --- 4. Ctrl-C and a full disk: the last checkpoint stays, one line says so -----------------------
 def test_ctrl_c_keeps_the_last_checkpoint_and_says_how_to_resume(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    original = dreambooth.compute_loss
+    original = DreamBoothRecipe.compute_loss
 
-    def interrupt_in_step_3(cfg, parts, batch):
-        if parts.progress.step == 2:
+    def interrupt_in_step_3(self, batch):
+        if self.step == 2:
             raise KeyboardInterrupt
-        return original(cfg, parts, batch)
+        return original(self, batch)
 
-    monkeypatch.setattr(dreambooth, "compute_loss", interrupt_in_step_3)
+    monkeypatch.setattr(DreamBoothRecipe, "compute_loss", interrupt_in_step_3)
     try:
         code = cli_train(out, "train.max_train_steps=4", "train.checkpointing_steps=2")
     except KeyboardInterrupt:  # (left uncaught, it would stop the whole test session)

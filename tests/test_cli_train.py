@@ -1,4 +1,4 @@
-"""``boft-diffusion train dreambooth`` and ``scripts/train_dreambooth.py``: parsing, errors, end to end."""
+"""``boft-diffusion``: the verb registry, the one error policy, ``train dreambooth`` and the thin scripts."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from boft_diffusion import cli
+from boft_diffusion import cli, commands
 from boft_diffusion.io import read_adapter
+from boft_diffusion.training import args as training_args
+from boft_diffusion.training.args import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = [
@@ -85,7 +87,8 @@ def test_unknown_recipe_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["train", "controlnet-xyz"])
     assert exit_info.value.code == 2
-    assert "invalid choice" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "invalid choice" in err and err.count("\n") == 1
 
 
 def test_train_in_process(tmp_path, capsys):
@@ -97,12 +100,16 @@ def test_train_in_process(tmp_path, capsys):
 
 # --- command registry -----------------------------------------------------------------------------
 def test_every_command_is_registered():
-    parser = cli.build_parser({name: cli.load_command(name) for name in cli.COMMAND_NAMES})
+    parser = cli.build_parser(commands.load_commands())
     choices = next(a for a in parser._actions if a.dest == "command").choices
-    assert list(choices) == ["train", "sample", "merge", "export", "inspect", "bench"]
+    assert (
+        list(choices)
+        == list(commands.COMMAND_NAMES)
+        == ["train", "sample", "merge", "export", "inspect", "bench"]
+    )
 
 
-@pytest.mark.parametrize("name", [n for n in cli.COMMAND_NAMES if n != "train"])
+@pytest.mark.parametrize("name", commands.COMMAND_NAMES)
 def test_every_command_shows_an_example(name, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main([name, "--help"])
@@ -110,17 +117,57 @@ def test_every_command_shows_an_example(name, capsys):
     assert "example" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("name", commands.COMMAND_NAMES)
+def test_every_command_reports_bad_input_through_the_one_policy(name):
+    policy = commands.reports_input_errors(lambda args: 0)
+    assert commands.load_command(name).run.__code__ is policy.__code__
+
 
 def test_commands_are_found_by_module_name(monkeypatch):
     def add_arguments(parser):
         parser.add_argument("--flag", action="store_true")
 
     module = types.ModuleType("boft_diffusion.commands.hello")
-    module.COMMAND = cli.Command("say hello", add_arguments, lambda args: 7 if args.flag else 0)
+    module.COMMAND = commands.Command("say hello", add_arguments, lambda args: 7 if args.flag else 0)
     monkeypatch.setitem(sys.modules, "boft_diffusion.commands.hello", module)
-    monkeypatch.setattr(cli, "COMMAND_NAMES", (*cli.COMMAND_NAMES, "hello"))
-    assert cli.load_command("hello") is module.COMMAND
+    monkeypatch.setattr(commands, "COMMAND_NAMES", (*commands.COMMAND_NAMES, "hello"))
+    assert commands.load_command("hello") is module.COMMAND
     assert cli.main(["hello", "--flag"]) == 7
+
+
+# --- one error policy: bad input is one line and exit 2, a bug keeps its traceback -----------------
+@pytest.mark.parametrize("argv", [[], ["nope"], ["train"], ["train", "dreambooth", "--nope"]])
+def test_usage_errors_are_one_line_and_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error:" in err[0] and "--help" in err[0], err
+
+
+@pytest.mark.parametrize("bug", [ValueError("bug"), TypeError("bug"), KeyError("bug")])
+def test_a_programming_error_keeps_its_traceback(monkeypatch, bug):
+    def broken(*args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(training_args, "load_config", broken)
+    with pytest.raises(type(bug), match="bug"):
+        cli.main(["train", "dreambooth", "--print-config"])
+
+
+def test_debug_shows_the_traceback_of_bad_input(monkeypatch):
+    monkeypatch.setenv("BOFT_DIFFUSION_DEBUG", "1")
+    with pytest.raises(ConfigError, match="optim.learnin_rate"):
+        cli.main(["train", "dreambooth", "optim.learnin_rate=3"])
+
+
+def test_an_error_message_over_several_lines_is_printed_as_one(monkeypatch, capsys):
+    def refuse(*args, **kwargs):
+        raise ConfigError("first line\n  second line\n")
+
+    monkeypatch.setattr(training_args, "load_config", refuse)
+    assert cli.main(["train", "dreambooth"]) == 2
+    assert capsys.readouterr().err == "error: first line second line\n"
 
 
 # --- the installed entry points -------------------------------------------------------------------
@@ -137,6 +184,8 @@ def test_console_script_and_thin_script(tmp_path):
     )
     assert script.returncode == 0, script.stderr[-3000:]
     assert "output_dir: outputs/dreambooth-tiny" in script.stdout
+    bench = run_process([sys.executable, str(REPO / "scripts/benchmark.py"), "--help"], tmp_path)
+    assert bench.returncode == 0 and "--preset" in bench.stdout, bench.stderr[-3000:]
 
 
 @pytest.mark.slow

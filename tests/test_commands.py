@@ -1,8 +1,9 @@
-"""The sample, merge and inspect commands, run in-process on the tiny pipeline saved to disk."""
+"""The sample, merge, inspect and bench commands, run in-process through ``cli.main`` on the tiny pipeline
+saved to disk."""
 
 from __future__ import annotations
 
-import argparse
+import errno
 import json
 import os
 import subprocess
@@ -15,10 +16,17 @@ from conftest import sample_images
 from PIL import Image
 from safetensors import safe_open
 
-from boft_diffusion import BOFTConfig, add_boft_to_pipeline, merge_boft, save_boft_weights, set_boft_adapters
+from boft_diffusion import (
+    BOFTConfig,
+    add_boft_to_pipeline,
+    cli,
+    merge_boft,
+    save_boft_weights,
+    set_boft_adapters,
+)
+from boft_diffusion.commands import CommandError, parse_adapter_spec
 from boft_diffusion.commands import inspect as inspect_cmd
 from boft_diffusion.commands import merge as merge_cmd
-from boft_diffusion.commands import parse_adapter_spec
 from boft_diffusion.commands import sample as sample_cmd
 from boft_diffusion.io import read_adapter, write_adapter
 from boft_diffusion.tiny import build_tiny_pipeline, save_tiny_pipeline
@@ -28,10 +36,9 @@ UNET = BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, init_weights=Fal
 TEXT = BOFTConfig(boft_block_size=4, init_weights=False)
 
 
-def invoke(module, argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    module.add_arguments(parser)
-    return module.run(parser.parse_args([str(a) for a in argv]))
+def invoke(module, argv: list) -> int:
+    """``boft-diffusion <verb of module> ARGV`` in-process."""
+    return cli.main([module.__name__.rpartition(".")[2], *map(str, argv)])
 
 
 def adapter_pipe(seed: int, name: str = "default"):
@@ -58,6 +65,18 @@ def files(tmp_path_factory):
     adapter.tensors["unet"][key] = torch.ones(48)  # an adapter trained on a wider base model
     write_adapter(adapter, root / "other_base")
     paths["other_base"] = root / "other_base"
+    for name, change in (
+        ("flat_generators", lambda t: t.flatten()),  # not (factors, blocks, b(b-1)/2)
+        ("odd_generators", lambda t: t[..., :5]),  # 5 free entries fit no block size
+    ):
+        broken = read_adapter(paths["toy"])
+        first = next(k for k in broken.tensors["unet"] if k.endswith(".boft_R"))
+        broken.tensors["unet"][first] = change(broken.tensors["unet"][first]).contiguous()
+        paths[name] = write_adapter(broken, root / name)
+    overflow = read_adapter(paths["toy"])  # finite, but its merged weights overflow fp16
+    for key in [k for k in overflow.tensors["unet"] if k.endswith(".boft_s")]:
+        overflow.tensors["unet"][key] = torch.full_like(overflow.tensors["unet"][key], 1e8)
+    paths["overflow"] = write_adapter(overflow, root / "overflow")
     (root / "junk.safetensors").write_text("this is not a safetensors file")
     paths["junk"] = root / "junk.safetensors"
     data = (root / "toy" / "boft_weights.safetensors").read_bytes()
@@ -103,13 +122,11 @@ def test_help_shows_an_example(name, capsys):
     ],
 )
 def test_usage_errors_are_one_line_and_exit_2(argv, capsys):
-    parser = argparse.ArgumentParser(prog=f"boft-diffusion {argv[0]}")
-    COMMANDS[argv[0]].add_arguments(parser)
     with pytest.raises(SystemExit) as exit_info:
-        parser.parse_args(argv[1:])
+        cli.main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "error:" in err[0]
+    assert len(err) == 1 and "error:" in err[0] and f"boft-diffusion {argv[0]}" in err[0]
 
 
 def test_adapter_spec_parsing(tmp_path):
@@ -118,7 +135,7 @@ def test_adapter_spec_parsing(tmp_path):
     odd = tmp_path / "weird:name"
     odd.mkdir()
     assert parse_adapter_spec(str(odd)) == (odd, 1.0)  # an existing path wins over ':suffix'
-    with pytest.raises(ValueError, match="'x' is not a number"):
+    with pytest.raises(CommandError, match="'x' is not a number"):
         parse_adapter_spec("a:x")
 
 
@@ -162,20 +179,27 @@ def test_inspect_peft_folder(files, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["trainable_parameters"] == report["trainable_parameters"]
 
 
-@pytest.mark.parametrize("bad", ["junk", "truncated", "lora", "missing"])
+INSPECT_REFUSALS = {
+    "junk": "safetensors",
+    "truncated": "safetensors",
+    "lora": "LORA",
+    "missing": "no such",
+    "flat_generators": "expected float (factors, blocks, b(b-1)/2)",
+    "odd_generators": "5 free entries per block match no block size",
+}
+
+
+@pytest.mark.parametrize("bad", sorted(INSPECT_REFUSALS))
 def test_inspect_bad_input(files, bad, capsys):
     path = files["root"] / "nowhere" if bad == "missing" else files[bad]
     assert invoke(inspect_cmd, [path]) == 2
-    message = one_error_line(capsys)
-    assert {"junk": "safetensors", "truncated": "safetensors", "lora": "LORA", "missing": "no such"}[
-        bad
-    ] in message
+    assert INSPECT_REFUSALS[bad] in one_error_line(capsys)
 
 
 def test_inspect_runs_as_a_module(files):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "boft_diffusion.commands.inspect", str(files["toy"])],
+        [sys.executable, "-m", "boft_diffusion.cli", "inspect", str(files["toy"])],
         capture_output=True,
         text=True,
         env=env,
@@ -290,3 +314,73 @@ def test_merge_bad_input_leaves_nothing(files, tmp_path, case, expect, capsys):
     assert invoke(merge_cmd, argv) == 2
     assert expect in one_error_line(capsys)
     assert [p.name for p in tmp_path.iterdir()] == (["out"] if case == "exists" else [])
+
+
+# --- one error policy: what the user gave is one line, a bug keeps its traceback --------------------
+@pytest.mark.parametrize("verb", ["sample", "merge"])
+def test_adapters_that_merge_to_non_finite_weights_are_one_line(files, tmp_path, verb, capsys):
+    out = tmp_path / ("grid.png" if verb == "sample" else "merged")
+    argv = [verb, "--base", files["base"], "--adapter", files["overflow"], "--out", out, "--dtype", "fp16"]
+    if verb == "sample":
+        argv += ["--prompt", "p", "--steps", 1, "--num-images", 1, "--height", 32, "--width", 32]
+    assert cli.main([str(a) for a in argv]) == 2
+    assert "non-finite" in one_error_line(capsys).lower()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("verb", ["sample", "merge", "bench"])
+def test_an_output_path_under_a_regular_file_is_one_line(files, tmp_path, verb, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    argv = {
+        "sample": ["--base", files["base"], "--prompt", "p", "--out", blocker / "grid.png"],
+        "merge": ["--base", files["base"], "--adapter", files["toy"], "--out", blocker / "merged"],
+        "bench": ["--json", blocker / "bench.json"],
+    }[verb]
+    assert cli.main([verb, *map(str, argv)]) == 2
+    assert "is not a folder" in one_error_line(capsys)
+    assert [p.name for p in tmp_path.iterdir()] == ["file.txt"] and blocker.read_text() == "x"
+
+
+def test_a_device_that_does_not_exist_is_one_line(files, tmp_path, capsys):
+    argv = [
+        "--base",
+        files["base"],
+        "--prompt",
+        "p",
+        "--out",
+        tmp_path / "grid.png",
+        "--device",
+        "warp-drive",
+    ]
+    assert invoke(sample_cmd, argv) == 2
+    assert "--device 'warp-drive'" in one_error_line(capsys)
+
+
+def test_a_full_disk_while_writing_the_grid_is_one_line(files, tmp_path, monkeypatch, capsys):
+    from boft_diffusion import atomic
+
+    def disk_full(path, replace=True):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(atomic, "atomic_file", disk_full)
+    out = tmp_path / "grid.png"
+    argv = ["--base", files["base"], "--prompt", "p", "--steps", 1, "--num-images", 1, "--out", out]
+    assert invoke(sample_cmd, [*argv, "--height", 32, "--width", 32]) == 2
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]  # after the progress bar
+    assert last.startswith("error: ") and "No space left on device" in last and not out.exists()
+
+
+@pytest.mark.parametrize("verb, internal", [("merge", "_adapter_names"), ("inspect", "inspect_adapter")])
+@pytest.mark.parametrize("bug", [ValueError("bug"), TypeError("bug")])
+def test_a_programming_error_keeps_its_traceback(files, tmp_path, monkeypatch, verb, internal, bug):
+    def broken(*args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(COMMANDS[verb], internal, broken)
+    argv = {
+        "merge": ["--base", files["base"], "--adapter", files["toy"], "--out", tmp_path / "merged"],
+        "inspect": [files["toy"]],
+    }[verb]
+    with pytest.raises(type(bug), match="bug"):
+        cli.main([verb, *map(str, argv)])

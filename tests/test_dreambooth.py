@@ -17,8 +17,7 @@ from diffusers import DDPMScheduler
 from boft_diffusion.data import DataError
 from boft_diffusion.inject import boft_layers
 from boft_diffusion.io import load_boft_weights, read_adapter
-from boft_diffusion.recipes import dreambooth
-from boft_diffusion.recipes.dreambooth import DreamBoothConfig, run
+from boft_diffusion.recipes.dreambooth import DreamBoothConfig, DreamBoothRecipe, run
 from boft_diffusion.tiny import build_tiny_pipeline, make_instance_images
 from boft_diffusion.training import checkpoint as checkpoint_module
 from boft_diffusion.training.args import ConfigError, load_config
@@ -57,15 +56,15 @@ def stop_at(step: int):
 
 
 def capture_parts(monkeypatch) -> list:
-    """Record the recipe's Parts (models as trained) when ``train`` is called."""
+    """Record the recipe (its models as trained, optimiser, plan) when its ``train`` is called."""
     seen = []
-    original = dreambooth.train
+    original = DreamBoothRecipe.train
 
-    def spy(cfg, accelerator, parts, on_step=None):
-        seen.append(parts)
-        return original(cfg, accelerator, parts, on_step)
+    def spy(self, on_step=None):
+        seen.append(self)
+        return original(self, on_step)
 
-    monkeypatch.setattr(dreambooth, "train", spy)
+    monkeypatch.setattr(DreamBoothRecipe, "train", spy)
     return seen
 
 
@@ -202,13 +201,13 @@ def test_latest_without_checkpoints_starts_fresh(tmp_path):
 # --- training features ----------------------------------------------------------------------------
 def test_prior_preservation_generates_class_images_once_and_doubles_the_batch(tmp_path, monkeypatch):
     batches = []
-    original = dreambooth.compute_loss
+    original = DreamBoothRecipe.compute_loss
 
-    def spy(cfg, parts, batch):
+    def spy(self, batch):
         batches.append(list(batch["prompts"]))
-        return original(cfg, parts, batch)
+        return original(self, batch)
 
-    monkeypatch.setattr(dreambooth, "compute_loss", spy)
+    monkeypatch.setattr(DreamBoothRecipe, "compute_loss", spy)
     class_dir = tmp_path / "class"
     prior = [
         "data.with_prior_preservation=true",
@@ -255,19 +254,41 @@ def test_v_prediction_snr_gamma_noise_offset_and_warmup(tmp_path, monkeypatch):
     assert all(torch.isfinite(torch.tensor(result.losses)))
 
 
-def test_bf16_keeps_boft_parameters_float32_with_gradient_checkpointing(tmp_path, monkeypatch):
-    seen = capture_parts(monkeypatch)
-    result = run(
-        make_config(tmp_path / "run", "train.mixed_precision=bf16", "train.gradient_checkpointing=true")
+BF16_CHECK = """
+import sys, torch
+from boft_diffusion.inject import boft_layers
+from boft_diffusion.recipes.dreambooth import DreamBoothConfig, DreamBoothRecipe
+from boft_diffusion.training.args import load_config
+
+recipe = DreamBoothRecipe(load_config(DreamBoothConfig, None, sys.argv[1:]))
+losses = recipe.run_all()
+unet = recipe.components["unet"]
+assert unet.is_gradient_checkpointing
+layer = next(iter(boft_layers(unet).values()))
+assert layer.base_layer.weight.dtype == torch.bfloat16
+assert recipe.pipe.vae.dtype == torch.bfloat16 and recipe.pipe.text_encoder.dtype == torch.bfloat16
+assert all(p.dtype == torch.float32 for p in recipe.params)
+assert all(torch.isfinite(torch.tensor(losses)))
+print("bf16 ok")
+"""
+
+
+def test_bf16_keeps_boft_parameters_float32_with_gradient_checkpointing(tmp_path):
+    # accelerate keeps one mixed precision per process: bf16 runs in a process of its own
+    args = [f"train.output_dir={tmp_path / 'run'}", *FAST]
+    args += ["train.mixed_precision=bf16", "train.gradient_checkpointing=true"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", BF16_CHECK, *args], env=env, capture_output=True, text=True, timeout=600
     )
-    parts = seen[0]
-    unet = parts.components["unet"]
-    assert unet.is_gradient_checkpointing
-    layer = next(iter(boft_layers(unet).values()))
-    assert layer.base_layer.weight.dtype == torch.bfloat16
-    assert parts.pipe.vae.dtype == torch.bfloat16 and parts.pipe.text_encoder.dtype == torch.bfloat16
-    assert all(p.dtype == torch.float32 for p in parts.params)
-    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert done.returncode == 0 and "bf16 ok" in done.stdout, done.stderr[-3000:]
+
+
+def test_another_mixed_precision_in_the_same_process_is_a_clear_error(tmp_path):
+    run(make_config(tmp_path / "a"))  # this process now trains without mixed precision
+    with pytest.raises(ConfigError, match="start a new process"):
+        run(make_config(tmp_path / "b", "train.mixed_precision=bf16"))
+    assert not (tmp_path / "b").exists()
 
 
 def test_epochs_accumulation_and_scale_lr(tmp_path, monkeypatch):
@@ -315,8 +336,9 @@ def test_unreadable_instance_images(tmp_path):
     assert not out.exists()
     make_instance_images(photos, num_images=2, resolution=64)
     with pytest.warns(UserWarning, match="broken.jpg"):
-        images, _ = dreambooth.check_inputs(cfg)
-    assert [p.name for p in images] == ["toy_00.png", "toy_01.png"]
+        recipe = DreamBoothRecipe(cfg)
+        recipe.check_inputs()
+    assert [p.name for p in recipe.instance_images] == ["toy_00.png", "toy_01.png"]
 
 
 def test_caption_files_become_prompts(tmp_path, monkeypatch):
@@ -324,9 +346,9 @@ def test_caption_files_become_prompts(tmp_path, monkeypatch):
     make_instance_images(photos, num_images=1, resolution=64)
     (photos / "toy_00.txt").write_text("a photo of sks toy in the snow")
     prompts = []
-    original = dreambooth.compute_loss
+    original = DreamBoothRecipe.compute_loss
     monkeypatch.setattr(
-        dreambooth, "compute_loss", lambda c, p, b: prompts.extend(b["prompts"]) or original(c, p, b)
+        DreamBoothRecipe, "compute_loss", lambda self, b: prompts.extend(b["prompts"]) or original(self, b)
     )
     run(make_config(tmp_path / "out", f"data.instance_data_dir={photos}", "train.max_train_steps=1"))
     assert prompts == ["a photo of sks toy in the snow"]
@@ -477,7 +499,7 @@ def test_step_plan_positions():
 WORKER = """
 import sys, torch
 from accelerate import PartialState
-from boft_diffusion.recipes.dreambooth import DreamBoothConfig, run
+from boft_diffusion.recipes.dreambooth import DreamBoothConfig, DreamBoothRecipe, run
 from boft_diffusion.training.args import load_config
 
 out = sys.argv[1]
@@ -551,5 +573,5 @@ def test_resume_from_a_checkpoint_of_another_adapter_layout(tmp_path):
     cfg = make_config(
         tmp_path / "b", "boft.block_num=2", f"train.resume_from_checkpoint={tmp_path / 'a' / 'checkpoint-1'}"
     )
-    with pytest.raises(ConfigError, match=r"this run's adapter needs"):
+    with pytest.raises(ConfigError, match=r"does not fit this run's unet adapter.*shape"):
         run(cfg)

@@ -226,6 +226,18 @@ def test_single_file_into_a_folder(exports, tmp_path):
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [PROVENANCE_NAME, SINGLE_FILE_NAME]
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX permission bits")
+def test_exports_leave_no_temporaries_and_get_ordinary_permissions(exports):
+    root = exports["root"]
+    assert sorted(p.name for p in root.iterdir()) == ["diffusers", "merged.safetensors"]
+    assert not list(root.rglob(".*"))  # no staging folder, no temporary metadata rewrite
+    mask = os.umask(0o022)
+    os.umask(mask)
+    # The staged folder and the single file, not tempfile's private 0o700 / 0o600.
+    assert (root / "diffusers").stat().st_mode & 0o777 == 0o777 & ~mask
+    assert (root / "merged.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
 def test_existing_output_is_refused(exports, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
@@ -242,13 +254,13 @@ def test_existing_output_is_refused(exports, tmp_path):
     "fmt, name", [("diffusers", "new/deeper/out"), ("single_file", "new/deeper/x.safetensors")]
 )
 def test_failure_leaves_nothing_behind(exports, tmp_path, monkeypatch, fmt, name):
-    import boft_diffusion.export as export
+    from boft_diffusion.export import write
 
     def fail(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(export, "_add_safetensors_metadata", fail)
-    monkeypatch.setattr(export, "_metadata", fail)
+    monkeypatch.setattr(write, "_add_safetensors_metadata", fail)
+    monkeypatch.setattr(write, "safetensors_metadata", fail)
     with pytest.raises(RuntimeError, match="disk full"):
         export_merged(exports["pipe"], tmp_path / name, format=fmt)
     assert list(tmp_path.iterdir()) == []  # no output, no temporary folder, no created parents

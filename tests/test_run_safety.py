@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,8 +19,8 @@ import torch
 
 from boft_diffusion import cli
 from boft_diffusion.data import DataError
-from boft_diffusion.recipes import dreambooth
 from boft_diffusion.recipes.dreambooth import DreamBoothConfig, run
+from boft_diffusion.training import recipe as recipe_module
 from boft_diffusion.training.args import ConfigError, load_config
 from boft_diffusion.training.setup import RUN_CONFIG_NAME
 
@@ -235,7 +237,7 @@ def test_a_failed_start_with_overwrite_puts_the_earlier_run_back(tmp_path, monke
     def fail(*args, **kwargs):
         raise RuntimeError("out of memory while preparing")
 
-    monkeypatch.setattr(dreambooth, "make_optimizer", fail)
+    monkeypatch.setattr(recipe_module, "make_optimizer", fail)
     with pytest.raises(RuntimeError, match="out of memory"):
         run(make_config(out, "data.instance_prompt=a photo of sks dog", "train.overwrite_output_dir=true"))
     after = snapshot(out)
@@ -261,16 +263,16 @@ def test_a_refused_resume_leaves_nothing_that_blocks_the_corrected_run(tmp_path)
 
 def test_a_start_that_fails_in_setup_leaves_no_run_config(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    real = dreambooth.make_optimizer
+    real = recipe_module.make_optimizer
 
     def fail(*args, **kwargs):
         raise RuntimeError("out of memory while preparing")
 
-    monkeypatch.setattr(dreambooth, "make_optimizer", fail)
+    monkeypatch.setattr(recipe_module, "make_optimizer", fail)
     with pytest.raises(RuntimeError, match="out of memory"):
         run(make_config(out))
     assert not (out / RUN_CONFIG_NAME).exists()
-    monkeypatch.setattr(dreambooth, "make_optimizer", real)
+    monkeypatch.setattr(recipe_module, "make_optimizer", real)
     result = run(make_config(out, "boft.block_num=2"))  # another adapter, no overwrite needed: nothing ran
     assert result.global_step == 1 and "block_num: 2" in (out / RUN_CONFIG_NAME).read_text()
 
@@ -315,14 +317,14 @@ def test_a_class_folder_that_cannot_be_created(tmp_path):
 
 
 def test_a_resolution_the_model_cannot_use_fails_before_anything_is_written(tmp_path, monkeypatch):
-    real_load = dreambooth.load_pipeline
+    real_load = recipe_module.load_pipeline
 
     def load_with_a_coarser_vae(model):
         pipe = real_load(model)
         pipe.vae_scale_factor = 16  # as a VAE with one more downsampling stage would have
         return pipe
 
-    monkeypatch.setattr(dreambooth, "load_pipeline", load_with_a_coarser_vae)
+    monkeypatch.setattr(recipe_module, "load_pipeline", load_with_a_coarser_vae)
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match=r"data.resolution.*multiple of 16"):
         run(make_config(out, "data.resolution=40"))
@@ -332,17 +334,6 @@ def test_a_resolution_the_model_cannot_use_fails_before_anything_is_written(tmp_
 
 
 # --- devices the machine lacks --------------------------------------------------------------------------
-@pytest.fixture
-def fresh_accelerate_state():
-    """Let accelerate pick its device again (its process state is a singleton)."""
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    assert PartialState._shared_state == {}
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is fine on a GPU")
 def test_fp16_without_a_gpu(tmp_path):
     out = tmp_path / "out"
@@ -351,16 +342,21 @@ def test_fp16_without_a_gpu(tmp_path):
     assert not out.exists()
 
 
-def test_a_device_that_does_not_exist(tmp_path, monkeypatch, fresh_accelerate_state):
-    monkeypatch.setenv("ACCELERATE_TORCH_DEVICE", "cuda:99")
+def test_a_device_that_does_not_exist(tmp_path):
+    # accelerate picks the device once per process: a fresh process (no private reset of its state)
     out = tmp_path / "out"
-    with pytest.raises(ConfigError, match="ACCELERATE_TORCH_DEVICE=cuda:99"):
-        run(make_config(out))
+    env = {**os.environ, "ACCELERATE_TORCH_DEVICE": "cuda:99", "HF_HUB_OFFLINE": "1"}
+    main = "import sys; from boft_diffusion.cli import main; sys.exit(main(sys.argv[1:]))"
+    command = [sys.executable, "-c", main, "train", "dreambooth", *FAST, f"train.output_dir={out}"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "ACCELERATE_TORCH_DEVICE=cuda:99" in errors[0]
     assert not out.exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_gpus_asked_for_on_a_machine_without_cuda(tmp_path, monkeypatch, fresh_accelerate_state):
+def test_gpus_asked_for_on_a_machine_without_cuda(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES=0"):

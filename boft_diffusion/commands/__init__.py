@@ -1,50 +1,126 @@
-"""The ``sample``, ``merge`` and ``inspect`` subcommands of ``boft-diffusion``, and what they share.
+"""Every verb of ``boft-diffusion``: the registry, the one input-error policy, and what verbs share.
 
-Each module exposes ``HELP``, ``EXAMPLE``, ``add_arguments(parser)``, ``run(args) -> exit code`` and
-``COMMAND`` (a :class:`boft_diffusion.cli.Command`); ``python -m boft_diffusion.commands.<name>`` runs
-one on its own. Bad input is one ``error:`` line on stderr and exit code 2; heavy imports (torch,
-diffusers) happen inside ``run`` so that ``--help`` stays fast.
+A verb is the module ``boft_diffusion.commands.<name>`` for each name in :data:`COMMAND_NAMES`; its
+``COMMAND`` (a :class:`Command`: help line, ``add_arguments(parser)``, ``run(args) -> exit code``) is
+what :mod:`boft_diffusion.cli` parses and dispatches. Each ``run`` is wrapped by
+:func:`reports_input_errors`, the CLI's one policy for bad input: an exception of a type in
+:func:`input_errors` is one ``error:`` line on stderr and exit code 2; any other exception is a bug and
+keeps its traceback (``BOFT_DIFFUSION_DEBUG=1`` shows the traceback of bad input too). Heavy imports
+(torch, diffusers) happen inside ``run`` so that ``--help`` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 __all__ = [
+    "COMMAND_NAMES",
     "EXIT_BAD_INPUT",
+    "Command",
     "CommandError",
+    "OneLineErrorParser",
     "add_example",
+    "check_adapter_path",
     "check_new_output",
+    "input_errors",
     "load_base",
+    "load_command",
+    "load_commands",
+    "one_line",
     "number",
     "parse_adapter_spec",
-    "reports_errors",
-    "standalone_main",
+    "reports_input_errors",
 ]
+
+COMMAND_NAMES = ("train", "sample", "merge", "export", "inspect", "bench")
+"""The verbs, in ``--help`` order; verb ``<name>`` is the ``COMMAND`` of ``boft_diffusion.commands.<name>``."""
 
 EXIT_BAD_INPUT = 2
 
 
+@dataclass(frozen=True)
+class Command:
+    """A verb: ``add_arguments`` fills its parser, ``run`` executes it and returns an exit code."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+
+
+def load_command(name: str) -> Command:
+    """The ``COMMAND`` of the module ``boft_diffusion.commands.<name>``."""
+    return importlib.import_module(f"{__name__}.{name}").COMMAND
+
+
+def load_commands() -> dict[str, Command]:
+    """Every verb of :data:`COMMAND_NAMES`, in order."""
+    return {name: load_command(name) for name in COMMAND_NAMES}
+
+
+# --- the input-error policy -----------------------------------------------------------------------
 class CommandError(ValueError):
     """Bad input to a command; its message is printed as one ``error:`` line."""
 
 
+def input_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that mean bad input (the project's own, each raised for what a user gave).
+
+    ``CheckpointWriteError`` is a ``TrainingError``. Not here on purpose: bare ``ValueError``,
+    ``OSError`` and the like; a command turns those into :class:`CommandError` where it checks or
+    writes a user's path, so that any other one is reported as the bug it is.
+    """
+    from ..data import DataError
+    from ..io import AdapterFormatError
+    from ..training.args import ConfigError
+    from ..training.loop import TrainingError
+
+    return (CommandError, ConfigError, DataError, AdapterFormatError, TrainingError)
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (its type name if it has none)."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+
+
+def reports_input_errors(
+    run: Callable[[argparse.Namespace], int | None],
+) -> Callable[[argparse.Namespace], int]:
+    """Wrap a verb's ``run``: bad input prints one ``error:`` line and returns 2; bugs propagate."""
+
+    @functools.wraps(run)
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return run(args) or 0
+        except input_errors() as err:
+            if os.environ.get("BOFT_DIFFUSION_DEBUG"):
+                raise
+            print(f"error: {one_line(err)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+
+    return wrapper
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (naming ``--help``) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+
+
+# --- helpers the verbs share ----------------------------------------------------------------------
 def add_example(parser: argparse.ArgumentParser, example: str) -> None:
-    """Show ``example`` (verbatim) at the end of ``--help``; usage errors become one line, exit code 2."""
+    """Show ``example`` (verbatim) at the end of ``--help``."""
     parser.epilog = example
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-
-    def one_line_error(message: str) -> NoReturn:
-        parser.exit(EXIT_BAD_INPUT, f"{parser.prog}: error: {message} (see --help)\n")
-
-    parser.error = one_line_error  # type: ignore[method-assign]
 
 
 def number(text: str) -> float:
@@ -77,11 +153,22 @@ def parse_adapter_spec(spec: str, default_weight: float = 1.0) -> tuple[Path, fl
     return Path(path), value
 
 
-def check_new_output(path: str | os.PathLike) -> Path:
-    """Refuse an output path that exists (nothing is overwritten); returns it as a ``Path``."""
+def check_new_output(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Check an output path before any work: it must not exist (with ``overwrite``: unless it is a
+    file), and its nearest existing folder must be a writable folder. Returns it as a ``Path``."""
     path = Path(path)
     if path.exists() or path.is_symlink():
-        raise CommandError(f"{path}: output path already exists; choose a new one")
+        if not overwrite:
+            raise CommandError(f"{path}: output path already exists; choose a new one")
+        if path.is_dir():
+            raise CommandError(f"{path}: output path is a folder")
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CommandError(f"{path}: cannot write there, {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CommandError(f"{path}: cannot write there, folder {parent} is not writable")
     return path
 
 
@@ -105,58 +192,10 @@ def load_base(base: str, torch_dtype: Any = None, device: str | None = None) -> 
         raise CommandError(f"{base}: --base must be a diffusers folder (with model_index.json) or a hub id")
     try:
         pipe = DiffusionPipeline.from_pretrained(base, torch_dtype=torch_dtype)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError) as err:  # what diffusers raises for a folder or hub id it cannot load
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CommandError(f"cannot load base model {base!r}: {first}") from err
     if device:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def _bad_input_errors() -> tuple[type[BaseException], ...]:
-    from ..io import AdapterFormatError
-
-    return (
-        CommandError,
-        AdapterFormatError,
-        FileExistsError,
-        FileNotFoundError,
-        NotADirectoryError,
-        ValueError,
-    )
-
-
-def reports_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Wrap ``run``: bad input prints one ``error:`` line and returns 2 (``BOFT_DIFFUSION_DEBUG=1`` re-raises)."""
-
-    @functools.wraps(run)
-    def wrapper(args: argparse.Namespace) -> int:
-        try:
-            return run(args)
-        except _bad_input_errors() as err:
-            if os.environ.get("BOFT_DIFFUSION_DEBUG"):
-                raise
-            message = " ".join(str(err).split()) or type(err).__name__
-            print(f"error: {message}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-
-    return wrapper
-
-
-def make_command(help_text: str, add_arguments: Callable, run: Callable) -> Any:
-    """The :class:`boft_diffusion.cli.Command` of a subcommand (``None`` if the CLI module is absent)."""
-    try:
-        from ..cli import Command
-    except ImportError:  # pragma: no cover - the CLI ships with the package
-        return None
-    return Command(help_text, add_arguments, run)
-
-
-def standalone_main(
-    name: str, help_text: str, add_arguments: Callable, run: Callable, argv: Sequence[str] | None = None
-) -> int:
-    """``python -m boft_diffusion.commands.<name>``: the subcommand as its own program."""
-    parser = argparse.ArgumentParser(prog=f"boft-diffusion {name}", description=help_text)
-    add_arguments(parser)
-    return run(parser.parse_args(argv)) or 0

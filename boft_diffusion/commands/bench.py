@@ -1,14 +1,13 @@
 """``boft-diffusion bench``: speed and memory of BOFT against LoRA and the no-adapter floor.
 
-The benchmark itself is :mod:`boft_diffusion.benchmark` (also ``scripts/benchmark.py``).
+The benchmark itself is :mod:`boft_diffusion.benchmark` (``scripts/benchmark.py`` runs this verb).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
-from . import add_example, make_command
+from . import Command, add_example, check_new_output, reports_input_errors
 
 HELP = "benchmark BOFT training and inference against PEFT LoRA, PEFT BOFT and the no-adapter floor"
 EXAMPLE = """example:
@@ -23,15 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_example(parser, EXAMPLE)
 
 
+@reports_input_errors
 def run(args: argparse.Namespace) -> int:
     from ..benchmark import run as run_benchmark
 
+    if args.json is not None:  # before minutes of measuring, not after
+        check_new_output(args.json, overwrite=True)
     return run_benchmark(args)
 
 
-COMMAND = make_command(HELP, add_arguments, run)
-
-if __name__ == "__main__":
-    from ..benchmark import main
-
-    sys.exit(main())
+COMMAND = Command(HELP, add_arguments, run)

@@ -6,11 +6,6 @@ its refusals: a broken adapter (NaN or inf values) is one ``error:`` line, exit 
 
 from __future__ import annotations
 
-import sys
+from .merge import COMMAND
 
-from .merge import COMMAND, main
-
-__all__ = ["COMMAND", "main"]
-
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = ["COMMAND"]

@@ -22,11 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
-from . import add_example, make_command, reports_errors, standalone_main
+from . import Command, add_example, check_adapter_path, reports_input_errors
 
 HELP = "show an adapter's components, targets, butterfly layout, size, orthogonality and rotation angles"
 EXAMPLE = """examples:
@@ -94,6 +93,30 @@ def _size_on_disk(source: Path) -> int:
     )
 
 
+def _layer_tensors(tensors: dict[str, Any], comp: str, source: str) -> dict[str, tuple[Any, Any]]:
+    """``{layer: (packed generators, scale)}`` of one component, each shape checked (a file that
+    reads may still hold tensors of no BOFT layout; its statistics would be meaningless)."""
+    from ..io import AdapterFormatError
+
+    layers = {}
+    for key, packed in sorted(tensors.items()):
+        name = key.removesuffix(".boft_R")
+        if name == key or f"{name}.boft_s" not in tensors:
+            continue
+        scale = tensors[f"{name}.boft_s"]
+        if packed.ndim != 3 or 0 in packed.shape[:2] or scale.numel() == 0 or not packed.is_floating_point():
+            raise AdapterFormatError(
+                f"{source}: {comp}.{key} is {packed.dtype} {tuple(packed.shape)} with a scale of shape "
+                f"{tuple(scale.shape)}; expected float (factors, blocks, b(b-1)/2) and a non-empty scale"
+            )
+        try:
+            block_size_of(packed.shape[-1])
+        except ValueError as err:
+            raise AdapterFormatError(f"{source}: {comp}.{key}: {err}") from None
+        layers[name] = (packed, scale)
+    return layers
+
+
 def inspect_adapter(path: str | Path) -> dict[str, Any]:
     """The full report of the adapter at ``path`` (what ``inspect --json`` prints)."""
     from ..io import is_peft_adapter, read_adapter, read_peft_adapter
@@ -104,9 +127,8 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
     for comp, config in adapter.configs.items():
         tensors = adapter.tensors[comp]
         layers = {
-            key.removesuffix(".boft_R"): layer_stats(tensor, tensors[key.removesuffix("boft_R") + "boft_s"])
-            for key, tensor in sorted(tensors.items())
-            if key.endswith(".boft_R") and key.removesuffix("boft_R") + "boft_s" in tensors
+            name: layer_stats(packed, scale)
+            for name, (packed, scale) in _layer_tensors(tensors, comp, adapter.source).items()
         }
         kinds = sorted({_target_kind(name) for name in layers})
         stored_R = sum(s["factors"] * s["block_num"] * s["block_size"] ** 2 for s in layers.values())
@@ -189,22 +211,13 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@reports_errors
+@reports_input_errors
 def run(args: argparse.Namespace) -> int:
     path = Path(args.adapter)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such adapter file or folder")
+    check_adapter_path(path)
     report = inspect_adapter(path)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
 
-COMMAND = make_command(HELP, add_arguments, run)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return standalone_main("inspect", HELP, add_arguments, run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+COMMAND = Command(HELP, add_arguments, run)

@@ -11,20 +11,20 @@ adapter holding NaN or inf values, or merging to a non-finite weight, included) 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from . import (
+    Command,
     CommandError,
     add_example,
     check_adapter_path,
     check_new_output,
     load_base,
-    make_command,
+    one_line,
     parse_adapter_spec,
-    reports_errors,
-    standalone_main,
+    reports_input_errors,
 )
 
 HELP = "merge BOFT adapters (blended by weight) into a base pipeline and export it"
@@ -74,7 +74,27 @@ def _adapter_names(paths: list[Path]) -> list[str]:
     return names
 
 
-@reports_errors
+def _export(pipe: Any, out: Path, args: argparse.Namespace, adapters: list[tuple[Path, float]]) -> None:
+    """``export_merged``, its refusals of what the user gave as one :class:`CommandError`."""
+    from ..export import export_merged
+
+    try:
+        export_merged(
+            pipe,
+            out,
+            format=args.format.replace("-", "_"),
+            dtype=args.dtype,
+            variant=args.variant,
+            base_model=args.base,
+            extra_provenance={"adapter_files": [{"path": str(p), "weight": w} for p, w in adapters]},
+        )
+    except ValueError as err:  # a merge to non-finite weights; a base that has no single-file layout
+        raise CommandError(one_line(err)) from err
+    except OSError as err:  # a full disk, a folder made read-only meanwhile: nothing is left at --out
+        raise CommandError(f"{out}: cannot write the merged checkpoint ({one_line(err)})") from err
+
+
+@reports_input_errors
 def run(args: argparse.Namespace) -> int:
     out = check_new_output(args.out)
     if args.variant and args.format != "diffusers":
@@ -84,7 +104,6 @@ def run(args: argparse.Namespace) -> int:
         check_adapter_path(path)
 
     from .. import load_boft_weights, set_boft_adapters
-    from ..export import export_merged
 
     start = time.perf_counter()
     pipe = load_base(args.base)  # merge in the checkpoint's own precision; export casts once at the end
@@ -92,26 +111,10 @@ def run(args: argparse.Namespace) -> int:
     for name, (path, _) in zip(names, adapters):
         load_boft_weights(pipe, path, adapter_name=name)
     set_boft_adapters(pipe, names, [weight for _, weight in adapters])
-    export_merged(
-        pipe,
-        out,
-        format=args.format.replace("-", "_"),
-        dtype=args.dtype,
-        variant=args.variant,
-        base_model=args.base,
-        extra_provenance={"adapter_files": [{"path": str(p), "weight": w} for p, w in adapters]},
-    )
+    _export(pipe, out, args, adapters)
     blend = ", ".join(f"{name}:{weight:g}" for name, (_, weight) in zip(names, adapters))
     print(f"Merged {blend} into {args.base} -> {out} ({args.format}, {time.perf_counter() - start:.1f}s)")
     return 0
 
 
-COMMAND = make_command(HELP, add_arguments, run)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return standalone_main("merge", HELP, add_arguments, run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+COMMAND = Command(HELP, add_arguments, run)

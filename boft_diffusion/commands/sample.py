@@ -11,23 +11,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from . import (
+    Command,
     CommandError,
     add_example,
     check_adapter_path,
     check_new_output,
     load_base,
-    make_command,
     number,
+    one_line,
     parse_adapter_spec,
-    reports_errors,
-    standalone_main,
+    reports_input_errors,
 )
 
 HELP = "sample images from a pipeline with BOFT adapters into a PNG grid"
@@ -76,10 +74,7 @@ def _validate(args: argparse.Namespace) -> list[tuple[Path, float]]:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise CommandError(f"--out {out}: the grid is a PNG file; use a .png name")
-    if not args.overwrite:
-        check_new_output(out)
-    if out.is_dir():
-        raise CommandError(f"--out {out} is a folder")
+    check_new_output(out, overwrite=args.overwrite)
     adapters = [parse_adapter_spec(spec, args.scale) for spec in args.adapter]
     for path, _ in adapters:
         check_adapter_path(path)
@@ -100,21 +95,36 @@ def image_grid(images: list[Any]) -> Any:
 
 
 def _save_png(image: Any, path: Path, text: dict[str, str]) -> None:
-    """Write the PNG under a temporary name beside ``path``, then rename (no partial file)."""
+    """Write the PNG atomically (no partial file), ``text`` in its text chunks."""
     from PIL.PngImagePlugin import PngInfo
+
+    from ..atomic import atomic_file
 
     info = PngInfo()
     for key, value in text.items():
         info.add_text(key, value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with atomic_file(path) as tmp:
+            image.save(tmp, format="PNG", pnginfo=info)
+    except OSError as err:  # a full disk, a folder made read-only meanwhile
+        raise CommandError(f"{path}: cannot write the grid ({one_line(err)})") from err
+
+
+def _device(name: str | None) -> str:
+    """``--device`` checked before the model loads (default: cuda if available, else cpu)."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise CommandError(f"--device {name!r}: {one_line(err)}") from None
+    if device.type == "cuda" and (
+        not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
+    ):
+        raise CommandError(f"--device {name!r}: no such CUDA device here")
+    return name
 
 
 def _generate(pipe: Any, args: argparse.Namespace, device: str) -> list[Any]:
@@ -147,22 +157,29 @@ def _generate(pipe: Any, args: argparse.Namespace, device: str) -> list[Any]:
     return images
 
 
-@reports_errors
-def run(args: argparse.Namespace) -> int:
-    adapters = _validate(args)
-    import torch
-
+def _load_merged(args: argparse.Namespace, adapters: list[tuple[Path, float]], device: str) -> Any:
+    """The base pipeline with the adapters merged into its weights (sampling at base-model speed)."""
     from .. import load_boft_weights, merge_boft, set_boft_adapters
     from ..export import parse_dtype
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_base(args.base, parse_dtype(args.dtype), device)
-    names = []
-    for index, (path, _) in enumerate(adapters):
-        names.append(load_boft_weights(pipe, path, adapter_name=f"adapter{index}"))
+    names = [
+        load_boft_weights(pipe, path, adapter_name=f"adapter{i}") for i, (path, _) in enumerate(adapters)
+    ]
     if names:
         set_boft_adapters(pipe, names, [weight for _, weight in adapters])
-        merge_boft(pipe)
+        try:
+            merge_boft(pipe)
+        except ValueError as err:  # the adapters merge to a non-finite weight: they are broken
+            raise CommandError(one_line(err)) from err
+    return pipe
+
+
+@reports_input_errors
+def run(args: argparse.Namespace) -> int:
+    adapters = _validate(args)
+    device = _device(args.device)
+    pipe = _load_merged(args, adapters, device)
     images = _generate(pipe, args, device)
     text = {
         "prompt": args.prompt,
@@ -177,12 +194,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMAND = make_command(HELP, add_arguments, run)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return standalone_main("sample", HELP, add_arguments, run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+COMMAND = Command(HELP, add_arguments, run)

@@ -4,29 +4,26 @@ Keys are component-prefixed module paths (``unet.<path>.boft_R``, ``unet.<path>.
 ``text_encoder.<path>...``, plus ``<path>.bias`` and ``modules_to_save`` weights when trained).
 Only trained tensors are stored, never permutations. The metadata holds the format name and
 version, the adapter name and one ``BOFTConfig`` per component (JSON). Writes are atomic
-(temporary file in the same folder, then ``os.replace``); reading never executes code, and refuses
-an adapter holding a non-finite (NaN or infinite) tensor or a ``boft_config`` that is not a JSON
-object of configs (malformed, wrongly typed or nested too deeply to parse). :func:`get_boft_adapter`
-collects one adapter of a pipeline as an :class:`AdapterFile` (what every writer here writes).
+(:mod:`boft_diffusion.atomic`); reading never executes code, and refuses an adapter holding a
+non-finite (NaN or infinite) tensor or a ``boft_config`` that is not a JSON object of configs
+(malformed, wrongly typed or nested too deeply to parse). An :class:`AdapterFile` is what every
+reader here returns and every writer writes; this module knows files only, never a pipeline.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..atomic import atomic_file
 from ..config import BOFTConfig
-from ..inject import adapter_configs, adapter_state_dict
-from ..pipeline import _components
 
 __all__ = [
     "ADAPTER_WEIGHTS_NAME",
@@ -34,11 +31,10 @@ __all__ = [
     "FORMAT_VERSION",
     "AdapterFile",
     "AdapterFormatError",
-    "read_adapter",
-    "write_adapter",
     "atomic_save_safetensors",
     "check_finite",
-    "get_boft_adapter",
+    "read_adapter_file",
+    "write_adapter",
 ]
 
 ADAPTER_WEIGHTS_NAME = "boft_weights.safetensors"
@@ -70,18 +66,6 @@ def check_finite(tensors: Mapping[str, torch.Tensor], source: str) -> None:
             )
 
 
-def get_boft_adapter(pipe: Any, adapter_name: str = "default") -> AdapterFile:
-    """The trained tensors and configs of one adapter across the pipeline's components."""
-    tensors, configs = {}, {}
-    for comp, module in _components(pipe).items():
-        if adapter_name in adapter_configs(module):
-            tensors[comp] = adapter_state_dict(module, adapter_name)
-            configs[comp] = adapter_configs(module)[adapter_name]
-    if not configs:
-        raise ValueError(f"No component of the pipeline holds a BOFT adapter named {adapter_name!r}")
-    return AdapterFile(tensors, configs, adapter_name)
-
-
 def _cut(text: str, limit: int = 80) -> str:
     """``text`` cut to ``limit`` characters (metadata comes from the file and may be huge)."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -103,17 +87,12 @@ def _parse_configs(text: str | None, file: Path) -> dict[str, BOFTConfig]:
         raise AdapterFormatError(f"{file}: invalid boft_config metadata ({message})") from err
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """``safetensors.torch.save_file`` to a temporary file beside ``path``, then an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+def atomic_save_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]
+) -> None:
+    """``safetensors.torch.save_file`` of ``tensors`` (detached, contiguous, on the CPU), written atomically."""
+    with atomic_file(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_adapter(adapter: AdapterFile, save_directory: str | os.PathLike) -> Path:
@@ -146,8 +125,9 @@ def _resolve_file(path: str | os.PathLike) -> Path:
     return path
 
 
-def read_adapter(path: str | os.PathLike) -> AdapterFile:
-    """Read and check an adapter file or folder; raises :class:`AdapterFormatError` naming the file."""
+def read_adapter_file(path: str | os.PathLike) -> AdapterFile:
+    """Read and check an adapter file or folder of this format; raises :class:`AdapterFormatError` naming
+    the file. (:func:`~boft_diffusion.io.read_adapter` reads any adapter source.)"""
     file = _resolve_file(path)
     try:
         with safe_open(file, framework="pt") as handle:

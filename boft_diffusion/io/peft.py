@@ -1,4 +1,8 @@
-"""PEFT interop: read PEFT BOFT adapters, write adapters PEFT's ``PeftModel.from_pretrained`` loads.
+"""PEFT interop: a pure translation between a PEFT BOFT adapter folder and an :class:`AdapterFile`.
+
+:func:`read_peft_adapter` reads one, :func:`write_peft_adapter` writes one that PEFT's
+``PeftModel.from_pretrained`` loads. Neither touches a pipeline: writing takes the adapter's plans
+(:func:`~boft_diffusion.inject.plan_adapter`: block sizes, layer types, model classes).
 
 PEFT layout: a folder with ``adapter_config.json`` (``peft_type: BOFT``) and
 ``adapter_model.safetensors`` for one model, or ``unet/`` and ``text_encoder/`` sub-folders as
@@ -16,30 +20,30 @@ size nor a block number, a ``.bin`` (pickle) file, a non-finite (NaN or infinite
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch import nn
 
+from ..atomic import atomic_write_text, staged_dir
 from ..config import BOFTConfig
 from ..functional import num_free_entries, pack_skew, unpack_skew
-from ..inject import boft_layers
+from ..inject import AdapterPlan, TargetPlan
 from ..layers import BOFTConv2d
-from ..pipeline import _components
-from .format import AdapterFile, AdapterFormatError, atomic_save_safetensors, check_finite, get_boft_adapter
+from .format import AdapterFile, AdapterFormatError, atomic_save_safetensors, check_finite
 
-__all__ = ["is_peft_adapter", "read_peft_adapter", "save_peft_adapter"]
+__all__ = ["is_peft_adapter", "read_peft_adapter", "write_peft_adapter"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
+_PEFT_BASE = "base_layer"  # PEFT's own wrapper attribute: its file layout keeps an adapted layer's bias there
 _COMPONENT_DIRS = ("unet", "text_encoder", "text_encoder_2", "controlnet")
 _TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 
@@ -162,7 +166,7 @@ def _convert_from_peft(
                 raise AdapterFormatError(f"{src}: {key} has no boft_R beside it")
             out[key] = tensor.float().flatten()
         elif leaf == "bias" or any(key.startswith(m + ".") or f".{m}." in key for m in saved):
-            out[key.replace(".base_layer.", ".")] = tensor
+            out[key.replace(f".{_PEFT_BASE}.", ".")] = tensor
         else:
             raise AdapterFormatError(
                 f"{src}: tensor {key!r} is not a BOFT generator, scale, bias or modules_to_save weight; "
@@ -198,27 +202,30 @@ def read_peft_adapter(path: str | os.PathLike) -> AdapterFile:
 
 
 # --- export --------------------------------------------------------------------------------------
-def _to_peft_tensors(tensors: dict[str, torch.Tensor], layers: dict[str, Any], adapter_name: str) -> dict:
+def _to_peft_tensors(tensors: Mapping[str, torch.Tensor], targets: Mapping[str, TargetPlan]) -> dict:
     """This project's tensors of one component -> PEFT keys and shapes (inverse of the import)."""
     out = {}
     for key, tensor in tensors.items():
         path, _, leaf = key.rpartition(".")
-        if leaf == "boft_R":
-            block_size = layers[path].layouts[adapter_name].block_size
+        target = targets.get(path)
+        if target is None:  # modules_to_save weights and un-adapted biases keep their keys
+            out[_PREFIX + key] = tensor
+        elif leaf == "boft_R":
+            block_size = target.layout.block_size
             if tensor.shape[-1] != num_free_entries(block_size):
                 raise ValueError(f"{key}: {tensor.shape[-1]} free entries do not fit block size {block_size}")
             out[_PREFIX + key] = unpack_skew(tensor.float(), block_size)
         elif leaf == "boft_s":
-            conv = isinstance(layers[path], BOFTConv2d)
+            conv = issubclass(target.layer_type, BOFTConv2d)
             out[_PREFIX + key] = tensor.reshape(1, -1) if conv else tensor.reshape(-1, 1)
-        elif path in layers:  # a trained bias of an adapted layer lives on PEFT's base_layer
-            out[f"{_PREFIX}{path}.base_layer.{leaf}"] = tensor
-        else:
-            out[_PREFIX + key] = tensor
+        else:  # a trained bias of an adapted layer
+            out[f"{_PREFIX}{path}.{_PEFT_BASE}.{leaf}"] = tensor
     return out
 
 
-def _peft_config(config: BOFTConfig, tensors: dict[str, torch.Tensor], module: torch.nn.Module) -> dict:
+def _peft_config(
+    config: BOFTConfig, tensors: Mapping[str, torch.Tensor], model_type: type[nn.Module]
+) -> dict:
     return {
         **config.to_dict(),
         "target_modules": sorted(k.removesuffix(".boft_R") for k in tensors if k.endswith(".boft_R")),
@@ -230,39 +237,29 @@ def _peft_config(config: BOFTConfig, tensors: dict[str, torch.Tensor], module: t
         "inference_mode": True,
         "base_model_name_or_path": None,
         "revision": None,
-        "auto_mapping": {
-            "base_model_class": type(module).__name__,
-            "parent_library": type(module).__module__,
-        },
+        "auto_mapping": {"base_model_class": model_type.__name__, "parent_library": model_type.__module__},
     }
 
 
-def save_peft_adapter(pipe: Any, save_directory: str | os.PathLike, adapter_name: str = "default") -> Path:
-    """Write adapter ``adapter_name`` in PEFT's layout: ``<dir>/<component>/adapter_{config.json,model.safetensors}``.
+def write_peft_adapter(
+    adapter: AdapterFile, save_directory: str | os.PathLike, plans: Mapping[str, AdapterPlan]
+) -> Path:
+    """Write ``adapter`` in PEFT's layout: ``<dir>/<component>/adapter_{config.json,model.safetensors}``.
 
-    Each sub-folder loads with ``PeftModel.from_pretrained(component, folder)`` (PEFT needs its CUDA
-    extension for more than one butterfly factor). Component folders must not exist yet; each is
-    written under a temporary name and renamed, so an error leaves none half-written. Returns ``<dir>``.
+    ``plans``: each component's :class:`~boft_diffusion.inject.AdapterPlan` of the adapter (block sizes,
+    layer types, model class). Component folders must not exist yet; each is filled under a temporary
+    name and renamed, so an error leaves none half-written. Returns ``<dir>``.
     """
-    adapter = get_boft_adapter(pipe, adapter_name)
-    components = _components(pipe)
     root = Path(save_directory)
     existing = [str(root / c) for c in adapter.configs if (root / c).exists()]
     if existing:
         raise FileExistsError(f"{existing[0]}: already exists; choose a new output folder")
     converted = {
-        comp: _to_peft_tensors(adapter.tensors[comp], boft_layers(components[comp]), adapter_name)
-        for comp in adapter.configs
+        comp: _to_peft_tensors(adapter.tensors[comp], plans[comp].targets) for comp in adapter.configs
     }
-    root.mkdir(parents=True, exist_ok=True)
     for comp, config in adapter.configs.items():
-        staging = Path(tempfile.mkdtemp(prefix=f".{comp}.tmp-", dir=root))
-        try:
+        peft_config = _peft_config(config, adapter.tensors[comp], plans[comp].model_type)
+        with staged_dir(root / comp) as staging:
             atomic_save_safetensors(converted[comp], staging / WEIGHTS_NAME, {"format": "pt"})
-            peft_config = _peft_config(config, adapter.tensors[comp], components[comp])
-            (staging / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
-            os.rename(staging, root / comp)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                shutil.rmtree(staging)
+            atomic_write_text(staging / CONFIG_NAME, json.dumps(peft_config, indent=2, sort_keys=True))
     return root

@@ -2,17 +2,17 @@
 
     boft-diffusion train dreambooth --config configs/dreambooth/tiny.yaml [section.key=value ...]
 
-The recipe is ``setup -> train -> save``. Per step, with the subject's latents ``x0`` and prompt
-embedding ``c``: ``loss = || f(x_t, t, c) - target ||^2`` (target: noise or velocity, optionally
-Min-SNR weighted); with prior preservation each batch also holds as many class images, whose
-loss is added times ``prior_loss_weight``. Only the BOFT rotations (and scales, biases) train.
-Everything generic lives in :mod:`boft_diffusion.training`.
+Per step, with the subject's latents ``x0`` and prompt embedding ``c``:
+``loss = || f(x_t, t, c) - target ||^2`` (target: noise or velocity, optionally Min-SNR weighted);
+with prior preservation each batch also holds as many class images, whose loss is added times
+``prior_loss_weight``. Only the BOFT rotations (and scales, biases) train. The run's life cycle
+(``setup -> train -> save``) is :class:`~boft_diffusion.training.recipe.TrainingRecipe`'s; this
+module supplies the data, the adapters, the loss and the model card.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -20,9 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
-from diffusers import DDPMScheduler
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -35,8 +32,7 @@ from ..data import (
     generate_class_images,
     list_images,
 )
-from ..inject import adapter_state_dict, add_boft, count_parameters
-from ..io import ADAPTER_WEIGHTS_NAME, save_boft_weights
+from ..inject import add_boft
 from ..tiny import TINY_INSTANCE_PROMPT, TINY_RESOLUTION, make_instance_images
 from ..training.args import (
     BOFTArgs,
@@ -46,30 +42,8 @@ from ..training.args import (
     TrainArgs,
     ValidationArgs,
     config_to_dict,
-    config_to_yaml,
 )
 from ..training.card import write_model_card
-from ..training.checkpoint import (
-    TrainingState,
-    TrainProgress,
-    check_finite_adapter,
-    check_resume,
-    interruption,
-    list_checkpoints,
-    load_checkpoint,
-    prune_checkpoints,
-    resolve_resume_checkpoint,
-    resume_keys,
-    save_checkpoint,
-)
-from ..training.loop import (
-    LossMeter,
-    StepPlan,
-    check_finite_loss,
-    check_finite_parameters,
-    epoch_batches,
-    is_due,
-)
 from ..training.noise import (
     diffusion_loss,
     encode_latents,
@@ -78,29 +52,10 @@ from ..training.noise import (
     sample_timesteps,
     snr_loss_weights,
 )
-from ..training.optim import make_lr_scheduler, make_optimizer, trainable_parameters
-from ..training.setup import (
-    RUN_CONFIG_NAME,
-    cast_frozen_weights,
-    check_device,
-    check_environment,
-    check_model_source,
-    check_output_dir,
-    check_resolution,
-    claim_output_dir,
-    enable_memory_savers,
-    folder_write_problem,
-    forget_outputs,
-    load_pipeline,
-    make_accelerator,
-    record_outputs,
-    weight_dtype,
-    write_run_config,
-)
-from ..training.tracking import ProgressBar, init_trackers
-from ..training.validation import run_validation
+from ..training.recipe import TrainingRecipe
+from ..training.setup import folder_write_problem, record_outputs
 
-__all__ = ["CONFIG_CLASS", "DreamBoothConfig", "DreamBoothDataArgs", "TrainResult", "run"]
+__all__ = ["CONFIG_CLASS", "DreamBoothConfig", "DreamBoothDataArgs", "DreamBoothRecipe", "TrainResult", "run"]
 
 
 @dataclass
@@ -169,9 +124,6 @@ class DreamBoothConfig:
 CONFIG_CLASS = DreamBoothConfig
 """The recipe's config class (``boft-diffusion train dreambooth`` loads it)."""
 
-RUN_IDENTITY = ("model", "boft", "data", "train.seed")
-"""Keys that make two configs the same run (a resume may change the others, e.g. steps or logging)."""
-
 
 @dataclass
 class TrainResult:
@@ -184,290 +136,184 @@ class TrainResult:
     trainable_parameters: int
 
 
-@dataclass
-class Parts:
-    """What the training loop works with (``unet``/``text_encoder``: as prepared by accelerate)."""
-
-    pipe: Any
-    unet: nn.Module
-    text_encoder: nn.Module
-    components: dict[str, nn.Module]
-    noise_scheduler: DDPMScheduler
-    dataloader: DataLoader
-    epoch_aware: list[Any]
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: Any
-    params: list[nn.Parameter]
-    plan: StepPlan
-    progress: TrainProgress
-    state: TrainingState
-    """What a checkpoint saves and restores (the adapter, optimiser, schedule and ``progress``)."""
+CARD_HYPERPARAMETERS = (
+    "optim.learning_rate", "optim.lr_scheduler", "optim.lr_warmup_steps", "train.max_train_steps",
+    "train.train_batch_size", "train.gradient_accumulation_steps", "train.mixed_precision", "train.seed",
+    "data.resolution", "data.with_prior_preservation", "data.class_prompt", "data.num_class_images",
+    "data.prior_loss_weight",
+)  # fmt: skip
+"""Config keys the model card lists (besides every ``boft.*`` key)."""
 
 
-# --- setup ----------------------------------------------------------------------------------------
-def _planned_outputs(cfg: DreamBoothConfig) -> list[str]:
-    """What a run writes into output_dir (relative paths), besides checkpoints and class images."""
-    t = cfg.train
-    paths = [RUN_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, "README.md"]
-    paths += ["instance_images"] if cfg.data.instance_data_dir is None else []
-    paths += [t.logging_dir] if t.report_to != "none" else []
-    paths += ["validation"] if cfg.validation.prompts else []
-    return paths + (["merged"] if t.export_merged else [])
+class DreamBoothRecipe(TrainingRecipe):
+    """DreamBooth: instance (and class) images, BOFT on the UNet (and text encoder), the denoising loss."""
 
+    cfg: DreamBoothConfig
 
-def _class_folder(cfg: DreamBoothConfig) -> Path:
-    data_dir = cfg.data.class_data_dir
-    return Path(data_dir).expanduser() if data_dir else Path(cfg.train.output_dir) / "class_images"
+    def __init__(self, cfg: DreamBoothConfig) -> None:
+        super().__init__(cfg)
+        self.instance_images: list[Path] | None = None
+        """The user's photos (checked in ``check_task_inputs``); ``None``: toy images are generated."""
 
+    # --- check -----------------------------------------------------------------------------------
+    def class_folder(self) -> Path:
+        data_dir = self.cfg.data.class_data_dir
+        return Path(data_dir).expanduser() if data_dir else Path(self.cfg.train.output_dir) / "class_images"
 
-def _check_class_folder(cfg: DreamBoothConfig) -> None:
-    """Class images are there already, or their folder can be created and filled."""
-    folder = _class_folder(cfg)
-    if folder.is_dir():
-        present = sum(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir())
-        if present >= cfg.data.num_class_images:
-            return  # nothing to generate: a read-only folder is fine
-    problem = folder_write_problem(folder)
-    if problem:
-        raise DataError(f"data.class_data_dir: the class image folder {folder} {problem}")
+    def check_task_inputs(self) -> None:
+        data, t = self.cfg.data, self.cfg.train
+        if data.instance_data_dir is not None:
+            self.instance_images = list_images(data.instance_data_dir, "instance", data.caption_extension)
+        if data.with_prior_preservation:
+            self._check_class_folder()
+        if t.export_merged and not t.overwrite_output_dir and (Path(t.output_dir) / "merged").exists():
+            raise ConfigError(
+                f"train.export_merged: {Path(t.output_dir) / 'merged'} exists (an earlier export); remove it "
+                "or pass train.overwrite_output_dir=true"
+            )
 
+    def _check_class_folder(self) -> None:
+        """Class images are there already, or their folder can be created and filled."""
+        folder = self.class_folder()
+        if folder.is_dir():
+            present = sum(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir())
+            if present >= self.cfg.data.num_class_images:
+                return  # nothing to generate: a read-only folder is fine
+        problem = folder_write_problem(folder)
+        if problem:
+            raise DataError(f"data.class_data_dir: the class image folder {folder} {problem}")
 
-def check_inputs(cfg: DreamBoothConfig) -> tuple[list[Path] | None, Path | None]:
-    """Reject bad input before anything is written: returns (instance images, checkpoint to resume)."""
-    t = cfg.train
-    check_environment(t, cfg.optim)
-    check_model_source(cfg.model.pretrained_model_name_or_path)
-    images = None
-    if cfg.data.instance_data_dir is not None:
-        images = list_images(cfg.data.instance_data_dir, "instance", cfg.data.caption_extension)
-    if cfg.data.with_prior_preservation:
-        _check_class_folder(cfg)
-    resume = resolve_resume_checkpoint(t.resume_from_checkpoint, t.output_dir)
-    if resume is not None:
-        check_resume(resume, cfg)  # the checkpoint's files and the keys its state depends on
-    writes = _planned_outputs(cfg) + (["checkpoint-*"] if t.checkpointing_steps else [])
-    check_output_dir(t.output_dir, config_to_dict(cfg), RUN_IDENTITY, t.overwrite_output_dir, writes)
-    if t.export_merged and not t.overwrite_output_dir and (Path(t.output_dir) / "merged").exists():
-        raise ConfigError(
-            f"train.export_merged: {Path(t.output_dir) / 'merged'} exists (an earlier export); remove it "
-            "or pass train.overwrite_output_dir=true"
-        )
-    return images, resume
+    def planned_outputs(self) -> list[str]:
+        generated = ["instance_images"] if self.cfg.data.instance_data_dir is None else []
+        return super().planned_outputs() + generated
 
+    def input_paths(self) -> list[str | Path]:
+        data = self.cfg.data
+        return [p for p in (data.instance_data_dir, data.class_data_dir) if p is not None]
 
-def _instance_images(
-    cfg: DreamBoothConfig, accelerator: Accelerator, images: list[Path] | None
-) -> list[Path]:
-    if images is not None:
-        return images
-    folder = Path(cfg.train.output_dir) / "instance_images"
-    if accelerator.is_main_process:
-        record_outputs(cfg.train.output_dir, folder)  # first: a start killed while writing leaves it ours
-        make_instance_images(folder, cfg.data.num_generated_images, cfg.model.tiny_seed, cfg.data.resolution)
-    accelerator.wait_for_everyone()
-    return list_images(folder, "instance", cfg.data.caption_extension)
+    # --- build -----------------------------------------------------------------------------------
+    def build(self) -> None:
+        """Instance and class images (generating what is missing), adapters, the dataloader."""
+        instance = self._instance_images()
+        classes = self._class_images()
+        self.components = self._add_adapters()
+        self.dataloader, self.epoch_aware = self._dataloader(instance, classes)
 
+    def _instance_images(self) -> list[Path]:
+        cfg, accelerator = self.cfg, self.accelerator
+        if self.instance_images is not None:
+            return self.instance_images
+        folder = Path(cfg.train.output_dir) / "instance_images"
+        if accelerator.is_main_process:
+            record_outputs(cfg.train.output_dir, folder)  # first: a start killed while writing leaves it ours
+            make_instance_images(
+                folder, cfg.data.num_generated_images, cfg.model.tiny_seed, cfg.data.resolution
+            )
+        accelerator.wait_for_everyone()
+        return list_images(folder, "instance", cfg.data.caption_extension)
 
-def _class_images(cfg: DreamBoothConfig, accelerator: Accelerator, pipe: Any) -> list[Path] | None:
-    """Class images, generated where missing; those generated inside output_dir are recorded as ours."""
-    data, out = cfg.data, Path(cfg.train.output_dir)
-    if not data.with_prior_preservation:
-        return None
-    folder = _class_folder(cfg)
-    if accelerator.is_main_process:
-        inside = folder.resolve().is_relative_to(out.resolve())
-        before = set(folder.iterdir()) if folder.is_dir() else None
-        if inside and before is None:
-            record_outputs(out, folder)  # a folder this run creates
-        generate_class_images(
-            pipe, folder, data.class_prompt, data.num_class_images, data.sample_batch_size,
-            data.class_inference_steps, data.resolution, cfg.train.seed, accelerator.is_local_main_process,
+    def _class_images(self) -> list[Path] | None:
+        """Class images, generated where missing; those generated inside output_dir are recorded as ours."""
+        data, out, accelerator = self.cfg.data, Path(self.cfg.train.output_dir), self.accelerator
+        if not data.with_prior_preservation:
+            return None
+        folder = self.class_folder()
+        if accelerator.is_main_process:
+            inside = folder.resolve().is_relative_to(out.resolve())
+            before = set(folder.iterdir()) if folder.is_dir() else None
+            if inside and before is None:
+                record_outputs(out, folder)  # a folder this run creates
+            generate_class_images(
+                self.pipe, folder, data.class_prompt, data.num_class_images, data.sample_batch_size,
+                data.class_inference_steps, data.resolution, self.cfg.train.seed,
+                accelerator.is_local_main_process,
+            )  # fmt: skip
+            if inside and before is not None:
+                record_outputs(out, *(set(folder.iterdir()) - before))  # images added to an existing folder
+        accelerator.wait_for_everyone()
+        return list_images(folder, "class")[: data.num_class_images]
+
+    def _add_adapters(self) -> dict[str, nn.Module]:
+        """BOFT on the (frozen) UNet and text encoder; only adapter tensors train."""
+        boft, pipe = self.cfg.boft, self.pipe
+        components = {
+            "unet": add_boft(pipe.unet, boft.to_config(boft.unet_target_modules), boft.adapter_name)
+        }
+        if boft.train_text_encoder:
+            te_config = boft.to_config(boft.text_encoder_target_modules)
+            components["text_encoder"] = add_boft(pipe.text_encoder, te_config, boft.adapter_name)
+        return components
+
+    def _dataloader(self, instance: list[Path], classes: list[Path] | None) -> tuple[DataLoader, list[Any]]:
+        data, t = self.cfg.data, self.cfg.train
+        dataset = DreamBoothDataset(
+            instance, data.instance_prompt, data.resolution, data.center_crop, data.random_flip,
+            classes, data.class_prompt, data.caption_extension, t.seed,
         )  # fmt: skip
-        if inside and before is not None:
-            record_outputs(out, *(set(folder.iterdir()) - before))  # images added to an existing folder
-    accelerator.wait_for_everyone()
-    return list_images(folder, "class")[: data.num_class_images]
+        sampler = EpochSampler(len(dataset), t.seed)
+        loader = DataLoader(
+            dataset,
+            batch_size=t.train_batch_size,
+            sampler=sampler,
+            collate_fn=partial(collate_dreambooth, tokenizer=self.pipe.tokenizer),
+            num_workers=t.dataloader_num_workers,
+            generator=torch.Generator().manual_seed(t.seed),  # keeps loader seeding off the global RNG
+        )
+        return loader, [sampler, dataset]
+
+    # --- train -----------------------------------------------------------------------------------
+    def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Denoising loss of one batch (instance half + ``prior_loss_weight`` x class half)."""
+        cfg, scheduler = self.cfg, self.noise_scheduler
+        with torch.no_grad():
+            latents = encode_latents(self.pipe.vae, batch["pixel_values"])
+        noise = sample_noise(latents, cfg.train.noise_offset)
+        timesteps = sample_timesteps(scheduler, latents.shape[0], latents.device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        text_encoder = (
+            self.prepared("text_encoder") if cfg.boft.train_text_encoder else self.pipe.text_encoder
+        )
+        with torch.set_grad_enabled(cfg.boft.train_text_encoder):
+            hidden = text_encoder(batch["input_ids"].to(latents.device), return_dict=False)[0]
+        pred = self.prepared("unet")(noisy, timesteps, hidden, return_dict=False)[0]
+        target = prediction_target(scheduler, latents, noise, timesteps)
+        weights = snr_loss_weights(scheduler, timesteps, cfg.train.snr_gamma) if cfg.train.snr_gamma else None
+        if not cfg.data.with_prior_preservation:
+            return diffusion_loss(pred, target, weights)
+        n = pred.shape[0] // 2
+        w_inst, w_class = (None, None) if weights is None else (weights[:n], weights[n:])
+        prior = diffusion_loss(pred[n:], target[n:], w_class)
+        return diffusion_loss(pred[:n], target[:n], w_inst) + cfg.data.prior_loss_weight * prior
+
+    # --- save ------------------------------------------------------------------------------------
+    def save_outputs(self, grid: Path | None) -> None:
+        """Model card and (if asked) the merged export."""
+        cfg, out = self.cfg, Path(self.cfg.train.output_dir)
+        flat = {
+            f"{section}.{k}": v for section, values in config_to_dict(cfg).items() for k, v in values.items()
+        }
+        hyper = {k: v for k, v in flat.items() if k.startswith("boft.")}
+        hyper |= {k: flat[k] for k in CARD_HYPERPARAMETERS}
+        base = self.base_model
+        write_model_card(
+            out,
+            title=f"BOFT DreamBooth adapter: {cfg.data.instance_prompt}",
+            base_model=base,
+            description=f"A BOFT adapter for `{base}` trained with DreamBooth on the prompt "
+            f"`{cfg.data.instance_prompt}` for {self.step} steps with boft-diffusion.",
+            hyperparameters=hyper,
+            trainable_parameters=self.trainable_count(),
+            usage=_usage(cfg),
+            images=[str(grid.relative_to(out))] if grid else [],
+            tags=("boft", "dreambooth", "diffusers", "text-to-image", "stable-diffusion"),
+            instance_prompt=cfg.data.instance_prompt,
+        )
+        if cfg.train.export_merged:
+            from ..export import export_merged
+
+            export_merged(self.pipe, out / "merged")
 
 
-def _add_adapters(cfg: DreamBoothConfig, pipe: Any) -> dict[str, nn.Module]:
-    """BOFT on the (frozen) UNet and text encoder; only adapter tensors train. Returns the adapted models."""
-    components = {
-        "unet": add_boft(pipe.unet, cfg.boft.to_config(cfg.boft.unet_target_modules), cfg.boft.adapter_name)
-    }
-    if cfg.boft.train_text_encoder:
-        te_config = cfg.boft.to_config(cfg.boft.text_encoder_target_modules)
-        components["text_encoder"] = add_boft(pipe.text_encoder, te_config, cfg.boft.adapter_name)
-    return components
-
-
-def _dataloader(cfg: DreamBoothConfig, pipe: Any, instance: list[Path], classes: list[Path] | None):
-    data = cfg.data
-    dataset = DreamBoothDataset(
-        instance, data.instance_prompt, data.resolution, data.center_crop, data.random_flip,
-        classes, data.class_prompt, data.caption_extension, cfg.train.seed,
-    )  # fmt: skip
-    sampler = EpochSampler(len(dataset), cfg.train.seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.train.train_batch_size,
-        sampler=sampler,
-        collate_fn=partial(collate_dreambooth, tokenizer=pipe.tokenizer),
-        num_workers=cfg.train.dataloader_num_workers,
-        generator=torch.Generator().manual_seed(cfg.train.seed),  # keeps loader seeding off the global RNG
-    )
-    return loader, [sampler, dataset]
-
-
-def setup(
-    cfg: DreamBoothConfig, accelerator: Accelerator, pipe: Any, images: list[Path] | None, resume: Path | None
-) -> Parts:
-    """Data (generating what is missing), adapters, optimiser around the base ``pipe``; resumes if asked."""
-    dtype = weight_dtype(accelerator)
-    base = [pipe.unet, pipe.vae, pipe.text_encoder]
-    for module in base:
-        module.requires_grad_(False).eval()  # frozen parts never use dropout
-    cast_frozen_weights(base, dtype, accelerator.device)
-    instance = _instance_images(cfg, accelerator, images)
-    classes = _class_images(cfg, accelerator, pipe)
-    components = _add_adapters(cfg, pipe)
-    cast_frozen_weights(components.values(), dtype, accelerator.device)  # trained tensors to float32
-    enable_memory_savers(cfg.train, pipe.unet, components.get("text_encoder"))
-    for module in components.values():
-        module.train()
-    loader, epoch_aware = _dataloader(cfg, pipe, instance, classes)
-    params = trainable_parameters(components.values())
-    t, n = cfg.train, accelerator.num_processes
-    lr = cfg.optim.learning_rate * (
-        t.train_batch_size * t.gradient_accumulation_steps * n if cfg.optim.scale_lr else 1
-    )
-    optimizer = make_optimizer(params, cfg.optim, lr)
-    plan = StepPlan.create(
-        math.ceil(len(loader) / n), t.gradient_accumulation_steps, t.max_train_steps, t.num_train_epochs
-    )
-    lr_scheduler = make_lr_scheduler(optimizer, cfg.optim, plan.max_train_steps, n)
-    *models, optimizer, loader, lr_scheduler = accelerator.prepare(
-        *components.values(), optimizer, loader, lr_scheduler
-    )
-    progress = TrainProgress()
-    keys = resume_keys(cfg, plan.max_train_steps)
-    state = TrainingState(components, optimizer, lr_scheduler, progress, cfg.boft.adapter_name, keys)
-    if resume is not None:
-        accelerator.print(f"Resuming from {resume}")
-        load_checkpoint(accelerator, resume, state)
-    return Parts(
-        pipe=pipe,
-        unet=models[0],
-        text_encoder=models[1] if len(models) > 1 else pipe.text_encoder,
-        components=components,
-        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
-        dataloader=loader,
-        epoch_aware=epoch_aware,
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
-        params=params,
-        plan=plan,
-        progress=progress,
-        state=state,
-    )
-
-
-# --- train ----------------------------------------------------------------------------------------
-def compute_loss(cfg: DreamBoothConfig, parts: Parts, batch: dict[str, Any]) -> torch.Tensor:
-    """Denoising loss of one batch (instance half + ``prior_loss_weight`` x class half)."""
-    scheduler = parts.noise_scheduler
-    with torch.no_grad():
-        latents = encode_latents(parts.pipe.vae, batch["pixel_values"])
-    noise = sample_noise(latents, cfg.train.noise_offset)
-    timesteps = sample_timesteps(scheduler, latents.shape[0], latents.device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    with torch.set_grad_enabled(cfg.boft.train_text_encoder):
-        hidden = parts.text_encoder(batch["input_ids"].to(latents.device), return_dict=False)[0]
-    pred = parts.unet(noisy, timesteps, hidden, return_dict=False)[0]
-    target = prediction_target(scheduler, latents, noise, timesteps)
-    weights = snr_loss_weights(scheduler, timesteps, cfg.train.snr_gamma) if cfg.train.snr_gamma else None
-    if not cfg.data.with_prior_preservation:
-        return diffusion_loss(pred, target, weights)
-    n = pred.shape[0] // 2
-    w_inst, w_class = (None, None) if weights is None else (weights[:n], weights[n:])
-    prior = diffusion_loss(pred[n:], target[n:], w_class)
-    return diffusion_loss(pred[:n], target[:n], w_inst) + cfg.data.prior_loss_weight * prior
-
-
-def validate(
-    cfg: DreamBoothConfig, accelerator: Accelerator, parts: Parts, name: str, tag: str = "validation"
-):
-    out = Path(cfg.train.output_dir) / "validation" / f"{name}.png"
-    return run_validation(
-        accelerator, parts.pipe, cfg.validation, cfg.data.resolution, out, parts.progress.step,
-        trained=list(parts.components.values()), tag=tag,
-    )  # fmt: skip
-
-
-def _save_checkpoint(cfg: DreamBoothConfig, accelerator: Accelerator, parts: Parts) -> None:
-    """A checkpoint of this step, recorded as this run's; older ones pruned only once it is saved."""
-    out = cfg.train.output_dir
-    saved = save_checkpoint(accelerator, parts.state, out, parts.progress.step)
-    if accelerator.is_main_process:
-        record_outputs(out, saved)
-        forget_outputs(out, *prune_checkpoints(out, saved, cfg.train.checkpoints_total_limit))
-    accelerator.wait_for_everyone()
-
-
-def train(
-    cfg: DreamBoothConfig,
-    accelerator: Accelerator,
-    parts: Parts,
-    on_step: Callable[[int, dict[str, float]], None] | None = None,
-) -> list[float]:
-    """The loop: accumulate, clip, step; log, checkpoint and validate on schedule. Returns the losses.
-
-    A NaN or inf loss (checked before ``backward``) or trained parameter (after the step) stops the
-    run with ``TrainingDiverged`` before anything of that step is saved. Ctrl-C abandons the step
-    in progress and raises ``TrainingInterrupted`` naming the last checkpoint.
-    """
-    plan, progress, t = parts.plan, parts.progress, cfg.train
-    bar = ProgressBar(accelerator, plan.max_train_steps, progress.step)
-    meter, losses = LossMeter(), []
-    first_epoch, skip = plan.position(progress.step)
-    trained = [parts.unet, parts.text_encoder] if cfg.boft.train_text_encoder else [parts.unet]
-    try:
-        for epoch in range(first_epoch, plan.num_epochs):
-            skip_now = skip if epoch == first_epoch else 0
-            for batch in epoch_batches(accelerator, parts.dataloader, epoch, skip_now, parts.epoch_aware):
-                if progress.step >= plan.max_train_steps:
-                    break
-                with accelerator.accumulate(*trained):
-                    loss = compute_loss(cfg, parts, batch)
-                    check_finite_loss(accelerator, loss, progress.step + 1)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.optim.max_grad_norm:
-                        accelerator.clip_grad_norm_(parts.params, cfg.optim.max_grad_norm)
-                    parts.optimizer.step()
-                    parts.lr_scheduler.step()
-                    parts.optimizer.zero_grad(set_to_none=True)
-                meter.add(loss)
-                if not accelerator.sync_gradients:
-                    continue
-                progress.step += 1
-                check_finite_parameters(parts.components, progress.step)
-                logs = {"loss": meter.pop(accelerator), "lr": parts.lr_scheduler.get_last_lr()[0]}
-                losses.append(logs["loss"])
-                bar.update(logs)
-                accelerator.log(logs, step=progress.step)
-                if is_due(progress.step, t.checkpointing_steps):
-                    _save_checkpoint(cfg, accelerator, parts)
-                if is_due(progress.step, cfg.validation.validation_steps):
-                    validate(cfg, accelerator, parts, f"step-{progress.step:06d}")
-                if on_step is not None:
-                    on_step(progress.step, logs)
-    except KeyboardInterrupt as err:
-        raise interruption(t.output_dir, progress.step) from err
-    finally:
-        bar.close()
-    return losses
-
-
-# --- save -----------------------------------------------------------------------------------------
 def _usage(cfg: DreamBoothConfig) -> str:
     base = cfg.model.pretrained_model_name_or_path
     if base:
@@ -492,90 +338,14 @@ image = pipe("{cfg.data.instance_prompt}").images[0]
 """
 
 
-def save_outputs(cfg: DreamBoothConfig, accelerator: Accelerator, parts: Parts, trainable: int) -> None:
-    """Adapter, final sample grid, model card and (if asked) the merged export; main process writes."""
-    out = Path(cfg.train.output_dir)
-    base = cfg.model.pretrained_model_name_or_path or f"boft_diffusion.tiny (seed {cfg.model.tiny_seed})"
-    check_finite_adapter(parts.components, cfg.boft.adapter_name, f"the final adapter in {out}")
-    if accelerator.is_main_process:
-        save_boft_weights(parts.components, out, cfg.boft.adapter_name, metadata={"base_model": base})
-    grid = validate(cfg, accelerator, parts, "final", tag="final")
-    if not accelerator.is_main_process:
-        return
-    hyper = {f"boft.{k}": v for k, v in config_to_dict(cfg.boft).items()}
-    hyper |= {
-        f"optim.{k}": getattr(cfg.optim, k) for k in ("learning_rate", "lr_scheduler", "lr_warmup_steps")
-    }
-    for key in (
-        "max_train_steps",
-        "train_batch_size",
-        "gradient_accumulation_steps",
-        "mixed_precision",
-        "seed",
-    ):
-        hyper[f"train.{key}"] = getattr(cfg.train, key)
-    for key in (
-        "resolution",
-        "with_prior_preservation",
-        "class_prompt",
-        "num_class_images",
-        "prior_loss_weight",
-    ):
-        hyper[f"data.{key}"] = getattr(cfg.data, key)
-    write_model_card(
-        out,
-        title=f"BOFT DreamBooth adapter: {cfg.data.instance_prompt}",
-        base_model=base,
-        description=f"A BOFT adapter for `{base}` trained with DreamBooth on the prompt "
-        f"`{cfg.data.instance_prompt}` for {parts.progress.step} steps with boft-diffusion.",
-        hyperparameters=hyper,
-        trainable_parameters=trainable,
-        usage=_usage(cfg),
-        images=[str(grid.relative_to(out))] if grid else [],
-        tags=("boft", "dreambooth", "diffusers", "text-to-image", "stable-diffusion"),
-        instance_prompt=cfg.data.instance_prompt,
-    )
-    if cfg.train.export_merged:
-        from ..export import export_merged
-
-        export_merged(parts.pipe, out / "merged")
-
-
 def run(cfg: DreamBoothConfig, on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
     """Train a DreamBooth BOFT adapter as ``cfg`` says; ``on_step(step, logs)`` runs after each step.
 
     Every check (config, data, model, resume, device, folders, sizes) runs before anything is
     written; everything written into output_dir is recorded in its manifest.
     """
-    images, resume = check_inputs(cfg)
-    accelerator = make_accelerator(cfg.train)
-    check_device(accelerator, cfg.train)
-    pipe = load_pipeline(cfg.model)  # the last checks: a hub id may not load, a size may not suit the model
-    check_resolution(pipe, cfg.data.resolution, "data.resolution")
-    check_resolution(pipe, cfg.validation.resolution, "validation.resolution")
-    set_seed(cfg.train.seed, device_specific=True)
-    out, main = Path(cfg.train.output_dir), accelerator.is_main_process
-    inputs = [p for p in (cfg.data.instance_data_dir, cfg.data.class_data_dir, resume) if p is not None]
-    with claim_output_dir(accelerator, cfg.train, keep=inputs):  # a failed start puts overwritten runs back
-        parts = setup(cfg, accelerator, pipe, images, resume)
-        if main:  # only now: a start that failed leaves no config that would refuse the corrected rerun
-            write_run_config(out, config_to_yaml(cfg))
-    if main:
-        record_outputs(out, *_planned_outputs(cfg))
-    init_trackers(accelerator, cfg.train.tracker_project_name, config_to_dict(cfg))
-    trainable = sum(count_parameters(m)[0] for m in parts.components.values())
-    accelerator.print(f"Training {trainable:,d} BOFT parameters for {parts.plan.max_train_steps} steps")
-    start = time.perf_counter()
-    losses = train(cfg, accelerator, parts, on_step)
-    accelerator.wait_for_everyone()
-    save_outputs(cfg, accelerator, parts, trainable)
-    if main:
-        record_outputs(out, *(path for _, path in list_checkpoints(out)))
-    accelerator.print(f"Done in {time.perf_counter() - start:.1f}s; adapter in {cfg.train.output_dir}")
-    accelerator.end_training()
-    adapter = {
-        f"{comp}.{key}": value.detach().cpu().clone()
-        for comp, module in parts.components.items()
-        for key, value in adapter_state_dict(module, cfg.boft.adapter_name).items()
-    }
-    return TrainResult(Path(cfg.train.output_dir), parts.progress.step, losses, adapter, trainable)
+    recipe = DreamBoothRecipe(cfg)
+    losses = recipe.run_all(on_step)
+    return TrainResult(
+        Path(cfg.train.output_dir), recipe.step, losses, recipe.adapter_tensors(), recipe.trainable_count()
+    )

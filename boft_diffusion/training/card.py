@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_write_text
+
 __all__ = ["write_model_card"]
 
 
@@ -58,6 +60,4 @@ def write_model_card(
 | --- | --- |
 {rows}
 """
-    path = Path(output_dir) / "README.md"
-    path.write_text(text, encoding="utf-8")
-    return path
+    return atomic_write_text(Path(output_dir) / "README.md", text)

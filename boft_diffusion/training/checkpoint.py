@@ -42,7 +42,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..atomic import atomic_write_text, staged_dir
-from ..inject import adapter_state_dict
+from ..inject import adapter_state_dict, load_adapter_state_dict
 from ..io import ADAPTER_WEIGHTS_NAME, AdapterFormatError, read_adapter, save_boft_weights
 from ..io.format import atomic_save_safetensors
 from .args import ConfigError, config_to_dict
@@ -361,24 +361,19 @@ def _read_rng(file: Path) -> _RandomState:
 
 @torch.no_grad()
 def load_adapter_tensors(components: Mapping[str, nn.Module], folder: str | Path, adapter_name: str) -> None:
-    """Copy a saved adapter's tensors into the existing adapter ``adapter_name`` of ``components``."""
+    """Copy a saved adapter's tensors into the existing adapter ``adapter_name`` of ``components``.
+
+    :func:`~boft_diffusion.inject.load_adapter_state_dict` (the inverse of what the checkpoint saved)
+    checks every key and shape first; a checkpoint of another adapter layout is a :class:`ConfigError`.
+    """
     saved = _read_adapter(Path(folder))
     for comp, module in components.items():
-        current = adapter_state_dict(module, adapter_name)
-        tensors = saved.tensors.get(comp, {})
-        if set(tensors) != set(current):
-            missing = sorted(set(current) ^ set(tensors))[:3]
+        try:
+            load_adapter_state_dict(module, saved.tensors.get(comp, {}), adapter_name)
+        except ValueError as err:
             raise ConfigError(
-                f"Checkpoint {folder} does not match this run's {comp} adapter (keys {missing})"
-            )
-        wrong = [k for k, t in current.items() if tuple(t.shape) != tuple(tensors[k].shape)]
-        if wrong:
-            raise ConfigError(
-                f"Checkpoint {folder} has {comp}.{wrong[0]} of shape {tuple(tensors[wrong[0]].shape)}, "
-                f"this run's adapter needs {tuple(current[wrong[0]].shape)} (another BOFT config?)"
-            )
-        for key, target in current.items():
-            target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))
+                f"Checkpoint {folder} does not fit this run's {comp} adapter (another BOFT config?): {err}"
+            ) from err
 
 
 def load_checkpoint(accelerator: Accelerator, folder: str | Path, state: TrainingState) -> None:

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration
 from torch import nn
 
@@ -71,22 +70,30 @@ def make_accelerator(train: TrainArgs) -> Accelerator:
     """An ``Accelerator`` for ``train``: accumulation, precision, tracker, project folders.
 
     Launched as several processes on a CPU-only machine, it runs data-parallel over gloo
-    (accelerate itself would otherwise start independent single-process runs). A second run in
-    the same process (a notebook, tests) may change precision or accumulation: accelerate's
-    per-process singletons are reset first, keeping the distributed state.
+    (accelerate itself would otherwise start independent single-process runs). accelerate keeps
+    one precision per process: a second run in the same process (a notebook, tests) may change
+    accumulation, tracker and folders, but a different ``mixed_precision`` needs a new process
+    (a :class:`ConfigError` says so; accelerate's state is never reset through private calls).
     """
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
     project = ProjectConfiguration(
         project_dir=train.output_dir, logging_dir=str(Path(train.output_dir) / train.logging_dir)
     )
-    return Accelerator(
-        gradient_accumulation_steps=train.gradient_accumulation_steps,
-        mixed_precision=train.mixed_precision,
-        log_with=None if train.report_to == "none" else train.report_to,
-        project_config=project,
-        cpu=_distributed_cpu(),
-    )
+    try:
+        return Accelerator(
+            gradient_accumulation_steps=train.gradient_accumulation_steps,
+            mixed_precision=train.mixed_precision,
+            log_with=None if train.report_to == "none" else train.report_to,
+            project_config=project,
+            cpu=_distributed_cpu(),
+        )
+    except ValueError as err:
+        if "already been initialized" not in str(err):
+            raise
+        raise ConfigError(
+            f"train.mixed_precision={train.mixed_precision}: this process already trained with another "
+            "mixed precision, and accelerate keeps one per process; start a new process (e.g. restart "
+            "the notebook kernel) for this run"
+        ) from err
 
 
 def weight_dtype(accelerator: Accelerator) -> torch.dtype:
@@ -107,8 +114,23 @@ def cast_frozen_weights(modules: Iterable[nn.Module | None], dtype: torch.dtype,
                 param.data = param.data.float()
 
 
+def _has_accelerator_device() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return (
+        torch.cuda.is_available()
+        or bool(mps and mps.is_available())
+        or bool(xpu and hasattr(xpu, "is_available") and xpu.is_available())
+    )
+
+
 def check_environment(train: TrainArgs, optim: OptimArgs) -> None:
     """Optional packages and hardware the config asks for: a clear error now, not mid-run."""
+    if train.mixed_precision == "fp16" and not _has_accelerator_device():
+        raise ConfigError(
+            "train.mixed_precision=fp16 needs a GPU; this run would train on the CPU, where accelerate "
+            "applies no fp16 autocast or loss scaling: use train.mixed_precision=bf16 or no"
+        )
     if optim.optimizer == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(
             "optim.optimizer=adamw_8bit needs bitsandbytes: pip install bitsandbytes (or use optim.optimizer=adamw)"

@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from PIL import Image
 from torch import nn
 
+from ..atomic import atomic_file
 from .args import ValidationArgs
 from .tracking import log_images
 
@@ -29,6 +30,11 @@ def make_grid(images: Sequence[Image.Image], rows: int, cols: int) -> Image.Imag
     for i, image in enumerate(images):
         grid.paste(image, ((i % cols) * width, (i // cols) * height))
     return grid
+
+
+def _image_format(path: Path) -> str:
+    """PIL's format name for ``path``'s extension (the temporary file's name does not tell); PNG if unknown."""
+    return Image.registered_extensions().get(path.suffix.lower(), "PNG")
 
 
 @torch.no_grad()
@@ -77,8 +83,8 @@ def run_validation(
             grid = sample_grid(pipe, args, resolution, **pipe_kwargs)
         for module, mode in zip(trained, modes):
             module.train(mode)
-        out_file.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(out_file)
+        with atomic_file(out_file) as tmp:  # a killed run leaves no half grid
+            grid.save(tmp, format=_image_format(out_file))
         log_images(accelerator, tag, grid, step, caption=" | ".join(args.prompts))
     accelerator.wait_for_everyone()
     return out_file

@@ -1,0 +1,331 @@
+"""The life cycle every training recipe shares: ``check -> setup -> train -> save``.
+
+A recipe (``recipes/dreambooth.py``; the controllable-generation one next) subclasses
+:class:`TrainingRecipe` and supplies only what is its own:
+
+- ``check_task_inputs()``: its data checks (nothing may be written yet),
+- ``build()``: data, adapters and dataloader on the loaded pipeline,
+- ``compute_loss(batch)``: the objective of one batch,
+- ``save_outputs()``: what it leaves behind besides the adapter (model card, export).
+
+Everything else lives here once: the accelerator, the checks made before anything is written, the
+output folder and its manifest, the optimiser and schedule, the loop (accumulation, clipping,
+finite checks, Ctrl-C), checkpoints and validation. The recipe object *is* the run's state; its
+attributes are set by :meth:`setup` and used by :meth:`train` and :meth:`save`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import DDPMScheduler
+from torch import nn
+
+from ..inject import adapter_state_dict, count_parameters
+from ..io import ADAPTER_WEIGHTS_NAME, save_boft_weights
+from .args import config_to_dict, config_to_yaml
+from .checkpoint import (
+    TrainingState,
+    TrainProgress,
+    check_finite_adapter,
+    check_resume,
+    interruption,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    resolve_resume_checkpoint,
+    resume_keys,
+    save_checkpoint,
+)
+from .loop import LossMeter, StepPlan, check_finite_loss, check_finite_parameters, epoch_batches, is_due
+from .optim import make_lr_scheduler, make_optimizer, trainable_parameters
+from .setup import (
+    RUN_CONFIG_NAME,
+    cast_frozen_weights,
+    check_device,
+    check_environment,
+    check_model_source,
+    check_output_dir,
+    check_resolution,
+    claim_output_dir,
+    enable_memory_savers,
+    forget_outputs,
+    load_pipeline,
+    make_accelerator,
+    record_outputs,
+    weight_dtype,
+    write_run_config,
+)
+from .tracking import ProgressBar, init_trackers
+from .validation import run_validation
+
+__all__ = ["OnStep", "TrainingRecipe"]
+
+OnStep = Callable[[int, dict[str, float]], None]
+"""``on_step(step, logs)``: called after every optimiser step (tests stop runs with it)."""
+
+
+class TrainingRecipe:
+    """One training run. ``cfg`` has the sections ``model, boft, data, optim, train, validation``.
+
+    Life cycle: :meth:`check_inputs` (also called by :meth:`setup`) rejects bad input before
+    anything is written; :meth:`setup` loads the pipeline, claims the output folder and builds the
+    run (resuming if asked); :meth:`train` runs the loop; :meth:`save` writes the final adapter and
+    the recipe's outputs. :meth:`run_all` does all of it.
+    """
+
+    run_identity: tuple[str, ...] = ("model", "boft", "data", "train.seed")
+    """Keys that make two configs the same run (a resume may change the others, e.g. steps or logging)."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self.resume: Path | None = None
+        # Set by setup():
+        self.accelerator: Accelerator
+        self.pipe: Any = None
+        self.components: dict[str, nn.Module] = {}
+        """The adapted models, unwrapped (``{"unet": ..., "text_encoder": ...}``)."""
+        self.trained: list[nn.Module] = []
+        """The adapted models as prepared by accelerate (what the loop calls and accumulates over)."""
+        self.noise_scheduler: DDPMScheduler
+        self.dataloader: Any = None
+        self.epoch_aware: list[Any] = []
+        self.optimizer: torch.optim.Optimizer
+        self.lr_scheduler: Any = None
+        self.params: list[nn.Parameter] = []
+        self.plan: StepPlan
+        self.state: TrainingState
+        self.losses: list[float] = []
+
+    # --- what a recipe supplies ------------------------------------------------------------------
+    def check_task_inputs(self) -> None:
+        """The recipe's own input checks (data folders, prompts); nothing may be written."""
+
+    def planned_outputs(self) -> list[str]:
+        """What the run writes into output_dir (relative paths), besides checkpoints."""
+        t = self.cfg.train
+        paths = [RUN_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, "README.md"]
+        paths += [t.logging_dir] if t.report_to != "none" else []
+        paths += ["validation"] if self.cfg.validation.prompts else []
+        return paths + (["merged"] if t.export_merged else [])
+
+    def input_paths(self) -> list[str | Path]:
+        """Inputs that may lie in output_dir and must survive an overwrite (data folders)."""
+        return []
+
+    def build(self) -> None:
+        """Data, adapters (``self.components``) and ``self.dataloader`` / ``self.epoch_aware``."""
+        raise NotImplementedError
+
+    def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def save_outputs(self, grid: Path | None) -> None:
+        """Model card, exports (``grid``: the final sample grid): main process, after the adapter."""
+
+    # --- check -----------------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        return self.state.progress.step
+
+    def check_inputs(self) -> None:
+        """Reject bad input before anything is written (config, packages, data, resume, output folder)."""
+        cfg, t = self.cfg, self.cfg.train
+        check_environment(t, cfg.optim)
+        check_model_source(cfg.model.pretrained_model_name_or_path)
+        self.check_task_inputs()
+        self.resume = resolve_resume_checkpoint(t.resume_from_checkpoint, t.output_dir)
+        if self.resume is not None:
+            check_resume(self.resume, cfg)  # the checkpoint's files and the keys its state depends on
+        writes = self.planned_outputs() + (["checkpoint-*"] if t.checkpointing_steps else [])
+        check_output_dir(t.output_dir, config_to_dict(cfg), self.run_identity, t.overwrite_output_dir, writes)
+
+    # --- setup -----------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Checks, accelerator, pipeline; then, inside the claimed output folder, the run itself."""
+        cfg = self.cfg
+        self.check_inputs()
+        self.accelerator = make_accelerator(cfg.train)
+        check_device(self.accelerator, cfg.train)
+        self.pipe = load_pipeline(cfg.model)  # the last checks: a hub id may not load, a size may not fit
+        check_resolution(self.pipe, cfg.data.resolution, "data.resolution")
+        check_resolution(self.pipe, cfg.validation.resolution, "validation.resolution")
+        set_seed(cfg.train.seed, device_specific=True)
+        out, main = Path(cfg.train.output_dir), self.accelerator.is_main_process
+        keep = [*self.input_paths(), *([self.resume] if self.resume else [])]
+        with claim_output_dir(self.accelerator, cfg.train, keep=keep):  # a failed start puts runs back
+            self._setup_run()
+            if main:  # only now: a start that failed leaves no config that would refuse the rerun
+                write_run_config(out, config_to_yaml(cfg))
+        if main:
+            record_outputs(out, *self.planned_outputs())
+        init_trackers(self.accelerator, cfg.train.tracker_project_name, config_to_dict(cfg))
+
+    def _setup_run(self) -> None:
+        """Frozen base in the compute dtype, the recipe's build, optimiser and schedule; resume."""
+        cfg, accelerator, t = self.cfg, self.accelerator, self.cfg.train
+        dtype = weight_dtype(accelerator)
+        base = [m for m in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder) if m is not None]
+        for module in base:
+            module.requires_grad_(False).eval()  # frozen parts never use dropout
+        cast_frozen_weights(base, dtype, accelerator.device)
+        self.build()
+        cast_frozen_weights(self.components.values(), dtype, accelerator.device)  # trained: float32
+        enable_memory_savers(t, self.pipe.unet, self.components.get("text_encoder"))
+        for module in self.components.values():
+            module.train()
+        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.params = trainable_parameters(self.components.values())
+        n = accelerator.num_processes
+        lr = cfg.optim.learning_rate * (
+            t.train_batch_size * t.gradient_accumulation_steps * n if cfg.optim.scale_lr else 1
+        )
+        optimizer = make_optimizer(self.params, cfg.optim, lr)
+        self.plan = StepPlan.create(
+            math.ceil(len(self.dataloader) / n),
+            t.gradient_accumulation_steps,
+            t.max_train_steps,
+            t.num_train_epochs,
+        )
+        lr_scheduler = make_lr_scheduler(optimizer, cfg.optim, self.plan.max_train_steps, n)
+        *self.trained, self.optimizer, self.dataloader, self.lr_scheduler = accelerator.prepare(
+            *self.components.values(), optimizer, self.dataloader, lr_scheduler
+        )
+        keys = resume_keys(cfg, self.plan.max_train_steps)
+        self.state = TrainingState(
+            self.components, self.optimizer, self.lr_scheduler, TrainProgress(), cfg.boft.adapter_name, keys
+        )
+        if self.resume is not None:
+            accelerator.print(f"Resuming from {self.resume}")
+            load_checkpoint(accelerator, self.resume, self.state)
+
+    def prepared(self, name: str) -> nn.Module:
+        """The adapted component ``name`` as accelerate prepared it (what the loop must call)."""
+        return self.trained[list(self.components).index(name)]
+
+    # --- train -----------------------------------------------------------------------------------
+    def train(self, on_step: OnStep | None = None) -> list[float]:
+        """The loop: accumulate, clip, step; log, checkpoint and validate on schedule. Returns the losses.
+
+        A NaN or inf loss (checked before ``backward``) or trained parameter (after the step) stops the
+        run with ``TrainingDiverged`` before anything of that step is saved. Ctrl-C abandons the step
+        in progress and raises ``TrainingInterrupted`` naming the last checkpoint.
+        """
+        accelerator, plan, progress = self.accelerator, self.plan, self.state.progress
+        t = self.cfg.train
+        bar = ProgressBar(accelerator, plan.max_train_steps, progress.step)
+        meter = LossMeter()
+        first_epoch, skip = plan.position(progress.step)
+        try:
+            for epoch in range(first_epoch, plan.num_epochs):
+                skip_now = skip if epoch == first_epoch else 0
+                for batch in epoch_batches(accelerator, self.dataloader, epoch, skip_now, self.epoch_aware):
+                    if progress.step >= plan.max_train_steps:
+                        break
+                    self._micro_step(batch, meter)
+                    if not accelerator.sync_gradients:
+                        continue
+                    progress.step += 1
+                    check_finite_parameters(self.components, progress.step)
+                    logs = {"loss": meter.pop(accelerator), "lr": self.lr_scheduler.get_last_lr()[0]}
+                    self.losses.append(logs["loss"])
+                    bar.update(logs)
+                    accelerator.log(logs, step=progress.step)
+                    if is_due(progress.step, t.checkpointing_steps):
+                        self.save_checkpoint()
+                    if is_due(progress.step, self.cfg.validation.validation_steps):
+                        self.validate(f"step-{progress.step:06d}")
+                    if on_step is not None:
+                        on_step(progress.step, logs)
+        except KeyboardInterrupt as err:
+            raise interruption(t.output_dir, progress.step) from err
+        finally:
+            bar.close()
+        return self.losses
+
+    def _micro_step(self, batch: dict[str, Any], meter: LossMeter) -> None:
+        accelerator = self.accelerator
+        with accelerator.accumulate(*self.trained):
+            loss = self.compute_loss(batch)
+            check_finite_loss(accelerator, loss, self.state.progress.step + 1)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and self.cfg.optim.max_grad_norm:
+                accelerator.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        meter.add(loss)
+
+    def save_checkpoint(self) -> Path:
+        """A checkpoint of this step, recorded as this run's; older ones pruned only once it is saved."""
+        accelerator, out = self.accelerator, self.cfg.train.output_dir
+        saved = save_checkpoint(accelerator, self.state, out, self.step)
+        if accelerator.is_main_process:
+            record_outputs(out, saved)
+            forget_outputs(out, *prune_checkpoints(out, saved, self.cfg.train.checkpoints_total_limit))
+        accelerator.wait_for_everyone()
+        return saved
+
+    def validate(self, name: str, tag: str = "validation") -> Path | None:
+        """Sample the validation grid into ``validation/<name>.png`` (and the trackers)."""
+        out = Path(self.cfg.train.output_dir) / "validation" / f"{name}.png"
+        return run_validation(
+            self.accelerator, self.pipe, self.cfg.validation, self.cfg.data.resolution, out, self.step,
+            trained=list(self.components.values()), tag=tag,
+        )  # fmt: skip
+
+    # --- save ------------------------------------------------------------------------------------
+    @property
+    def base_model(self) -> str:
+        model = self.cfg.model
+        return model.pretrained_model_name_or_path or f"boft_diffusion.tiny (seed {model.tiny_seed})"
+
+    def trainable_count(self) -> int:
+        return sum(count_parameters(m)[0] for m in self.components.values())
+
+    def save(self) -> Path | None:
+        """The final adapter (refused if non-finite), the final grid, then the recipe's outputs."""
+        cfg, accelerator, out = self.cfg, self.accelerator, Path(self.cfg.train.output_dir)
+        accelerator.wait_for_everyone()
+        check_finite_adapter(self.components, cfg.boft.adapter_name, f"the final adapter in {out}")
+        if accelerator.is_main_process:
+            save_boft_weights(
+                self.components, out, cfg.boft.adapter_name, metadata={"base_model": self.base_model}
+            )
+        grid = self.validate("final", tag="final")
+        if accelerator.is_main_process:
+            self.save_outputs(grid)
+            record_outputs(out, *(path for _, path in list_checkpoints(out)))
+        return grid
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """The trained tensors, ``<component>.<module path>.boft_R`` etc., on the CPU."""
+        name = self.cfg.boft.adapter_name
+        return {
+            f"{comp}.{key}": value.detach().cpu().clone()
+            for comp, module in self.components.items()
+            for key, value in adapter_state_dict(module, name).items()
+        }
+
+    def run_all(self, on_step: OnStep | None = None) -> list[float]:
+        """``setup -> train -> save``; returns this invocation's losses."""
+        self.setup()
+        accelerator = self.accelerator
+        accelerator.print(
+            f"Training {self.trainable_count():,d} BOFT parameters for {self.plan.max_train_steps} steps"
+        )
+        start = time.perf_counter()
+        losses = self.train(on_step)
+        self.save()
+        accelerator.print(
+            f"Done in {time.perf_counter() - start:.1f}s; adapter in {self.cfg.train.output_dir}"
+        )
+        accelerator.end_training()
+        return losses
