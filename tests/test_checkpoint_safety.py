@@ -392,3 +392,18 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkey
         )
     )
     assert result.global_step == 4
+
+
+def test_a_checkpoint_adapter_of_another_layout_is_refused_before_any_tensor_is_copied(tmp_path):
+    from boft_diffusion import BOFTConfig
+    from boft_diffusion.inject import adapter_state_dict, add_boft
+    from boft_diffusion.io import save_boft_weights
+    from boft_diffusion.tiny import build_tiny_pipeline
+
+    other = {"unet": add_boft(build_tiny_pipeline(seed=0).unet, BOFTConfig(boft_block_size=4))}
+    save_boft_weights(other, tmp_path)
+    unet = add_boft(build_tiny_pipeline(seed=0).unet, BOFTConfig(boft_block_size=8, init_weights=False))
+    before = {k: v.clone() for k, v in adapter_state_dict(unet).items()}
+    with pytest.raises(ConfigError, match=r"does not fit this run's unet adapter.*shape"):
+        checkpoint_module.load_adapter_tensors({"unet": unet}, tmp_path, "default")
+    assert all(torch.equal(before[k], v) for k, v in adapter_state_dict(unet).items())
