@@ -12,6 +12,7 @@ from .io import AdapterFormatError, load_boft_weights, save_boft_weights, save_p
 from .layers import BOFTConv2d, BOFTLinear
 from .pipeline import (
     add_boft_to_pipeline,
+    delete_boft_adapter,
     disable_boft,
     enable_boft,
     merge_boft,
@@ -33,6 +34,7 @@ __all__ = [
     "BOFTModel",
     "add_boft",
     "add_boft_to_pipeline",
+    "delete_boft_adapter",
     "disable_boft",
     "enable_boft",
     "load_boft_weights",

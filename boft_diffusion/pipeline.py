@@ -34,6 +34,7 @@ __all__ = [
     "add_boft_to_pipeline",
     "apply_adapter_plans",
     "boft_adapters",
+    "delete_boft_adapter",
     "disable_boft",
     "enable_boft",
     "merge_boft",
@@ -158,6 +159,8 @@ def disable_boft(pipe: Any) -> None:
 
 
 def delete_boft_adapter(pipe: Any, adapter_name: str) -> None:
+    """Remove adapter ``adapter_name`` from every component (diffusers' ``delete_adapters``); layers
+    left with no adapter go back to the original modules, and ``bias="all"`` biases are restored."""
     for module in pipeline_components(pipe).values():
         if adapter_name in adapter_configs(module):
             delete_adapter(module, adapter_name)

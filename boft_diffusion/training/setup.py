@@ -150,17 +150,6 @@ def check_environment(train: TrainArgs, optim: OptimArgs) -> None:
             raise ConfigError(
                 f"train.report_to={tracker} needs {package}: pip install {package} (or report_to=none)"
             )
-    if train.export_merged:
-        try:
-            from .. import export
-        except ImportError as err:
-            raise ConfigError(
-                f"train.export_merged needs boft_diffusion.export, which is not available ({err})"
-            ) from err
-        if not hasattr(export, "export_merged"):
-            raise ConfigError(
-                "train.export_merged: boft_diffusion.export has no export_merged in this version"
-            )
 
 
 def check_model_source(name: str | None) -> None:
