@@ -134,8 +134,12 @@ def test_a_bad_value_through_the_cli_is_one_line_and_writes_nothing(tmp_path, ca
 
 
 # --- overwrite: only what earlier runs recorded, inside output_dir -------------------------------------
-def test_a_run_records_everything_it_writes(tmp_path):
+@pytest.mark.parametrize("relative", [False, True], ids=["absolute", "relative"])
+def test_a_run_records_everything_it_writes(tmp_path, monkeypatch, relative):
     out = tmp_path / "run"
+    if relative:  # train.output_dir=outputs/run, as the quickstart's relative default is
+        monkeypatch.chdir(tmp_path)
+        out = Path("outputs/run")
     run(
         make_config(
             out, "train.max_train_steps=2", "train.checkpointing_steps=1", "train.report_to=tensorboard"
@@ -154,6 +158,9 @@ def test_a_run_records_everything_it_writes(tmp_path):
     } <= recorded
     unrecorded = {p.name for p in out.iterdir()} - recorded - {MANIFEST}
     assert not unrecorded
+    assert all("/" not in entry for entry in recorded), recorded  # entries are relative to output_dir
+    run(make_config(out, "boft.block_num=2", "train.overwrite_output_dir=true"))
+    assert not (out / "checkpoint-2").exists()  # the earlier run's checkpoints were recorded as its own
 
 
 def test_logging_dir_outside_the_output_dir_is_refused_and_nothing_outside_is_touched(tmp_path):

@@ -301,11 +301,15 @@ def folder_write_problem(path: str | Path) -> str | None:
 
 
 def _entry(folder: Path, path: str | os.PathLike[str]) -> str:
-    """``path`` (relative to ``folder``, or absolute inside it) as a manifest entry (``a/b``).
+    """``path`` (relative to ``folder``, spelled through ``folder`` as ``folder / "a"`` is, or absolute
+    inside it) as a manifest entry (``a/b``).
 
     Judged by its spelling only: links are judged when something is about to be removed.
     """
     path = Path(path)
+    prefix = Path(folder).parts
+    if not path.is_absolute() and not Path(folder).is_absolute() and path.parts[: len(prefix)] == prefix:
+        path = Path(*path.parts[len(prefix) :]) if len(path.parts) > len(prefix) else Path()
     if path.is_absolute():
         try:
             path = Path(os.path.abspath(path)).relative_to(os.path.abspath(folder))
