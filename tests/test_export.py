@@ -338,3 +338,12 @@ def test_modules_to_save_export_their_active_copy():
     assert torch.equal(merged["conv_out.weight"], pipe.unet.conv_out.original.weight)
     name, layer = next(iter(boft_layers(pipe.unet).items()))
     assert torch.equal(merged[f"{name}.weight"], layer.base_layer.weight)
+
+
+def test_a_unet_key_without_an_original_place_is_a_clear_refusal(tiny_pipe):
+    unet_state = dict(tiny_pipe.unet.state_dict())
+    unet_state["add_embedding.linear_1.weight"] = torch.zeros(1)  # an SDXL-only module
+    with pytest.raises(ValueError, match="add_embedding.linear_1.weight.*original Stable Diffusion layout"):
+        to_original_layout(
+            unet_state, tiny_pipe.vae.state_dict(), {}, tiny_pipe.unet.config, tiny_pipe.vae.config
+        )

@@ -59,7 +59,7 @@ def _unet_key(key: str, per_block: int, up_has_attention: set[int]) -> str:
         return ".".join(
             ["input_blocks" if down else "output_blocks", str(index), slot, *_resnet_rest(kind, rest)]
         )
-    raise KeyError(f"UNet key {key!r} has no place in the original Stable Diffusion layout")
+    raise ValueError(f"UNet key {key!r} has no place in the original Stable Diffusion layout")
 
 
 def _resnet_rest(kind: str, rest: list[str]) -> list[str]:
