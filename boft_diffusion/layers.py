@@ -251,21 +251,24 @@ class BOFTLayer(nn.Module):
 
     # --- merge --------------------------------------------------------------------------------
     @torch.no_grad()
-    def plan_merge(self, names: list[str] | None = None, layer_name: str = "<layer>") -> MergePlan | None:
+    def plan_merge(
+        self, names: list[str] | None = None, layer_name: str = "<layer>", dtype: torch.dtype | None = None
+    ) -> MergePlan | None:
         """Compute and check the merge of ``names`` (default: the active adapters); write nothing.
 
-        ``None`` when there is nothing to merge (already merged adapters are skipped). Raises
-        ``ValueError`` (naming the layer and adapters) if the merged weight or bias, in the base
+        ``None`` when there is nothing to merge (already merged adapters are skipped). The result is
+        in ``dtype`` (default: the base layer's, as merging writes it; export may ask for another).
+        Raises ``ValueError`` (naming the layer and adapters) if the merged weight or bias, in that
         dtype, holds a non-finite value.
         """
         names = self._unmerged(self.active_adapters if names is None else names)
         if not names:
             return None
         base = self.base_layer
-        weight = self.merged_weight(names).to(base.weight.dtype)
+        weight = self.merged_weight(names).to(dtype or base.weight.dtype)
         bias = None
         if base.bias is not None and any(n in self.boft_bias for n in names):
-            bias = self.merged_bias(names).to(base.bias.dtype)
+            bias = self.merged_bias(names).to(dtype or base.bias.dtype)
         if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
             raise ValueError(
                 f"Non-finite values in the merged weight of {layer_name!r}: adapter(s) {names} look broken; "

@@ -22,24 +22,18 @@ __all__ = ["merged_pipeline", "merged_state_dict"]
 
 @torch.no_grad()
 def _merged_tensors(path: str, layer: BOFTLayer, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """``{"<path>.weight": W', "<path>.bias": b'}`` of a layer's pending adapters, in the stock dtype.
+    """``{"<path>.weight": W', "<path>.bias": b'}`` of a layer's pending adapters, in ``dtype`` (default:
+    the stock one), computed and checked by :meth:`~boft_diffusion.layers.BOFTLayer.plan_merge`.
 
     Empty when nothing is pending (the base tensors already are the answer). Raises ``ValueError``
-    naming the tensor if a merged value is not finite.
+    naming the layer if a merged value is not finite.
     """
-    pending = layer.pending_adapters()
-    if not pending:
+    plan = layer.plan_merge(layer.pending_adapters(), path, dtype)  # None when nothing is pending
+    if plan is None:
         return {}
-    base = layer.base_layer
-    out = {f"{path}.weight": layer.merged_weight().to(dtype or base.weight.dtype)}
-    if base.bias is not None and any(name in layer.boft_bias for name in pending):
-        out[f"{path}.bias"] = layer.merged_bias().to(dtype or base.bias.dtype)
-    for key, tensor in out.items():
-        if not torch.isfinite(tensor).all():
-            raise ValueError(
-                f"Non-finite values in the merged tensor {key!r}: adapter(s) {pending} look broken; "
-                "nothing was exported"
-            )
+    out = {f"{path}.weight": plan.weight}
+    if plan.bias is not None:
+        out[f"{path}.bias"] = plan.bias
     return out
 
 
