@@ -163,14 +163,15 @@ def _promote_dir(staging: Path, target: Path, replace: bool | Callable[[Path], b
         raise _appeared(target)
     aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
     old = aside / target.name
+    with contextlib.suppress(FileNotFoundError):  # gone meanwhile: nothing to move aside
+        os.replace(target, old)
     try:
-        with contextlib.suppress(FileNotFoundError):  # gone meanwhile: nothing to move aside
-            os.replace(target, old)
-        try:
-            _rename_new(staging, target)
-        except BaseException:
-            with contextlib.suppress(OSError):  # put the old content back if its place is still free
+        _rename_new(staging, target)
+    except BaseException:
+        with contextlib.suppress(OSError):  # put the old content back if its place is still free
+            if _exists(old):
                 os.rename(old, target)
-            raise
-    finally:
-        shutil.rmtree(aside, ignore_errors=True)
+        if not _exists(old):
+            aside.rmdir()  # empty: the old content is back (or there was none)
+        raise  # (else the old content stays in ``aside``: never deleted when it could not go back)
+    shutil.rmtree(aside, ignore_errors=True)  # the replaced content: ``target`` holds the new one

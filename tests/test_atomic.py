@@ -166,6 +166,26 @@ def test_dir_replace_error_keeps_old_content(tmp_path):
     assert names(tmp_path) == ["cache"]
 
 
+def test_dir_replace_never_deletes_old_content_it_could_not_put_back(tmp_path, monkeypatch):
+    import boft_diffusion.atomic as atomic
+
+    target = tmp_path / "cache"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+
+    def swap_fails_and_the_place_is_taken(staging, where):
+        where.mkdir()  # someone else's folder took the place in between
+        (where / "theirs.txt").write_text("theirs")
+        raise disk_full()
+
+    monkeypatch.setattr(atomic, "_rename_new", swap_fails_and_the_place_is_taken)
+    with pytest.raises(OSError), staged_dir(target, replace=True) as staging:
+        (staging / "new.txt").write_text("new")
+    assert names(target) == ["theirs.txt"]
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith(".cache.old-")]
+    assert len(kept) == 1 and (kept[0] / "cache" / "old.txt").read_text() == "old"
+
+
 def test_dir_replace_predicate_decides_for_the_folder_found(tmp_path):
     target = tmp_path / "cache"
     target.mkdir()
