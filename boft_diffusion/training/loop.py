@@ -117,18 +117,14 @@ def first_nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
     return named[int(bad.nonzero()[0])][0] if bool(bad.any()) else None
 
 
-def check_finite_loss(accelerator: Accelerator, loss: torch.Tensor, step: int) -> None:
-    """Raise :class:`TrainingDiverged` if the loss of any process is NaN or inf (all processes call
-    this together, before ``backward``, so that all of them stop). ``step``: the step being computed."""
-    losses = loss.detach().float().reshape(1)
-    if accelerator.num_processes > 1:
-        losses = accelerator.gather(losses)
-    bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
-    if bad:
-        where = f" on process {bad[0]}" if accelerator.num_processes > 1 else ""
+def check_finite_loss(loss: float, step: int) -> None:
+    """Raise :class:`TrainingDiverged` if the step's loss (already averaged over micro-batches and
+    processes, so every process sees the same value and all of them stop) is NaN or inf.
+    ``step``: the step being computed."""
+    if not math.isfinite(loss):
         raise TrainingDiverged(
-            f"Training diverged at step {step}: the loss is {losses[bad[0]].item()}{where} (lower "
-            "optim.learning_rate or set optim.max_grad_norm); nothing of this step was saved"
+            f"Training diverged at step {step}: the loss is {loss} (lower optim.learning_rate or set "
+            "optim.max_grad_norm); nothing of this step was saved"
         )
 
 

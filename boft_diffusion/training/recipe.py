@@ -214,7 +214,7 @@ class TrainingRecipe:
     def train(self, on_step: OnStep | None = None) -> list[float]:
         """The loop: accumulate, clip, step; log, checkpoint and validate on schedule. Returns the losses.
 
-        A NaN or inf loss (checked before ``backward``) or trained parameter (after the step) stops the
+        A NaN or inf loss (checked before the optimiser step) or trained parameter (after it) stops the
         run with ``TrainingDiverged`` before anything of that step is saved. Ctrl-C abandons the step
         in progress and raises ``TrainingInterrupted`` naming the last checkpoint.
         """
@@ -229,12 +229,12 @@ class TrainingRecipe:
                 for batch in epoch_batches(accelerator, self.dataloader, epoch, skip_now, self.epoch_aware):
                     if progress.step >= plan.max_train_steps:
                         break
-                    self._micro_step(batch, meter)
-                    if not accelerator.sync_gradients:
+                    loss = self._micro_step(batch, meter)
+                    if loss is None:  # accumulating: no optimiser step yet
                         continue
                     progress.step += 1
                     check_finite_parameters(self.components, progress.step)
-                    logs = {"loss": meter.pop(accelerator), "lr": self.lr_scheduler.get_last_lr()[0]}
+                    logs = {"loss": loss, "lr": self.lr_scheduler.get_last_lr()[0]}
                     self.losses.append(logs["loss"])
                     bar.update(logs)
                     accelerator.log(logs, step=progress.step)
@@ -250,18 +250,27 @@ class TrainingRecipe:
             bar.close()
         return self.losses
 
-    def _micro_step(self, batch: dict[str, Any], meter: LossMeter) -> None:
-        accelerator = self.accelerator
+    def _micro_step(self, batch: dict[str, Any], meter: LossMeter) -> float | None:
+        """Forward and backward of one micro-batch; on the last one of a step, the optimiser step.
+
+        Returns the step's loss (mean over micro-batches and processes: one device sync per step)
+        once the step is taken, else ``None``. A non-finite step loss raises before the optimiser
+        step, so the parameters never take a NaN update.
+        """
+        accelerator, loss_value = self.accelerator, None
         with accelerator.accumulate(*self.trained):
             loss = self.compute_loss(batch)
-            check_finite_loss(accelerator, loss, self.state.progress.step + 1)
+            meter.add(loss)
             accelerator.backward(loss)
-            if accelerator.sync_gradients and self.cfg.optim.max_grad_norm:
-                accelerator.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
+            if accelerator.sync_gradients:
+                loss_value = meter.pop(accelerator)
+                check_finite_loss(loss_value, self.state.progress.step + 1)
+                if self.cfg.optim.max_grad_norm:
+                    accelerator.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
             self.optimizer.step()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        meter.add(loss)
+        return loss_value
 
     def save_checkpoint(self) -> Path:
         """A checkpoint of this step, recorded as this run's; older ones pruned only once it is saved."""
