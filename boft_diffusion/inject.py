@@ -53,7 +53,6 @@ __all__ = [
     "apply_merges",
     "boft_layers",
     "check_adapter_state_dict",
-    "check_merge_finite",
     "default_targets",
     "find_target_names",
     "load_adapter_state_dict",
@@ -554,11 +553,6 @@ def apply_merges(plans: list[tuple[BOFTLayer, MergePlan]]) -> None:
     """Write merges planned (and checked) by :func:`plan_merges`."""
     for layer, plan in plans:
         layer.apply_merge(plan)
-
-
-def check_merge_finite(model: nn.Module, names: list[str] | None = None) -> None:
-    """Raise (naming layer and adapters) if merging ``names`` would write a non-finite weight."""
-    plan_merges(model, names)
 
 
 def merge_adapters(
