@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["atomic_file", "atomic_write_text", "staged_dir"]
+__all__ = ["atomic_file", "atomic_write_text", "folder_write_problem", "staged_dir"]
 
 
 def _read_umask() -> int:
@@ -95,6 +95,26 @@ def staged_dir(
         shutil.rmtree(staging, ignore_errors=True)
         _remove_folders(created)
         raise
+
+
+def folder_write_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why the folder ``path`` cannot be created or written into (``"is not a folder ..."``), or None.
+
+    Nothing is created: the nearest existing folder above ``path`` is checked instead.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        return "is not a folder (a file is there)"
+    existing = path
+    while not existing.exists():
+        if existing.is_symlink():
+            return f"cannot be created: {existing} is a broken link"
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"cannot be created: {existing} is not a folder (a file)"
+    if not os.access(existing, os.R_OK | os.W_OK | os.X_OK):
+        return "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
+    return None
 
 
 def _exists(path: Path) -> bool:

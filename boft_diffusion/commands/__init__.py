@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ..atomic import folder_write_problem
+
 __all__ = [
     "COMMAND_NAMES",
     "EXIT_BAD_INPUT",
@@ -162,13 +164,9 @@ def check_new_output(path: str | os.PathLike, *, overwrite: bool = False) -> Pat
             raise CommandError(f"{path}: output path already exists; choose a new one")
         if path.is_dir():
             raise CommandError(f"{path}: output path is a folder")
-    parent = path.absolute().parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise CommandError(f"{path}: cannot write there, {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CommandError(f"{path}: cannot write there, folder {parent} is not writable")
+    problem = folder_write_problem(path.absolute().parent)
+    if problem:
+        raise CommandError(f"{path}: cannot write there, its folder {problem}")
     return path
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..atomic import folder_write_problem
 from ..data import (
     IMAGE_EXTENSIONS,
     DataError,
@@ -53,7 +54,7 @@ from ..training.noise import (
     snr_loss_weights,
 )
 from ..training.recipe import TrainingRecipe
-from ..training.setup import folder_write_problem, record_outputs
+from ..training.setup import record_outputs
 
 __all__ = ["CONFIG_CLASS", "DreamBoothConfig", "DreamBoothDataArgs", "DreamBoothRecipe", "TrainResult", "run"]
 

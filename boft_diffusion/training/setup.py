@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 from torch import nn
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_text, folder_write_problem
 from .args import ConfigError, ModelArgs, OptimArgs, TrainArgs
 
 __all__ = [
@@ -39,7 +39,6 @@ __all__ = [
     "check_resolution",
     "claim_output_dir",
     "enable_memory_savers",
-    "folder_write_problem",
     "forget_outputs",
     "load_pipeline",
     "make_accelerator",
@@ -280,26 +279,6 @@ def enable_memory_savers(train: TrainArgs, unet: nn.Module, text_encoder: nn.Mod
 
 
 # --- the output folder ----------------------------------------------------------------------------
-def folder_write_problem(path: str | Path) -> str | None:
-    """Why the folder ``path`` cannot be created or written into (``"is a file, ..."``), or None.
-
-    Nothing is created: the nearest existing folder above ``path`` is checked instead.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        return "is a file, not a folder"
-    existing = path
-    while not existing.exists():
-        if existing.is_symlink():
-            return f"cannot be created: {existing} is a broken link"
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"cannot be created: {existing} is a file, not a folder"
-    if not os.access(existing, os.R_OK | os.W_OK | os.X_OK):
-        return "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
-    return None
-
-
 def _entry(folder: Path, path: str | os.PathLike[str]) -> str:
     """``path`` (relative to ``folder``, spelled through ``folder`` as ``folder / "a"`` is, or absolute
     inside it) as a manifest entry (``a/b``).
