@@ -12,6 +12,7 @@ from .io import AdapterFormatError, load_boft_weights, save_boft_weights, save_p
 from .layers import BOFTConv2d, BOFTLinear
 from .pipeline import (
     add_boft_to_pipeline,
+    base_fingerprint,
     delete_boft_adapter,
     disable_boft,
     enable_boft,
@@ -34,6 +35,7 @@ __all__ = [
     "BOFTModel",
     "add_boft",
     "add_boft_to_pipeline",
+    "base_fingerprint",
     "delete_boft_adapter",
     "disable_boft",
     "enable_boft",

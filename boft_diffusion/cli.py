@@ -1,7 +1,7 @@
 """The ``boft-diffusion`` console entry point: parse the command line, dispatch to the verb.
 
     boft-diffusion train dreambooth --config configs/dreambooth/tiny.yaml [section.key=value ...]
-    boft-diffusion {sample,merge,export,inspect,bench} ...
+    boft-diffusion {train,sample,merge,export,inspect,eval,bench} ...
 
 The verbs, their registry and the input-error policy (bad input is one ``error:`` line and exit code
 2, a bug keeps its traceback) live in :mod:`boft_diffusion.commands`. Here: one parser over them, and

@@ -7,7 +7,8 @@ a ``DiffusionPipeline``, any object with those attributes, or a ``{component: mo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from .inject import (
     remove_boft,
     set_active_adapters,
     set_enabled,
+    stock_state_dict,
     unmerge_adapters,
 )
 
@@ -33,6 +35,7 @@ __all__ = [
     "BOFT_LOADABLE_COMPONENTS",
     "add_boft_to_pipeline",
     "apply_adapter_plans",
+    "base_fingerprint",
     "boft_adapters",
     "delete_boft_adapter",
     "disable_boft",
@@ -51,6 +54,62 @@ def pipeline_components(pipe: Any) -> dict[str, nn.Module]:
     """The loadable components present on ``pipe`` (attribute or mapping), in canonical order."""
     get = pipe.get if isinstance(pipe, Mapping) else lambda n: getattr(pipe, n, None)
     return {n: m for n in BOFT_LOADABLE_COMPONENTS if isinstance(m := get(n), nn.Module)}
+
+
+FINGERPRINT_SAMPLES = 256
+"""Values sampled per tensor by :func:`base_fingerprint`."""
+
+_FP16_MIN_NORMAL = 2.0**-14
+
+
+def base_fingerprint(
+    pipe: Any, components: Iterable[str] | None = None, *, as_dtype: torch.dtype | None = None
+) -> str:
+    """A cheap fingerprint of the base weights of ``pipe``: ``"sha256:"`` and 16 hex digits.
+
+    It tells whether an adapter was trained on this base. Per component (default: every one of
+    :func:`pipeline_components`, in their order) and per tensor of its stock state dict (the base
+    layers' weights under the stock keys; BOFT generators, scales and biases left out, see
+    :func:`~boft_diffusion.inject.stock_state_dict`) in sorted key order, it hashes the key, the
+    shape and ``FINGERPRINT_SAMPLES`` values strided over the flattened tensor
+    (``t.flatten()[:: max(1, n // 256)][:256]``). Each value is rounded to bfloat16 precision, and
+    values below float16's smallest normal (``2**-14``) count as zero, so that one base loaded in
+    float32 or bfloat16 (and one stored in float16 or bfloat16, in any dtype) gives one fingerprint on
+    any device.
+
+    A base stored in float32 and loaded in float16 rounds each weight twice (to 11 bits, then to 8)
+    and lands on the other side of a bfloat16 rounding tie in about 1 value in 16: its fingerprint is
+    ``base_fingerprint(pipe, as_dtype=torch.float16)`` of the float32 load, which casts each value to
+    ``as_dtype`` first, as that load did.
+
+    Attaching an adapter leaves the fingerprint as it was; merging one changes the weights, and so the
+    fingerprint (so does loading trained ``modules_to_save`` copies or ``bias="all"`` biases, which are
+    then the weights in effect): take it before.
+    """
+    names = list(pipeline_components(pipe)) if components is None else list(components)
+    present = pipeline_components(pipe)
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise ValueError(f"Pipeline has no component(s) {missing}; it has {list(present)}")
+    digest = hashlib.sha256()
+    for comp in names:
+        state = stock_state_dict(present[comp])
+        for key in sorted(state):
+            tensor = state[key]
+            digest.update(f"{comp}.{key}:{tuple(tensor.shape)};".encode())
+            digest.update(_fingerprint_sample(tensor, as_dtype).numpy().tobytes())
+    return f"sha256:{digest.hexdigest()[:16]}"
+
+
+@torch.no_grad()
+def _fingerprint_sample(tensor: torch.Tensor, as_dtype: torch.dtype | None) -> torch.Tensor:
+    """At most ``FINGERPRINT_SAMPLES`` strided values of ``tensor``, float32 on the CPU, at bfloat16 precision."""
+    flat = tensor.detach().flatten()
+    sample = flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLES)][:FINGERPRINT_SAMPLES]
+    if as_dtype is not None and sample.is_floating_point():
+        sample = sample.to(as_dtype)
+    sample = sample.to(device="cpu", dtype=torch.float32).to(torch.bfloat16).to(torch.float32)
+    return torch.where(sample.abs() < _FP16_MIN_NORMAL, torch.zeros_like(sample), sample).contiguous()
 
 
 def boft_adapters(pipe: Any) -> dict[str, list[str]]:

@@ -9,14 +9,21 @@ scheduler with SD's beta schedule), only far smaller:
     prompt --tokenizer--> ids (B, 77) --CLIP--> hidden states (B, 77, 32) --> UNet cross-attention
 
 The tokenizer is a real byte-level CLIP BPE tokenizer whose vocab and merges are learned here from a
-small embedded corpus of prompt words; unknown words fall back to single-byte tokens.
+small embedded corpus of prompt words (every word of the world's captions is one token); unknown words
+fall back to single-byte tokens.
+
+Weights. :func:`build_tiny_pipeline` returns, by default, the pipeline pretrained on the procedural
+world of :mod:`boft_diffusion.world` (captioned scenes of simple shapes): float16 safetensors shipped in
+the package (``weights/tiny_world.safetensors``, ~3.5 MB), made by ``scripts/pretrain_tiny.py`` from a
+seed on two CPU cores. Prompted with a world caption ("a photo of a small red circle on a striped blue
+background"), it draws that scene. ``weights="random"`` builds the same architecture randomly
+initialised from a seed, for tests that only need shapes.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import tempfile
 import threading
@@ -33,7 +40,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.models.attention_processor import AttnProcessor2_0
-from PIL import Image, ImageDraw
+from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .atomic import atomic_file, staged_dir
@@ -45,16 +52,19 @@ __all__ = [
     "build_tiny_controlnet",
     "build_tiny_pipeline",
     "build_tiny_tokenizer",
+    "load_world_weights",
     "make_instance_images",
     "save_tiny_pipeline",
+    "save_world_weights",
     "tiny_pipeline_path",
+    "TINY_WORLD_WEIGHTS",
 ]
 
 TINY_RESOLUTION = 64
 """Native image size in pixels (square); latents are ``TINY_RESOLUTION // 4`` = 16 on a side."""
 TINY_INSTANCE_PROMPT = "a photo of sks toy"
 TINY_CLASS_PROMPT = "a photo of a toy"
-TINY_FORMAT_VERSION = 1
+TINY_FORMAT_VERSION = 3
 """Bump when the architecture changes so cached folders from older code are rebuilt."""
 
 MAX_TOKENS = 77
@@ -65,7 +75,8 @@ _MARKER = "boft_tiny.json"
 _SEEDED_INIT = threading.Lock()
 
 # Prompts the BPE merges are learned from; word frequency decides merge order.
-_CORPUS = """
+_CORPUS = (
+    """
 a photo of sks dog. a photo of a dog. a photo of sks cat on the beach. a photo of a cat in the snow.
 a photo of sks toy. a photo of a toy. a red toy on a wooden table. an orange toy in the grass.
 a cute small dog sitting next to a tree. a fluffy cat sleeping on a soft blue chair.
@@ -88,6 +99,15 @@ a bird flying above the clouds, blue and orange colors, minimal.
 a dog and a cat together in a basket, close up, macro, bokeh.
 a toy robot inside a box, plastic, colorful, product shot.
 """
+    + """
+a photo of a small red circle on a blue background. a photo of a large green square on a yellow background.
+a photo of a small blue triangle on a striped purple background. a photo of a large yellow star on a
+checkered orange background. a photo of a small purple diamond on a speckled white background. a photo of
+a large orange cross on a red background. a photo of a small white heart on a green background.
+a photo of a large black toy on a striped blue background. a photo of sks toy on a checkered red background.
+"""
+    * 4
+)
 
 
 @lru_cache(maxsize=1)
@@ -178,10 +198,10 @@ TINY_UNET_CONFIG: dict = dict(
     out_channels=4,
     block_out_channels=(32, 64),
     layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=32,
-    attention_head_dim=4,
+    attention_head_dim=1,
     norm_num_groups=8,
 )
 """The tiny ``UNet2DConditionModel`` config (also the benchmark's ``tiny`` preset)."""
@@ -251,12 +271,116 @@ def _tiny_scheduler(prediction_type: str) -> DDIMScheduler:
     )
 
 
-def build_tiny_pipeline(seed: int = 0, *, prediction_type: str = "epsilon") -> StableDiffusionPipeline:
-    """Build the tiny SD pipeline; the same seed gives bit-identical weights.
+TINY_WORLD_WEIGHTS = Path(__file__).resolve().parent / "weights" / "tiny_world.safetensors"
+"""The shipped weights of the tiny pipeline pretrained on the world (``scripts/pretrain_tiny.py``)."""
+WORLD_WEIGHTS_FORMAT = "boft_diffusion.tiny_world"
+_WORLD_COMPONENTS = ("unet", "vae", "text_encoder")
+
+
+def save_world_weights(
+    pipe: StableDiffusionPipeline, path: str | os.PathLike[str], metadata: dict[str, str] | None = None
+) -> Path:
+    """Write the pipeline's UNet, VAE and text encoder as one float16 safetensors file, atomically.
+
+    Keys are ``<component>.<parameter>``; the metadata holds the format, the tiny architecture version,
+    the VAE's latent scaling factor and whatever ``metadata`` adds (pretraining settings).
+    """
+    from safetensors.torch import save_file
+
+    tensors = {
+        f"{name}.{key}": value.detach().to(torch.float16).contiguous()
+        for name in _WORLD_COMPONENTS
+        for key, value in getattr(pipe, name).state_dict().items()
+    }
+    info = {
+        "format": WORLD_WEIGHTS_FORMAT,
+        "tiny_format_version": str(TINY_FORMAT_VERSION),
+        "vocab_size": str(pipe.text_encoder.config.vocab_size),
+        "scaling_factor": repr(float(pipe.vae.config.scaling_factor)),
+        **(metadata or {}),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=info)
+    return path
+
+
+def load_world_weights(
+    pipe: StableDiffusionPipeline,
+    path: str | os.PathLike[str] = TINY_WORLD_WEIGHTS,
+    components: tuple[str, ...] = _WORLD_COMPONENTS,
+) -> dict[str, str]:
+    """Load weights written by :func:`save_world_weights` into a tiny pipeline; returns their metadata.
+
+    Every key and shape is checked before any component changes; a file for another architecture or
+    tokenizer is refused with what differs. Tensors are cast to each component's dtype.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no tiny world weights at {path}; `python scripts/pretrain_tiny.py --out {path}` makes them"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            info = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
+    if info.get("format") != WORLD_WEIGHTS_FORMAT:
+        raise ValueError(f"{path} is not a tiny world weights file (format {info.get('format')!r})")
+    if info.get("tiny_format_version") != str(TINY_FORMAT_VERSION):
+        raise ValueError(
+            f"{path} was made for tiny architecture version {info.get('tiny_format_version')}, this code "
+            f"builds version {TINY_FORMAT_VERSION}; rerun scripts/pretrain_tiny.py"
+        )
+    states = {}
+    for name in components:
+        module = getattr(pipe, name)
+        expected = module.state_dict()
+        found = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"{path} does not fit the tiny {name}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        for key, value in expected.items():
+            if found[key].shape != value.shape:
+                raise ValueError(
+                    f"{path}: {name}.{key} has shape {tuple(found[key].shape)}, the model {tuple(value.shape)}"
+                )
+        states[name] = {k: v.to(expected[k].dtype) for k, v in found.items()}
+    for name, state in states.items():
+        getattr(pipe, name).load_state_dict(state)
+    if "vae" in components:
+        pipe.vae.register_to_config(scaling_factor=float(info["scaling_factor"]))
+    return info
+
+
+def build_tiny_pipeline(
+    seed: int = 0,
+    *,
+    prediction_type: str = "epsilon",
+    weights: str | os.PathLike[str] = "world",
+) -> StableDiffusionPipeline:
+    """Build the tiny SD pipeline: by default the one pretrained on the world, shipped in the package.
+
+    ``weights="world"`` loads ``TINY_WORLD_WEIGHTS`` (``seed`` is then unused); a path loads other
+    weights written by :func:`save_world_weights`; ``weights="random"`` is a random initialisation
+    from ``seed`` (the same seed gives bit-identical weights), for tests that only need shapes.
+    The learned weights predict noise (``prediction_type="epsilon"``); a random build takes either.
 
     The global torch RNG is left untouched (weights come from a forked RNG seeded with ``seed``).
     Native size is ``TINY_RESOLUTION`` px; any multiple of 8 px works.
     """
+    learned = not (isinstance(weights, str) and weights == "random")
+    if learned and prediction_type != "epsilon":
+        raise ValueError(
+            f"the pretrained tiny pipeline predicts noise ('epsilon'), not {prediction_type!r}; "
+            "use weights='random' for another prediction type"
+        )
     tokenizer = build_tiny_tokenizer()
     with _SEEDED_INIT, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -272,6 +396,8 @@ def build_tiny_pipeline(seed: int = 0, *, prediction_type: str = "epsilon") -> S
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    if learned:
+        load_world_weights(pipe, TINY_WORLD_WEIGHTS if weights == "world" else weights)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -292,13 +418,14 @@ def build_tiny_controlnet(
     return controlnet
 
 
-def save_tiny_pipeline(path: str | os.PathLike[str], seed: int = 0) -> Path:
-    """Build the tiny pipeline and save it as a diffusers folder (safetensors); returns the folder.
-
-    The folder loads offline with ``StableDiffusionPipeline.from_pretrained(path)``.
+def save_tiny_pipeline(
+    path: str | os.PathLike[str], seed: int = 0, *, weights: str | os.PathLike[str] = "world"
+) -> Path:
+    """Build the tiny pipeline (``weights`` as :func:`build_tiny_pipeline`) and save it as a diffusers
+    folder (safetensors); returns the folder, which loads offline with ``StableDiffusionPipeline.from_pretrained``.
     """
     path = Path(path)
-    build_tiny_pipeline(seed).save_pretrained(path, safe_serialization=True)
+    build_tiny_pipeline(seed, weights=weights).save_pretrained(path, safe_serialization=True)
     return path
 
 
@@ -306,81 +433,71 @@ def _default_cache_root() -> Path:
     return Path(os.environ.get("BOFT_DIFFUSION_CACHE", "~/.cache/boft_diffusion")).expanduser()
 
 
-def _is_complete(folder: Path, seed: int) -> bool:
-    """True when ``folder`` holds a finished save from this format version and seed."""
+def _marker(seed: int, weights: str) -> dict:
+    """What a finished cached folder must record: the architecture version and which weights it holds."""
+    if weights == "random":
+        return {"format_version": TINY_FORMAT_VERSION, "weights": "random", "seed": seed}
+    import hashlib
+
+    digest = hashlib.sha256(TINY_WORLD_WEIGHTS.read_bytes()).hexdigest()[:16]
+    return {"format_version": TINY_FORMAT_VERSION, "weights": "world", "sha256": digest}
+
+
+def _is_complete(folder: Path, marker: dict) -> bool:
+    """True when ``folder`` holds a finished save recording ``marker``."""
     try:
-        marker = json.loads((folder / _MARKER).read_text())
+        found = json.loads((folder / _MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return marker == {"format_version": TINY_FORMAT_VERSION, "seed": seed}
+    return found == marker
 
 
-def tiny_pipeline_path(cache_dir: str | os.PathLike[str] | None = None, seed: int = 0) -> Path:
-    """Path of a saved tiny pipeline, built once per cache and reused afterwards.
+def tiny_pipeline_path(
+    cache_dir: str | os.PathLike[str] | None = None, seed: int = 0, *, weights: str = "world"
+) -> Path:
+    """Path of the tiny pipeline saved as a diffusers folder (for ``--base`` of the CLI verbs), built once
+    per cache and reused afterwards.
 
-    The folder is ``<cache_dir>/tiny-sd-seed{seed}``; ``cache_dir`` defaults to ``$BOFT_DIFFUSION_CACHE``
-    or ``~/.cache/boft_diffusion``. It is built in a temporary folder beside the target and renamed
-    into place, so concurrent processes never see a half-written folder: a stale folder (older
-    format, unfinished) is replaced, a finished one another process put there meanwhile is kept.
+    The folder is ``<cache_dir>/tiny-sd-world`` (``weights="world"``, the shipped pretrained weights) or
+    ``<cache_dir>/tiny-sd-random-seed{seed}``; ``cache_dir`` defaults to ``$BOFT_DIFFUSION_CACHE`` or
+    ``~/.cache/boft_diffusion``. It is built in a temporary folder beside the target and renamed into
+    place, so concurrent processes never see a half-written folder: a stale folder (older format, other
+    weights, unfinished) is replaced, a finished one another process put there meanwhile is kept.
     """
+    if weights not in ("world", "random"):
+        raise ValueError(f"weights must be 'world' or 'random' (got {weights!r})")
     root = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_root()
-    target = root / f"tiny-sd-seed{seed}"
-    if _is_complete(target, seed):
+    target = root / ("tiny-sd-world" if weights == "world" else f"tiny-sd-random-seed{seed}")
+    marker = _marker(seed, weights)
+    if _is_complete(target, marker):
         return target
     try:
-        with staged_dir(target, replace=lambda found: not _is_complete(found, seed)) as staging:
-            save_tiny_pipeline(staging, seed)
-            marker = {"format_version": TINY_FORMAT_VERSION, "seed": seed}
+        with staged_dir(target, replace=lambda found: not _is_complete(found, marker)) as staging:
+            save_tiny_pipeline(staging, seed, weights=weights)
             (staging / _MARKER).write_text(json.dumps(marker))
     except FileExistsError:
-        if not _is_complete(target, seed):  # only a finished build by another process is a success
+        if not _is_complete(target, marker):  # only a finished build by another process is a success
             raise
     return target
-
-
-def _draw_toy(size: int, rng: random.Random) -> Image.Image:
-    """One picture of the subject: an orange round toy with eyes, a smile and ears, on a plain color.
-
-    Drawn at 4x and downsampled for smooth edges; position, scale and background vary with ``rng``.
-    """
-    big = size * 4
-    background = tuple(rng.randint(90, 230) for _ in range(3))
-    image = Image.new("RGB", (big, big), background)
-    draw = ImageDraw.Draw(image)
-    radius = big * rng.uniform(0.22, 0.32)
-    cx, cy = (rng.uniform(radius * 1.1, big - radius * 1.1) for _ in range(2))
-    body, dark = (235, 100, 20), (40, 20, 10)
-    for side in (-1, 1):  # ears
-        ex, ey, er = cx + side * radius * 0.7, cy - radius * 0.75, radius * 0.35
-        draw.ellipse((ex - er, ey - er, ex + er, ey + er), fill=body, outline=dark, width=big // 64)
-    draw.ellipse(
-        (cx - radius, cy - radius, cx + radius, cy + radius), fill=body, outline=dark, width=big // 64
-    )
-    for side in (-1, 1):  # eyes
-        ex, ey, er = cx + side * radius * 0.38, cy - radius * 0.2, radius * 0.14
-        draw.ellipse(
-            (ex - er, ey - er, ex + er, ey + er), fill=(255, 255, 255), outline=dark, width=big // 96
-        )
-        draw.ellipse((ex - er / 2, ey - er / 3, ex + er / 2, ey + er * 2 / 3), fill=dark)  # pupil
-    r = radius * 0.45  # smile: lower half of a circle below the eyes
-    draw.arc((cx - r, cy - r * 0.4, cx + r, cy + r * 1.2), 20, 160, fill=dark, width=big // 48)
-    return image.resize((size, size), Image.Resampling.LANCZOS)
 
 
 def make_instance_images(
     out_dir: str | os.PathLike[str], num_images: int = 5, seed: int = 0, resolution: int = TINY_RESOLUTION
 ) -> list[Path]:
-    """Write ``num_images`` RGB PNGs (``resolution`` x ``resolution``) of one toy; returns their paths.
+    """Write ``num_images`` RGB PNGs (``resolution`` x ``resolution``) of the DreamBooth subject; returns their paths.
 
-    Deterministic from ``seed``; files are named ``toy_00.png``, ``toy_01.png``, ...
+    The subject is the world's ``sks toy`` (a pink-and-teal striped star the pretraining world never
+    shows) in views of varied size, place and background: ``world.subject_scenes(num_images, seed)``.
+    Files are named ``toy_00.png``, ``toy_01.png``, ...
     """
+    from .world import render, subject_scenes
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
     paths = []
-    for i in range(num_images):
+    for i, scene in enumerate(subject_scenes(num_images, seed)):
         path = out_dir / f"toy_{i:02d}.png"
         with atomic_file(path) as tmp:
-            _draw_toy(resolution, rng).save(tmp, format="PNG")
+            Image.fromarray(render(scene, resolution)[0], mode="RGB").save(tmp, format="PNG")
         paths.append(path)
     return paths

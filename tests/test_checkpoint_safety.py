@@ -28,6 +28,8 @@ FAST = [
     "train.max_train_steps=2",
     "train.checkpointing_steps=1",
     "train.report_to=none",
+    "metrics.scorer=none",
+    "data.with_prior_preservation=false",
     "validation.validation_steps=0",
     "validation.prompts=[a photo of sks toy]",
     "validation.num_images_per_prompt=1",
@@ -147,7 +149,7 @@ def test_a_resume_with_another_learning_rate_is_refused(out):
     cfg = make_config(out, *SOURCE, "optim.learning_rate=0.02", "train.resume_from_checkpoint=latest")
     saved_config = (out / RUN_CONFIG_NAME).read_text()
     with pytest.raises(
-        ConfigError, match=r"optim\.learning_rate=0\.01, this run has optim\.learning_rate=0\.02"
+        ConfigError, match=r"optim\.learning_rate=0\.002, this run has optim\.learning_rate=0\.02"
     ):
         run(cfg)
     assert (out / RUN_CONFIG_NAME).read_text() == saved_config  # the refused config is not recorded

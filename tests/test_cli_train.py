@@ -23,6 +23,8 @@ FAST = [
     "train.max_train_steps=2",
     "train.checkpointing_steps=0",
     "train.report_to=none",
+    "metrics.scorer=none",
+    "data.with_prior_preservation=false",
     "validation.validation_steps=0",
     "validation.num_images_per_prompt=1",
     "validation.num_inference_steps=2",
@@ -48,7 +50,7 @@ def test_help_lists_every_key_with_its_documentation(capsys):
         cli.main(["train", "dreambooth", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "optim.learning_rate = 0.01" in out
+    assert "optim.learning_rate = 0.002" in out
     assert "data.instance_data_dir = None" in out and "Folder of subject photos" in out
     assert "--config" in out and "KEY=VALUE" in out
 
@@ -105,7 +107,7 @@ def test_every_command_is_registered():
     assert (
         list(choices)
         == list(commands.COMMAND_NAMES)
-        == ["train", "sample", "merge", "export", "inspect", "bench"]
+        == ["train", "sample", "merge", "export", "inspect", "eval", "bench"]
     )
 
 
@@ -190,7 +192,7 @@ def test_console_script_and_thin_script(tmp_path):
 
 @pytest.mark.slow
 def test_the_readme_quickstart_command_runs_the_default_job(tmp_path):
-    """`boft-diffusion train dreambooth` in a fresh folder: 50 steps on the tiny default."""
+    """`boft-diffusion train dreambooth` in a fresh folder: 300 steps on the learned tiny default."""
     start = time.perf_counter()
     proc = run_process(console("train", "dreambooth"), tmp_path, timeout=600)
     elapsed = time.perf_counter() - start
@@ -199,10 +201,16 @@ def test_the_readme_quickstart_command_runs_the_default_job(tmp_path):
     assert (out / "boft_weights.safetensors").is_file() and (out / "README.md").is_file()
     assert sorted(p.name for p in (out / "validation").iterdir()) == [
         "final.png",
-        "step-000025.png",
-        "step-000050.png",
+        "step-000100.png",
+        "step-000200.png",
+        "step-000300.png",
     ]
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-25", "checkpoint-50"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [
+        "checkpoint-100",
+        "checkpoint-200",
+        "checkpoint-300",
+    ]
+    assert (out / "metrics.json").is_file() and (out / "metrics.png").is_file()
     first, last = map(float, re.search(r"loss ([\d.]+) \(first\) -> ([\d.]+) \(last\)", proc.stdout).groups())
     print(f"default job: {elapsed:.1f}s wall, loss {first:.4f} -> {last:.4f}")
     assert last < first

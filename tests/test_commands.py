@@ -143,7 +143,7 @@ def test_adapter_spec_parsing(tmp_path):
 def test_inspect_reports_components_layout_and_angles(files, capsys):
     assert invoke(inspect_cmd, [files["toy"]]) == 0
     out = capsys.readouterr().out
-    assert "unet: 32 layers (to_k, to_out.0, to_q, to_v); block size 4, 2 butterfly factor(s)" in out
+    assert "unet: 56 layers (to_k, to_out.0, to_q, to_v); block size 4, 2 butterfly factor(s)" in out
     assert "text_encoder: 8 layers (k_proj, out_proj, q_proj, v_proj)" in out
     assert "Largest orthogonality error" in out and "on disk" in out
     assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q" in out

@@ -69,6 +69,8 @@ def test_tiny_configs_fit_the_tiny_model_and_run(path, tmp_path):
         "train.max_train_steps=2",
         "train.checkpointing_steps=0",
         "train.report_to=none",
+        "metrics.scorer=none",
+        "data.with_prior_preservation=false",
         "validation.validation_steps=0",
         "validation.num_inference_steps=2",
         "validation.num_images_per_prompt=1",

@@ -273,5 +273,6 @@ def test_generated_class_images_are_deterministic(tiny_pipe, tmp_path):
     kwargs = dict(num_inference_steps=2, resolution=32, seed=7, show_progress=False)
     a = generate_class_images(tiny_pipe, tmp_path / "a", "a toy", 2, **kwargs)
     b = generate_class_images(tiny_pipe, tmp_path / "b", "a toy", 2, batch_size=1, **kwargs)
-    for x, y in zip(a, b):
-        assert np.array_equal(np.asarray(Image.open(x)), np.asarray(Image.open(y)))
+    for x, y in zip(a, b):  # batched kernels may round a pixel differently: one level at most
+        diff = np.abs(np.asarray(Image.open(x)).astype(int) - np.asarray(Image.open(y)).astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01

@@ -31,6 +31,9 @@ FAST = [
     "train.max_train_steps=2",
     "train.checkpointing_steps=0",
     "train.report_to=none",
+    "metrics.scorer=none",
+    "data.with_prior_preservation=false",
+    "boft.train_text_encoder=false",
     "validation.validation_steps=0",
     "validation.prompts=[a photo of sks toy]",
     "validation.num_images_per_prompt=1",
@@ -103,7 +106,7 @@ def test_short_run_writes_adapter_grids_card_checkpoints(tmp_path):
         "step-000004.png",
     ]
     card = (out / "README.md").read_text()
-    assert "boft_diffusion.tiny (seed 0)" in card and "a photo of sks toy" in card
+    assert "boft_diffusion.tiny (world)" in card and "a photo of sks toy" in card
     assert f"Trainable parameters: {result.trainable_parameters:,d}" in card
     assert "](validation/final.png)" in card and "load_boft_weights" in card
     assert result.trainable_parameters == sum(v.numel() for v in result.adapter.values())
@@ -243,6 +246,7 @@ def test_v_prediction_snr_gamma_noise_offset_and_warmup(tmp_path, monkeypatch):
         make_config(
             tmp_path / "run",
             "model.prediction_type=v_prediction",
+            "model.tiny_weights=random",
             "train.snr_gamma=5.0",
             "train.noise_offset=0.1",
             "optim.lr_scheduler=linear",
@@ -382,7 +386,7 @@ def test_unloadable_hub_id_is_reported_before_anything_is_written(tmp_path, monk
 
 def test_prior_preservation_needs_a_class_prompt(tmp_path):
     with pytest.raises(ConfigError, match="needs data.class_prompt"):
-        make_config(tmp_path, "data.with_prior_preservation=true")
+        make_config(tmp_path, "data.with_prior_preservation=true", "data.class_prompt=null")
 
 
 def test_unknown_or_mistyped_key(tmp_path):

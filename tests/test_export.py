@@ -36,12 +36,12 @@ TEXT = BOFTConfig(boft_block_size=4, init_weights=False)
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    return save_tiny_pipeline(tmp_path_factory.mktemp("base") / "tiny")
+    return save_tiny_pipeline(tmp_path_factory.mktemp("base") / "tiny", weights="random")
 
 
 def adapted_pipe(seed: int = 0, name: str = "toy"):
     """Tiny pipeline with random (trained-looking) UNet and text-encoder adapters and trained biases."""
-    pipe = build_tiny_pipeline(seed=0)
+    pipe = build_tiny_pipeline(seed=0, weights="random")
     torch.manual_seed(seed)
     add_boft_to_pipeline(pipe, {"unet": UNET, "text_encoder": TEXT}, name)
     with torch.no_grad():
@@ -111,7 +111,7 @@ def test_both_formats_open_in_stock_diffusers_and_match_adapter_images(exports, 
     )
     from_folder, from_single = np.load(out)
     reference = exports["reference"]
-    base = sample_images(build_tiny_pipeline(seed=0))
+    base = sample_images(build_tiny_pipeline(seed=0, weights="random"))
     assert np.abs(reference - base).max() > 0.01  # the adapter changes the images
     assert np.abs(from_folder - reference).max() < IMAGE_TOLERANCE
     assert np.abs(from_single - reference).max() < IMAGE_TOLERANCE
@@ -144,7 +144,7 @@ def test_text_encoder_adapter_is_in_both_exports(exports, base_dir):
 
 def test_merged_state_dict_has_the_stock_layout(exports):
     pipe = exports["pipe"]
-    stock = build_tiny_pipeline(seed=0)
+    stock = build_tiny_pipeline(seed=0, weights="random")
     for comp in ("unet", "text_encoder", "vae"):
         merged = merged_state_dict(getattr(pipe, comp))
         expected = getattr(stock, comp).state_dict()
@@ -325,13 +325,13 @@ def test_original_layout_matches_sd15_keys_and_inverts_diffusers_converters():
 def test_modules_to_save_export_their_active_copy():
     from boft_diffusion import disable_boft
 
-    pipe = build_tiny_pipeline(seed=0)
+    pipe = build_tiny_pipeline(seed=0, weights="random")
     config = BOFTConfig(boft_block_size=4, init_weights=False, modules_to_save=["conv_out"])
     add_boft_to_pipeline(pipe, {"unet": config})
     with torch.no_grad():
         pipe.unet.conv_out.copies["default"].weight.add_(1.0)
     merged = merged_state_dict(pipe.unet)
-    assert merged.keys() == build_tiny_pipeline(seed=0).unet.state_dict().keys()
+    assert merged.keys() == build_tiny_pipeline(seed=0, weights="random").unet.state_dict().keys()
     assert torch.equal(merged["conv_out.weight"], pipe.unet.conv_out.copies["default"].weight)
     disable_boft(pipe)  # disabled adapters export the base model
     merged = merged_state_dict(pipe.unet)

@@ -34,7 +34,7 @@ TEXT = BOFTConfig(boft_block_size=4, init_weights=False)
 
 
 def trained_pipe(seed: int = 0):
-    pipe = build_tiny_pipeline(seed=0)
+    pipe = build_tiny_pipeline(seed=0, weights="random")
     pipe.set_progress_bar_config(disable=True)
     torch.manual_seed(seed)
     add_boft_to_pipeline(pipe, {"unet": UNET, "text_encoder": TEXT})
@@ -77,7 +77,7 @@ def test_file_format(saved_adapter):
 def test_save_load_reproduces_images_exactly(saved_adapter):
     pipe, folder = saved_adapter
     expected = sample_images(pipe)
-    fresh = build_tiny_pipeline(seed=0)
+    fresh = build_tiny_pipeline(seed=0, weights="random")
     fresh.set_progress_bar_config(disable=True)
     base = sample_images(fresh)
     assert load_boft_weights(fresh, folder) == "default"
@@ -91,10 +91,10 @@ def test_save_load_reproduces_images_exactly(saved_adapter):
 def test_load_from_file_and_state_dict(saved_adapter):
     pipe, folder = saved_adapter
     expected = sample_images(pipe)
-    by_file = build_tiny_pipeline(seed=0)
+    by_file = build_tiny_pipeline(seed=0, weights="random")
     load_boft_weights(by_file, folder / ADAPTER_WEIGHTS_NAME, adapter_name="subject")
     assert boft_adapters(by_file) == {"unet": ["subject"], "text_encoder": ["subject"]}
-    by_dict = build_tiny_pipeline(seed=0)
+    by_dict = build_tiny_pipeline(seed=0, weights="random")
     with safe_open(folder / ADAPTER_WEIGHTS_NAME, framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     load_boft_weights(by_dict, state)
@@ -121,7 +121,7 @@ def test_merged_images_match_unmerged_and_unmerge_restores(saved_adapter):
 def test_strength_zero_is_base_one_is_adapter(saved_adapter):
     pipe, _ = saved_adapter
     adapter = sample_images(pipe)
-    base_pipe = build_tiny_pipeline(seed=0)
+    base_pipe = build_tiny_pipeline(seed=0, weights="random")
     base_pipe.set_progress_bar_config(disable=True)
     base = sample_images(base_pipe)
     set_boft_adapters(pipe, "default", 0.0)
@@ -165,7 +165,7 @@ def test_two_adapters_blend(tmp_path):
 
 # --- bad input: a clear error naming the file/module, pipeline unchanged -------------------
 def _expect_failure(tmp_path, source, match, **kwargs):
-    pipe = build_tiny_pipeline(seed=0)
+    pipe = build_tiny_pipeline(seed=0, weights="random")
     before = snapshot(pipe)
     with pytest.raises((AdapterFormatError, FileNotFoundError, ValueError), match=match):
         load_boft_weights(pipe, source, **kwargs)
@@ -204,7 +204,7 @@ def test_plain_safetensors_without_metadata(tmp_path):
 
 def test_wrong_component(saved_adapter, tmp_path):
     _, folder = saved_adapter
-    pipe = build_tiny_pipeline(seed=0)
+    pipe = build_tiny_pipeline(seed=0, weights="random")
     pipe.text_encoder = None
     with pytest.raises(AdapterFormatError, match="'text_encoder', the pipeline has no such component"):
         load_boft_weights(pipe, folder)

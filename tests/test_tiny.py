@@ -1,4 +1,4 @@
-"""Tests for the embedded tiny pipeline: determinism, offline round trip, tokenizer, data, cache."""
+"""Tests for the embedded tiny pipeline: shipped weights, determinism, offline round trip, tokenizer, data, cache."""
 
 from __future__ import annotations
 
@@ -19,7 +19,12 @@ COMPONENTS = ("unet", "vae", "text_encoder")
 
 @pytest.fixture(scope="module")
 def pipe() -> StableDiffusionPipeline:
-    return tiny.build_tiny_pipeline(seed=0)
+    return tiny.build_tiny_pipeline(seed=0, weights="random")
+
+
+@pytest.fixture(scope="module")
+def learned() -> StableDiffusionPipeline:
+    return tiny.build_tiny_pipeline()
 
 
 @pytest.fixture()
@@ -45,11 +50,11 @@ def assert_same_weights(a: StableDiffusionPipeline, b: StableDiffusionPipeline) 
 
 
 def test_same_seed_gives_identical_weights(pipe):
-    assert_same_weights(pipe, tiny.build_tiny_pipeline(seed=0))
+    assert_same_weights(pipe, tiny.build_tiny_pipeline(seed=0, weights="random"))
 
 
 def test_different_seed_gives_different_weights(pipe):
-    other = tiny.build_tiny_pipeline(seed=1)
+    other = tiny.build_tiny_pipeline(seed=1, weights="random")
     for name in COMPONENTS:
         sa, sb = getattr(pipe, name).state_dict(), getattr(other, name).state_dict()
         assert any(not torch.equal(sa[k], sb[k]) for k in sa), name
@@ -59,7 +64,8 @@ def test_build_leaves_global_rng_alone():
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    tiny.build_tiny_pipeline(seed=5)
+    tiny.build_tiny_pipeline(seed=5, weights="random")
+    tiny.build_tiny_pipeline()
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -83,7 +89,7 @@ def test_encode_prompt(pipe):
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_scheduler_config_feeds_training(prediction_type):
-    pipe = tiny.build_tiny_pipeline(prediction_type=prediction_type)
+    pipe = tiny.build_tiny_pipeline(prediction_type=prediction_type, weights="random")
     train_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     assert train_scheduler.config.prediction_type == prediction_type
     assert train_scheduler.config.num_train_timesteps == 1000
@@ -114,7 +120,7 @@ def test_tokenizer_truncates_long_prompts():
 
 
 def test_save_and_load_offline_gives_same_images(pipe, tmp_path, offline):
-    path = tiny.save_tiny_pipeline(tmp_path / "tiny", seed=0)
+    path = tiny.save_tiny_pipeline(tmp_path / "tiny", seed=0, weights="random")
     assert (path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     loaded = StableDiffusionPipeline.from_pretrained(path)
     loaded.set_progress_bar_config(disable=True)
@@ -139,7 +145,7 @@ def test_instance_images(tmp_path):
 def test_cached_path_is_built_once(tmp_path, monkeypatch, offline):
     monkeypatch.setenv("BOFT_DIFFUSION_CACHE", str(tmp_path))
     path = tiny.tiny_pipeline_path()
-    assert path == tmp_path / "tiny-sd-seed0"
+    assert path == tmp_path / "tiny-sd-world"
     assert (path / "model_index.json").is_file()
 
     def fail(*args, **kwargs):
@@ -147,33 +153,37 @@ def test_cached_path_is_built_once(tmp_path, monkeypatch, offline):
 
     monkeypatch.setattr(tiny, "save_tiny_pipeline", fail)
     assert tiny.tiny_pipeline_path() == path
-    assert tiny.tiny_pipeline_path(cache_dir=tmp_path, seed=0) == path
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-sd-seed0"]  # no staging left over
-    StableDiffusionPipeline.from_pretrained(path)
+    assert tiny.tiny_pipeline_path(cache_dir=tmp_path, seed=3) == path  # the seed is the random build's
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-sd-world"]  # no staging left over
+    loaded = StableDiffusionPipeline.from_pretrained(path)
+    assert loaded.vae.config.scaling_factor == tiny.build_tiny_pipeline().vae.config.scaling_factor
 
 
 def test_cached_path_rebuilds_stale_folder(tmp_path):
-    target = tmp_path / "tiny-sd-seed0"
+    target = tmp_path / "tiny-sd-random-seed0"
     target.mkdir()
     (target / "boft_tiny.json").write_text(json.dumps({"format_version": -1, "seed": 0}))
-    assert tiny.tiny_pipeline_path(cache_dir=tmp_path) == target
+    assert tiny.tiny_pipeline_path(cache_dir=tmp_path, weights="random") == target
     assert (target / "model_index.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-sd-seed0"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-sd-random-seed0"]
 
 
 def test_cached_path_concurrent_builders(tmp_path):
     results: list[Path] = []
     threads = [
-        threading.Thread(target=lambda: results.append(tiny.tiny_pipeline_path(tmp_path, seed=2)))
+        threading.Thread(
+            target=lambda: results.append(tiny.tiny_pipeline_path(tmp_path, seed=2, weights="random"))
+        )
         for _ in range(3)
     ]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert results == [tmp_path / "tiny-sd-seed2"] * 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-sd-seed2"]
-    assert_same_weights(StableDiffusionPipeline.from_pretrained(results[0]), tiny.build_tiny_pipeline(seed=2))
+    assert results == [tmp_path / "tiny-sd-random-seed2"] * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-sd-random-seed2"]
+    built = tiny.build_tiny_pipeline(seed=2, weights="random")
+    assert_same_weights(StableDiffusionPipeline.from_pretrained(results[0]), built)
 
 
 def test_controlnet_from_tiny_unet(pipe):
@@ -186,3 +196,61 @@ def test_controlnet_from_tiny_unet(pipe):
     cond = torch.rand(1, 3, tiny.TINY_RESOLUTION, tiny.TINY_RESOLUTION)
     down, mid = controlnet(latents, 10, text, cond, return_dict=False)
     assert [d.shape[-1] for d in down] == [16, 16, 8, 8] and mid.shape == (1, 64, 8, 8)
+
+
+# --- the shipped weights -------------------------------------------------------------------------
+
+
+def test_shipped_weights_load_into_the_architecture(learned):
+    assert tiny.TINY_WORLD_WEIGHTS.is_file()
+    assert tiny.TINY_WORLD_WEIGHTS.stat().st_size < 20 * 2**20
+    random = tiny.build_tiny_pipeline(seed=0, weights="random")
+    for name in COMPONENTS:
+        a, b = getattr(learned, name).state_dict(), getattr(random, name).state_dict()
+        assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a), name
+        assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in a.values()), name
+    assert learned.vae.config.scaling_factor != random.vae.config.scaling_factor  # measured at pretraining
+    assert_same_weights(learned, tiny.build_tiny_pipeline(seed=7))  # the seed only matters for random
+
+
+def test_learned_pipeline_refuses_v_prediction():
+    with pytest.raises(ValueError, match="weights='random'"):
+        tiny.build_tiny_pipeline(prediction_type="v_prediction")
+
+
+def test_world_weights_round_trip_and_refusals(learned, tmp_path):
+    path = tiny.save_world_weights(learned, tmp_path / "w.safetensors", metadata={"note": "x"})
+    again = tiny.build_tiny_pipeline(weights=path)
+    assert_same_weights(learned, again)  # the shipped weights are float16 already: exact
+    with pytest.raises(FileNotFoundError, match="pretrain_tiny.py"):
+        tiny.build_tiny_pipeline(weights=tmp_path / "missing.safetensors")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        tiny.build_tiny_pipeline(weights=garbage)
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({"unet.x": torch.zeros(1)}, str(other), metadata={"format": "something else"})
+    with pytest.raises(ValueError, match="not a tiny world weights file"):
+        tiny.build_tiny_pipeline(weights=other)
+    wrong = tmp_path / "wrong.safetensors"
+    tensors = {f"unet.{k}": v for k, v in learned.unet.state_dict().items()}
+    tensors["unet.conv_in.weight"] = torch.zeros(3, 3)
+    meta = {"format": tiny.WORLD_WEIGHTS_FORMAT, "tiny_format_version": str(tiny.TINY_FORMAT_VERSION)}
+    save_file(tensors, str(wrong), metadata={**meta, "scaling_factor": "1.0"})
+    before = {k: v.clone() for k, v in learned.unet.state_dict().items()}
+    with pytest.raises(ValueError, match="does not fit the tiny vae|conv_in.weight has shape"):
+        tiny.load_world_weights(learned, wrong)
+    assert all(torch.equal(v, learned.unet.state_dict()[k]) for k, v in before.items())  # nothing changed
+
+
+def test_learned_pipeline_draws_the_world(learned):
+    """The shipped model draws what a world caption asks, held-out colour-shape pairs included."""
+    from boft_diffusion.metrics import world_prompt_accuracy
+
+    seen = world_prompt_accuracy(learned, num_prompts=16, seed=1)
+    held_out = world_prompt_accuracy(learned, num_prompts=16, held_out=True, seed=1)
+    for accuracy in (seen, held_out):  # chance: 1/8 colours, 1/7 backgrounds, 1/2 sizes
+        assert accuracy["colour"] >= 0.6 and accuracy["background"] >= 0.6, accuracy
+        assert accuracy["size"] >= 0.6, accuracy

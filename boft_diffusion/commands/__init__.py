@@ -43,7 +43,7 @@ __all__ = [
     "reports_input_errors",
 ]
 
-COMMAND_NAMES = ("train", "sample", "merge", "export", "inspect", "bench")
+COMMAND_NAMES = ("train", "sample", "merge", "export", "inspect", "eval", "bench")
 """The verbs, in ``--help`` order; verb ``<name>`` is the ``COMMAND`` of ``boft_diffusion.commands.<name>``."""
 
 EXIT_BAD_INPUT = 2
@@ -82,10 +82,19 @@ def input_errors() -> tuple[type[BaseException], ...]:
     """
     from ..data import DataError
     from ..io import AdapterFormatError
+    from ..metrics import MetricsError, ScorerError
     from ..training.args import ConfigError
     from ..training.loop import TrainingError
 
-    return (CommandError, ConfigError, DataError, AdapterFormatError, TrainingError)
+    return (
+        CommandError,
+        ConfigError,
+        DataError,
+        AdapterFormatError,
+        MetricsError,
+        ScorerError,
+        TrainingError,
+    )
 
 
 def one_line(err: BaseException) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,9 +32,23 @@ from ..data import (
     collate_dreambooth,
     generate_class_images,
     list_images,
+    load_rgb,
 )
 from ..inject import add_boft
-from ..tiny import TINY_INSTANCE_PROMPT, TINY_RESOLUTION, make_instance_images
+from ..metrics import (
+    EVAL_GUIDANCE,
+    EVAL_STEPS,
+    DreamBoothProbe,
+    Measurement,
+    MetricsError,
+    Scorer,
+    ScorerError,
+    WorldScorer,
+    load_scorer,
+    measure_dreambooth,
+    world_dreambooth_probe,
+)
+from ..tiny import TINY_CLASS_PROMPT, TINY_INSTANCE_PROMPT, TINY_RESOLUTION, make_instance_images
 from ..training.args import (
     BOFTArgs,
     ConfigError,
@@ -55,8 +69,17 @@ from ..training.noise import (
 )
 from ..training.recipe import TrainingRecipe
 from ..training.setup import record_outputs
+from ..world import parse_caption
 
-__all__ = ["CONFIG_CLASS", "DreamBoothConfig", "DreamBoothDataArgs", "DreamBoothRecipe", "TrainResult", "run"]
+__all__ = [
+    "CONFIG_CLASS",
+    "DreamBoothConfig",
+    "DreamBoothDataArgs",
+    "DreamBoothMetricsArgs",
+    "DreamBoothRecipe",
+    "TrainResult",
+    "run",
+]
 
 
 @dataclass
@@ -71,13 +94,13 @@ class DreamBoothDataArgs:
     """Extension of the per-image caption files."""
     num_generated_images: int = 5
     """How many toy images to generate when instance_data_dir is null."""
-    with_prior_preservation: bool = False
+    with_prior_preservation: bool = True
     """Also train on class images (prompt: class_prompt) to keep the class's prior."""
     class_data_dir: str | None = None
     """Folder of class images; missing ones are generated with the base model and reused next time (null: <output_dir>/class_images)."""
-    class_prompt: str | None = None
+    class_prompt: str | None = TINY_CLASS_PROMPT
     """Prompt of the class, e.g. 'a photo of dog' (required with prior preservation)."""
-    num_class_images: int = 100
+    num_class_images: int = 50
     """Class images to use (generated if the folder holds fewer)."""
     prior_loss_weight: float = 1.0
     """Weight of the class-image loss."""
@@ -111,6 +134,39 @@ class DreamBoothDataArgs:
 
 
 @dataclass
+class DreamBoothMetricsArgs:
+    """What the run taught, measured on the base before training and on the result after it, as the
+    DreamBooth paper does: subject fidelity (instance prompt vs instance images), prompt fidelity
+    (the subject in a context: is the context obeyed) and class drift (class prompt samples that show
+    the subject). Written to metrics.json, the model card and the trackers."""
+
+    scorer: str = "auto"
+    """auto (the world scorer on the embedded tiny model, none otherwise), world, none, clip:PATH, dino:PATH or dino:PATH,clip:PATH (local transformers folders: subject by the first, prompts by CLIP)."""
+    class_prompt: str | None = None
+    """Prompt whose samples show class drift (null: data.class_prompt; on the tiny model 'a photo of a toy')."""
+    context_prompts: list[str] = field(default_factory=lambda: list(world_dreambooth_probe().context_prompts))
+    """Prompts that put the subject in a context (prompt fidelity)."""
+    num_images: int = 4
+    """Images per prompt; image i uses seed + i."""
+    num_inference_steps: int = EVAL_STEPS
+    """Sampler steps."""
+    guidance_scale: float = EVAL_GUIDANCE
+    """Classifier-free guidance scale."""
+    seed: int = 0
+    """Seed of each prompt's first image."""
+
+    def __post_init__(self) -> None:
+        if self.num_images < 1 or self.num_inference_steps < 1:
+            raise ConfigError("metrics.num_images and metrics.num_inference_steps must be >= 1")
+        if not self.context_prompts or not all(str(p).strip() for p in self.context_prompts):
+            raise ConfigError(
+                f"metrics.context_prompts must be a non-empty list of non-blank prompts (got {self.context_prompts!r})"
+            )
+        if self.class_prompt is not None and not self.class_prompt.strip():
+            raise ConfigError("metrics.class_prompt is blank; give a prompt or null")
+
+
+@dataclass
 class DreamBoothConfig:
     """A DreamBooth run; the defaults are the embedded tiny job (configs/dreambooth/tiny.yaml)."""
 
@@ -120,6 +176,7 @@ class DreamBoothConfig:
     optim: OptimArgs = field(default_factory=OptimArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
     validation: ValidationArgs = field(default_factory=ValidationArgs)
+    metrics: DreamBoothMetricsArgs = field(default_factory=DreamBoothMetricsArgs)
 
 
 CONFIG_CLASS = DreamBoothConfig
@@ -155,6 +212,10 @@ class DreamBoothRecipe(TrainingRecipe):
         super().__init__(cfg)
         self.instance_images: list[Path] | None = None
         """The user's photos (checked in ``check_task_inputs``); ``None``: toy images are generated."""
+        self.scorer: Scorer | None = None
+        self.probe: DreamBoothProbe | None = None
+        self.references: list[Path] = []
+        """The instance images subject fidelity compares samples with (set by ``build``)."""
 
     # --- check -----------------------------------------------------------------------------------
     def class_folder(self) -> Path:
@@ -167,11 +228,51 @@ class DreamBoothRecipe(TrainingRecipe):
             self.instance_images = list_images(data.instance_data_dir, "instance", data.caption_extension)
         if data.with_prior_preservation:
             self._check_class_folder()
+        self._check_metrics()
         if t.export_merged and not t.overwrite_output_dir and (Path(t.output_dir) / "merged").exists():
             raise ConfigError(
                 f"train.export_merged: {Path(t.output_dir) / 'merged'} exists (an earlier export); remove it "
                 "or pass train.overwrite_output_dir=true"
             )
+
+    def _check_metrics(self) -> None:
+        """Resolve ``metrics.scorer`` and the probe; a bad scorer path or prompt fails here, nothing written."""
+        cfg, m = self.cfg, self.cfg.metrics
+        tiny = cfg.model.pretrained_model_name_or_path is None
+        spec = ("world" if tiny else "none") if m.scorer == "auto" else m.scorer
+        if spec == "none":
+            self.scorer = self.probe = None
+            return
+        class_prompt = m.class_prompt or cfg.data.class_prompt or (TINY_CLASS_PROMPT if tiny else None)
+        if class_prompt is None:
+            raise ConfigError(
+                "metrics: class drift needs a class prompt: set data.class_prompt or metrics.class_prompt"
+            )
+        try:
+            self.scorer = load_scorer(spec)
+            self.probe = DreamBoothProbe(
+                cfg.data.instance_prompt, class_prompt, tuple(m.context_prompts), m.num_images, m.seed,
+                m.num_inference_steps, m.guidance_scale,
+            )  # fmt: skip
+        except (MetricsError, ScorerError) as err:
+            raise ConfigError(f"metrics: {err}") from None
+        if isinstance(self.scorer, WorldScorer):  # it reads only what a world caption states
+            for prompt in m.context_prompts:
+                if not set(parse_caption(prompt)) - {"subject"}:
+                    raise ConfigError(
+                        f"metrics.context_prompts: {prompt!r} states no context the world scorer can check "
+                        "(e.g. 'a photo of sks toy on a striped blue background'); use a clip scorer for other prompts"
+                    )
+
+    def measures(self) -> bool:
+        return self.probe is not None
+
+    def measure(self) -> Measurement:
+        references = [load_rgb(path) for path in self.references]
+        return measure_dreambooth(self.pipe, self.probe, references, self.scorer)
+
+    def measure_info(self) -> dict[str, Any]:
+        return {"scorer": self.scorer.name, "probe": asdict(self.probe)}
 
     def _check_class_folder(self) -> None:
         """Class images are there already, or their folder can be created and filled."""
@@ -196,6 +297,7 @@ class DreamBoothRecipe(TrainingRecipe):
     def build(self) -> None:
         """Instance and class images (generating what is missing), adapters, the dataloader."""
         instance = self._instance_images()
+        self.references = instance
         classes = self._class_images()
         self.components = self._add_adapters()
         self.dataloader, self.epoch_aware = self._dataloader(instance, classes)
@@ -306,6 +408,7 @@ class DreamBoothRecipe(TrainingRecipe):
             trainable_parameters=self.trainable_count(),
             usage=_usage(cfg),
             images=[str(grid.relative_to(out))] if grid else [],
+            metrics=self.report,
             tags=("boft", "dreambooth", "diffusers", "text-to-image", "stable-diffusion"),
             instance_prompt=cfg.data.instance_prompt,
         )
@@ -323,9 +426,10 @@ def _usage(cfg: DreamBoothConfig) -> str:
             f'StableDiffusionPipeline.from_pretrained("{base}")',
         )
     else:
+        weights = "" if cfg.model.tiny_weights == "world" else f'seed={cfg.model.tiny_seed}, weights="random"'
         imports, load = (
             "from boft_diffusion.tiny import build_tiny_pipeline",
-            f"build_tiny_pipeline(seed={cfg.model.tiny_seed})",
+            f"build_tiny_pipeline({weights})",
         )
     return f"""
 {imports}

@@ -85,11 +85,37 @@ class ModelArgs:
     """Weight file variant to load, e.g. ``fp16``."""
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     """Override the scheduler's prediction type (null: keep the model's, e.g. v_prediction for SD 2.1-768)."""
+    tiny_weights: Literal["world", "random"] = "world"
+    """The embedded tiny pipeline's weights (only without pretrained_model_name_or_path): world (pretrained on
+    the procedural world, shipped in the package) or random (initialised from tiny_seed; learns nothing real)."""
     tiny_seed: int = 0
-    """Seed the embedded tiny pipeline is built from (only without pretrained_model_name_or_path)."""
+    """Seed of the random tiny pipeline (tiny_weights=random) and of the generated instance images."""
 
     def __post_init__(self) -> None:
         _check_seed("model.tiny_seed", self.tiny_seed)
+        _require(
+            self.tiny_weights in ("world", "random"),
+            "model.tiny_weights",
+            "world or random",
+            self.tiny_weights,
+        )
+        if self.pretrained_model_name_or_path is None and self.tiny_weights == "world":
+            _require(
+                self.prediction_type in (None, "epsilon"),
+                "model.prediction_type",
+                "epsilon or null for the pretrained tiny pipeline (it predicts noise; "
+                "model.tiny_weights=random takes v_prediction)",
+                self.prediction_type,
+            )
+
+    @property
+    def name(self) -> str:
+        """The base model as a model card and an adapter's metadata name it."""
+        if self.pretrained_model_name_or_path:
+            return self.pretrained_model_name_or_path
+        if self.tiny_weights == "world":
+            return "boft_diffusion.tiny (world)"
+        return f"boft_diffusion.tiny (random, seed {self.tiny_seed})"
 
 
 @dataclass
@@ -108,7 +134,7 @@ class BOFTArgs:
     """Biases that train: none, all, or boft_only (those of the adapted layers)."""
     unet_target_modules: list[str] = field(default_factory=lambda: list(UNET_ATTENTION_TARGETS))
     """UNet module-name suffixes to adapt."""
-    train_text_encoder: bool = False
+    train_text_encoder: bool = True
     """Also adapt the text encoder (its BOFT parameters train with the UNet's)."""
     text_encoder_target_modules: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_TARGETS))
     """Text-encoder module-name suffixes to adapt (with train_text_encoder)."""
@@ -134,8 +160,8 @@ class BOFTArgs:
 class OptimArgs:
     """Optimiser, learning-rate schedule and gradient clipping."""
 
-    learning_rate: float = 1e-2
-    """Peak learning rate (SD: 3e-5 as in the BOFT paper; the random tiny model needs far more)."""
+    learning_rate: float = 2e-3
+    """Peak learning rate (SD: 3e-5 as in the BOFT paper; the tiny model: 2e-3)."""
     scale_lr: bool = False
     """Multiply the learning rate by batch size x gradient accumulation x number of processes."""
     lr_scheduler: Literal[
@@ -195,7 +221,7 @@ class TrainArgs:
     """Instance images per process per step (doubled by class images with prior preservation)."""
     gradient_accumulation_steps: int = 1
     """Micro-batches accumulated into one optimiser step."""
-    max_train_steps: int | None = 50
+    max_train_steps: int | None = 300
     """Optimiser steps to train (null: num_train_epochs decides)."""
     num_train_epochs: int = 1
     """Epochs to train when max_train_steps is null."""
@@ -213,7 +239,7 @@ class TrainArgs:
     """Offset noise scale (e.g. 0.1) for darker/brighter images."""
     dataloader_num_workers: int = 0
     """Data-loading worker processes (0: load in the main process)."""
-    checkpointing_steps: int = 25
+    checkpointing_steps: int = 100
     """Save a full training state every N steps (0: never)."""
     checkpoints_total_limit: int | None = None
     """Keep at most this many checkpoints (oldest removed; null: keep all)."""
@@ -260,18 +286,18 @@ class ValidationArgs:
     """Periodic sampling with fixed seeds into PNG grids (one row per prompt)."""
 
     prompts: list[str] = field(
-        default_factory=lambda: ["a photo of sks toy", "a photo of sks toy on the beach"]
+        default_factory=lambda: ["a photo of sks toy", "a photo of sks toy on a blue background"]
     )
     """Prompts to sample (empty: no validation and no sample grid)."""
-    validation_steps: int = 25
+    validation_steps: int = 100
     """Sample every N steps (0: only after training)."""
     num_images_per_prompt: int = 2
     """Images per prompt (grid columns); image j uses seed + j."""
     seed: int = 0
     """Seed of the first image of each row."""
-    num_inference_steps: int = 10
+    num_inference_steps: int = 20
     """Sampler steps."""
-    guidance_scale: float = 7.5
+    guidance_scale: float = 4.0
     """Classifier-free guidance scale."""
     resolution: int | None = None
     """Image size in pixels, a multiple of 8 (null: the training resolution)."""

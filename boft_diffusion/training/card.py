@@ -31,8 +31,12 @@ def write_model_card(
     images: Sequence[str] = (),
     tags: Sequence[str] = ("boft", "diffusers", "text-to-image"),
     instance_prompt: str | None = None,
+    metrics: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``<output_dir>/README.md``; ``images`` are paths relative to ``output_dir``."""
+    """Write ``<output_dir>/README.md``; ``images`` are paths relative to ``output_dir``.
+
+    ``metrics``: metrics.json's content (``before`` / ``after`` dicts, ``scorer``), shown as a table.
+    """
     rows = "\n".join(f"| `{key}` | `{value}` |" for key, value in hyperparameters.items())
     pictures = "\n".join(f"![{Path(p).stem}]({p})" for p in images)
     text = f"""{_front_matter(base_model, tags, instance_prompt)}
@@ -48,7 +52,7 @@ def write_model_card(
 
 {pictures or "No validation prompts were configured."}
 
-## Use it
+{_metrics_section(metrics)}## Use it
 
 ```python
 {usage.strip()}
@@ -61,3 +65,27 @@ def write_model_card(
 {rows}
 """
     return atomic_write_text(Path(output_dir) / "README.md", text)
+
+
+def _metrics_section(report: Mapping[str, Any] | None) -> str:
+    """ "What it learned": the metrics before and after training, or nothing when the run measured none."""
+    if not report:
+        return ""
+    before, after = report.get("before") or {}, report["after"]
+
+    def cell(value: Any) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    rows = "\n".join(
+        f"| {name} | {cell(before.get(name))} | {cell(value)} |" for name, value in after.items()
+    )
+    return f"""## What it learned
+
+Measured on the base model before training and on the adapter after it (scorer: `{report.get("scorer")}`,
+`metrics.json`; samples in `metrics.png`: per prompt, the base's images then the adapter's).
+
+| metric | before | after |
+| --- | --- | --- |
+{rows}
+
+"""

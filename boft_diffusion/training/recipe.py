@@ -16,6 +16,7 @@ attributes are set by :meth:`setup` and used by :meth:`train` and :meth:`save`.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -28,8 +29,11 @@ from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
 from torch import nn
 
-from ..inject import adapter_state_dict, count_parameters
+from ..atomic import atomic_file, atomic_write_text
+from ..inject import adapter_state_dict, count_parameters, set_enabled
 from ..io import ADAPTER_WEIGHTS_NAME, save_boft_weights
+from ..metrics import Measurement, grid
+from ..pipeline import base_fingerprint
 from .args import config_to_dict, config_to_yaml
 from .checkpoint import (
     TrainingState,
@@ -66,7 +70,11 @@ from .setup import (
 from .tracking import ProgressBar, init_trackers
 from .validation import run_validation
 
-__all__ = ["OnStep", "TrainingRecipe"]
+__all__ = ["METRICS_GRID_NAME", "METRICS_NAME", "OnStep", "TrainingRecipe", "format_metrics"]
+
+METRICS_NAME = "metrics.json"
+METRICS_GRID_NAME = "metrics.png"
+"""Samples of the metrics' prompts: a row per prompt, the base's images then the trained model's."""
 
 OnStep = Callable[[int, dict[str, float]], None]
 """``on_step(step, logs)``: called after every optimiser step (tests stop runs with it)."""
@@ -103,6 +111,12 @@ class TrainingRecipe:
         self.plan: StepPlan
         self.state: TrainingState
         self.losses: list[float] = []
+        self.base_fingerprint: str | None = None
+        """The base pipeline's fingerprint (``pipeline.base_fingerprint``), stored in the adapter's metadata."""
+        self.before: Measurement | None = None
+        """The recipe's metrics of the base model, measured before the first step (main process)."""
+        self.report: dict[str, Any] | None = None
+        """metrics.json's content once the run has measured itself after training."""
 
     # --- what a recipe supplies ------------------------------------------------------------------
     def check_task_inputs(self) -> None:
@@ -114,6 +128,7 @@ class TrainingRecipe:
         paths = [RUN_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, "README.md"]
         paths += [t.logging_dir] if t.report_to != "none" else []
         paths += ["validation"] if self.cfg.validation.prompts else []
+        paths += [METRICS_NAME, METRICS_GRID_NAME] if self.measures() else []
         return paths + (["merged"] if t.export_merged else [])
 
     def input_paths(self) -> list[str | Path]:
@@ -129,6 +144,14 @@ class TrainingRecipe:
 
     def save_outputs(self, grid: Path | None) -> None:
         """Model card, exports (``grid``: the final sample grid): main process, after the adapter."""
+
+    def measures(self) -> bool:
+        """Whether :meth:`measure` measures anything in this run (then metrics.json is written)."""
+        return False
+
+    def measure(self) -> Measurement:
+        """What the model does now by the recipe's metrics (main process; adapters off means the base)."""
+        raise NotImplementedError
 
     # --- check -----------------------------------------------------------------------------------
     @property
@@ -175,6 +198,7 @@ class TrainingRecipe:
         base = [m for m in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder) if m is not None]
         for module in base:
             module.requires_grad_(False).eval()  # frozen parts never use dropout
+        self.base_fingerprint = base_fingerprint(self.pipe)  # as loaded (float32), as eval loads it
         cast_frozen_weights(base, dtype, accelerator.device)
         self.build()
         cast_frozen_weights(self.components.values(), dtype, accelerator.device)  # trained: float32
@@ -290,11 +314,65 @@ class TrainingRecipe:
             trained=list(self.components.values()), tag=tag,
         )  # fmt: skip
 
+    def measure_run(self, stage: str) -> dict[str, Any] | None:
+        """Measure the base (``stage="before"``: adapters off) or the trained model (``"after"``).
+
+        Main process only, trained modules in eval mode, the RNG state forked (measuring never changes
+        what training draws). After training, writes ``metrics.json`` (before, after, scorer, probe),
+        the before / after sample grid ``metrics.png``, and logs the numbers to the trackers; returns
+        metrics.json's content (``None`` for "before" and on other processes).
+        """
+        accelerator = self.accelerator
+        if not self.measures():
+            return None
+        report = None
+        if accelerator.is_main_process:
+            modes = [m.training for m in self.components.values()]
+            for module in self.components.values():
+                module.eval()
+                set_enabled(module, stage != "before")
+            devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                measured = self.measure()
+            for module, mode in zip(self.components.values(), modes):
+                set_enabled(module, True)
+                module.train(mode)
+            if stage == "before":
+                self.before = measured
+            else:
+                report = self._write_metrics(measured)
+        accelerator.wait_for_everyone()
+        return report
+
+    def _write_metrics(self, after: Measurement) -> dict[str, Any]:
+        out, before = Path(self.cfg.train.output_dir), self.before
+        report = {
+            "step": self.step,
+            "base_model": self.base_model,
+            **self.measure_info(),
+            "before": before.metrics if before is not None else None,
+            "after": after.metrics,
+        }
+        atomic_write_text(out / METRICS_NAME, json.dumps(report, indent=2) + "\n")
+        rows = [
+            [*(before.samples[p] if before is not None else []), *after.samples[p]] for p in after.samples
+        ]
+        with atomic_file(out / METRICS_GRID_NAME) as tmp:
+            grid(rows).save(tmp, format="PNG")
+        logs = {f"metrics/{k}": v for k, v in after.metrics.items() if v is not None}
+        if before is not None:
+            logs |= {f"metrics/{k}_before": v for k, v in before.metrics.items() if v is not None}
+        self.accelerator.log(logs, step=self.step)
+        return report
+
+    def measure_info(self) -> dict[str, Any]:
+        """What metrics.json says about how it measured (scorer, prompts); the recipe's."""
+        return {}
+
     # --- save ------------------------------------------------------------------------------------
     @property
     def base_model(self) -> str:
-        model = self.cfg.model
-        return model.pretrained_model_name_or_path or f"boft_diffusion.tiny (seed {model.tiny_seed})"
+        return self.cfg.model.name
 
     def trainable_count(self) -> int:
         return sum(count_parameters(m)[0] for m in self.components.values())
@@ -306,9 +384,13 @@ class TrainingRecipe:
         check_finite_adapter(self.components, cfg.boft.adapter_name, f"the final adapter in {out}")
         if accelerator.is_main_process:
             save_boft_weights(
-                self.components, out, cfg.boft.adapter_name, metadata={"base_model": self.base_model}
+                self.components,
+                out,
+                cfg.boft.adapter_name,
+                metadata={"base_model": self.base_model, "base_fingerprint": self.base_fingerprint or ""},
             )
         grid = self.validate("final", tag="final")
+        self.report = self.measure_run("after")
         if accelerator.is_main_process:
             self.save_outputs(grid)
             record_outputs(out, *(path for _, path in list_checkpoints(out)))
@@ -331,10 +413,25 @@ class TrainingRecipe:
             f"Training {self.trainable_count():,d} BOFT parameters for {self.plan.max_train_steps} steps"
         )
         start = time.perf_counter()
+        self.measure_run("before")
         losses = self.train(on_step)
         self.save()
+        if self.report is not None:
+            accelerator.print(format_metrics(self.report))
         accelerator.print(
             f"Done in {time.perf_counter() - start:.1f}s; adapter in {self.cfg.train.output_dir}"
         )
         accelerator.end_training()
         return losses
+
+
+def format_metrics(report: dict[str, Any]) -> str:
+    """metrics.json's numbers as a small table: metric, before, after."""
+    before, after = report.get("before") or {}, report["after"]
+
+    def cell(value: float | None) -> str:
+        return "   -  " if value is None else f"{value:6.3f}"
+
+    lines = [f"What the run taught (scorer: {report.get('scorer', '?')}):", f"  {'metric':<18} before  after"]
+    lines += [f"  {name:<18} {cell(before.get(name))} {cell(value)}" for name, value in after.items()]
+    return "\n".join(lines)

@@ -242,7 +242,9 @@ def load_pipeline(model: ModelArgs, torch_dtype: torch.dtype | None = None) -> A
     if model.pretrained_model_name_or_path is None:
         from ..tiny import build_tiny_pipeline
 
-        pipe = build_tiny_pipeline(model.tiny_seed, prediction_type=model.prediction_type or "epsilon")
+        pipe = build_tiny_pipeline(
+            model.tiny_seed, prediction_type=model.prediction_type or "epsilon", weights=model.tiny_weights
+        )
     else:
         check_model_source(model.pretrained_model_name_or_path)
         try:

@@ -21,6 +21,7 @@ pixels, phase from the scene's seed) or speckles (random ``S // 32`` cells, from
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cache, lru_cache
@@ -30,6 +31,7 @@ from PIL import Image
 
 __all__ = [
     "ALL_PAIRS",
+    "CAPTION_DROP",
     "BACKGROUND_COLOURS",
     "COLOURS",
     "HELD_OUT_PAIRS",
@@ -46,10 +48,13 @@ __all__ = [
     "Maps",
     "Scene",
     "caption_of",
+    "caption_variant",
     "condition_image",
     "held_out_scenes",
     "mask_box",
     "mask_edges",
+    "parse_caption",
+    "partial_caption",
     "render",
     "render_subject",
     "sample_scenes",
@@ -191,6 +196,84 @@ def caption_of(scene: Scene) -> str:
     if scene.is_subject:
         return f"a photo of {SUBJECT_TOKEN} {where}"
     return f"a photo of a {scene.size} {scene.colour} {scene.shape} {where}"
+
+
+CAPTION_DROP = {"size": 0.2, "colour": 0.2, "background": 0.25, "shape": 0.15, "all": 0.1}
+"""Pretraining's caption dropout: each attribute's chance to be left out (``shape``: said as "toy";
+``all``: the empty prompt, for classifier-free guidance)."""
+
+
+def partial_caption(
+    scene: Scene, *, size: bool = True, colour: bool = True, shape: bool = True, background: bool = True
+) -> str:
+    """The scene's caption saying only some attributes: ``"a photo of a red toy"`` (shape off),
+    ``"a photo of a large star on a striped blue background"`` (colour off). All on is :func:`caption_of`."""
+    if scene.is_subject:
+        raise ValueError("the subject's caption is caption_of(scene); it has no attributes to drop")
+    words = [w for w, keep in ((scene.size, size), (scene.colour, colour)) if keep]
+    words.append(scene.shape if shape else "toy")
+    caption = f"a photo of {_article(words[0])} {' '.join(words)}"
+    if background:
+        bg = scene.background if scene.texture == "plain" else f"{scene.texture} {scene.background}"
+        caption += f" on {_article(bg)} {bg} background"
+    return caption
+
+
+def caption_variant(scene: Scene, rng: np.random.Generator) -> str:
+    """A caption of ``scene`` with attributes dropped at the rates of ``CAPTION_DROP`` (pretraining's captions)."""
+    if rng.random() < CAPTION_DROP["all"]:
+        return ""
+    keep = {
+        name: bool(rng.random() >= CAPTION_DROP[name]) for name in ("size", "colour", "shape", "background")
+    }
+    return partial_caption(scene, **keep)
+
+
+_BACKGROUND_CLAUSE = frozenset((*BACKGROUND_COLOURS, *TEXTURES, "a", "an"))
+
+
+def parse_caption(prompt: str) -> dict[str, str]:
+    """The world attributes ``prompt`` states: the inverse of :func:`caption_of` and :func:`partial_caption`.
+
+    Keys among ``size``, ``colour``, ``shape``, ``background``, ``texture`` (``plain`` when a background
+    colour comes without a texture word), and ``subject: "yes"`` when the prompt names ``SUBJECT_TOKEN``::
+
+        "a photo of a red toy"                         -> {"colour": "red"}
+        "a photo of sks toy on a striped green background"
+            -> {"subject": "yes", "background": "green", "texture": "striped"}
+
+    The background clause is the run of colour / texture / article words just before ``background``;
+    the object's words come before the first ``on``. Words not of the world are ignored, so a prompt
+    from outside the world gives ``{}``.
+    """
+    words = re.findall(r"[a-z]+", prompt.lower())
+    stated: dict[str, str] = {}
+    token = SUBJECT_TOKEN.split()
+    if any(words[i : i + len(token)] == token for i in range(len(words))):
+        stated["subject"] = "yes"
+    object_words = words
+    if "background" in words:
+        end = len(words) - 1 - words[::-1].index("background")
+        start = end
+        while start > 0 and words[start - 1] in _BACKGROUND_CLAUSE:
+            start -= 1
+        object_words = words[:start]
+        for word in words[start:end]:
+            if word in BACKGROUND_COLOURS:
+                stated["background"] = word
+                stated.setdefault("texture", "plain")
+            elif word in TEXTURES:
+                stated["texture"] = word
+    if "on" in object_words:
+        object_words = object_words[: object_words.index("on")]
+    for word in object_words:
+        if word in SIZES:
+            stated["size"] = word
+        elif word in COLOURS or word == SUBJECT_COLOUR:
+            stated["colour"] = word
+        elif word in SHAPES:
+            stated["shape"] = word
+    return stated
 
 
 # --- shapes: signed distances in the unit frame --------------------------------------------------

@@ -1,0 +1,315 @@
+"""``boft-diffusion eval``: what an adapter taught, measured before and after it, as the DreamBooth papers do.
+
+The probe (instance prompt, class prompt, context prompts, images per prompt, seed, steps, guidance)
+samples the base alone, then the base with the adapter merged in, and the scorer turns both into
+:func:`boft_diffusion.metrics.measure_dreambooth`'s metrics: subject fidelity (the instance prompt's
+images against the instance images), prompt fidelity (the context prompts' images against their
+prompts) and class drift (the class prompt's images, before against after).
+
+Without ``--base`` it measures the embedded tiny pipeline pretrained on the world, with the world's
+probe, subject images and scorer. A user's base needs its instance images, prompts and a scorer
+(``clip:PATH``, ``dino:PATH`` or both): the world scorer only reads the embedded world.
+
+Before sampling, the adapter's recorded ``base_fingerprint`` (:func:`boft_diffusion.base_fingerprint`
+of the base it was trained on) must match this base: an adapter trained on another base is refused.
+Bad input of any kind is one ``error:`` line and exit code 2, with nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from . import (
+    Command,
+    CommandError,
+    add_example,
+    check_adapter_path,
+    check_new_output,
+    load_base,
+    number,
+    one_line,
+    reports_input_errors,
+)
+
+HELP = "measure an adapter's subject fidelity, prompt fidelity and class drift, before and after it"
+EXAMPLE = """examples:
+  boft-diffusion eval outputs/dreambooth-tiny --grid eval.png
+  boft-diffusion eval outputs/toy-boft --base ./sd15 --instance-dir ./toy-photos \\
+      --instance-prompt "a photo of sks toy" --class-prompt "a photo of a toy" \\
+      --context-prompt "a photo of sks toy on the beach" --context-prompt "a sks toy in the snow" \\
+      --scorer dino:./dinov2-small,clip:./clip-vit-base --out metrics.json
+
+Without --base: the embedded tiny pipeline, the world's subject, prompts and scorer.
+Writes <ADAPTER folder>/eval_metrics.json unless --out says otherwise."""
+
+TINY_BASE = "boft_diffusion.tiny (world)"
+"""The embedded base as training names it in an adapter's ``base_model`` metadata."""
+DEFAULT_OUT_NAME = "eval_metrics.json"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_example(parser, EXAMPLE)
+    parser.add_argument(
+        "adapter", metavar="ADAPTER", help="adapter file or folder (project format or PEFT BOFT)"
+    )
+    parser.add_argument(
+        "--base",
+        default=None,
+        help="base pipeline: a diffusers folder or a hub id (default: the embedded tiny one)",
+    )
+    parser.add_argument(
+        "--instance-dir", default=None, help="the subject's images (default: the world's subject)"
+    )
+    parser.add_argument(
+        "--instance-prompt", default=None, help='prompt naming the subject, e.g. "a photo of sks toy"'
+    )
+    parser.add_argument(
+        "--class-prompt", default=None, help='prompt naming its class, e.g. "a photo of a toy"'
+    )
+    parser.add_argument(
+        "--context-prompt",
+        action="append",
+        default=None,
+        metavar="PROMPT",
+        help="the subject in a new context; repeat for several",
+    )
+    parser.add_argument(
+        "--scorer",
+        default=None,
+        metavar="SPEC",
+        help="world | clip:PATH | dino:PATH | dino:PATH,clip:PATH (default: world, for the embedded base only)",
+    )
+    parser.add_argument("--num-images", type=int, default=None, help="images per prompt")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the first image of each prompt")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps")
+    parser.add_argument("--guidance-scale", type=number, default=None, help="classifier-free guidance")
+    parser.add_argument(
+        "--out", default=None, help=f"metrics JSON (default: <ADAPTER folder>/{DEFAULT_OUT_NAME})"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace --out and --grid if they exist")
+    parser.add_argument("--grid", default=None, help="PNG grid: a row per prompt, images before then after")
+
+
+# --- cheap checks: nothing loaded or written yet ----------------------------------------------------
+def default_out(adapter: Path) -> Path:
+    """``<ADAPTER folder>/eval_metrics.json`` (the file's folder for an adapter file)."""
+    return (adapter if adapter.is_dir() else adapter.parent) / DEFAULT_OUT_NAME
+
+
+def _check_outputs(args: argparse.Namespace, adapter: Path) -> tuple[Path, Path | None]:
+    out = check_new_output(args.out or default_out(adapter), overwrite=args.overwrite)
+    grid = None
+    if args.grid is not None:
+        grid = Path(args.grid)
+        if grid.suffix.lower() != ".png":
+            raise CommandError(f"--grid {grid}: the grid is a PNG file; use a .png name")
+        check_new_output(grid, overwrite=args.overwrite)
+        if grid.absolute() == out.absolute():
+            raise CommandError(f"--grid and --out are the same file {out}")
+    return out, grid
+
+
+def _check_user_base(args: argparse.Namespace) -> None:
+    """A user's base needs the subject's images, the prompts and a scorer that reads real images."""
+    missing = [
+        flag
+        for flag, value in (
+            ("--instance-dir", args.instance_dir),
+            ("--instance-prompt", args.instance_prompt),
+            ("--class-prompt", args.class_prompt),
+            ("--context-prompt", args.context_prompt),
+        )
+        if value is None
+    ]
+    if missing:
+        raise CommandError(
+            f"with --base, give {', '.join(missing)} (the world's subject and prompts only fit the embedded base)"
+        )
+    if args.scorer is None:
+        raise CommandError("with --base, give --scorer clip:PATH (or dino:PATH, or dino:PATH,clip:PATH)")
+    if args.scorer.strip() == "world":
+        raise CommandError(
+            "--scorer world only reads the embedded world; with --base use --scorer clip:PATH or dino:PATH"
+        )
+
+
+def _check_prompts(args: argparse.Namespace) -> None:
+    for flag, prompts in (
+        ("--instance-prompt", [args.instance_prompt]),
+        ("--class-prompt", [args.class_prompt]),
+        ("--context-prompt", args.context_prompt or []),
+    ):
+        if any(p is not None and not p.strip() for p in prompts):
+            raise CommandError(f"{flag}: a prompt is empty")
+
+
+def make_probe(args: argparse.Namespace) -> Any:
+    """The :class:`~boft_diffusion.metrics.DreamBoothProbe`: the world's, or the user's, with the options given."""
+    from ..metrics import DreamBoothProbe, world_dreambooth_probe
+
+    given = {
+        "instance_prompt": args.instance_prompt,
+        "class_prompt": args.class_prompt,
+        "context_prompts": tuple(args.context_prompt) if args.context_prompt is not None else None,
+        "num_images": args.num_images,
+        "seed": args.seed,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    return world_dreambooth_probe(**given) if args.base is None else DreamBoothProbe(**given)
+
+
+# --- loading -------------------------------------------------------------------------------------
+def instance_images(folder: str | None) -> list[Any]:
+    """The subject's images as RGB PIL images: from ``folder``, else the world's subject (seeds 0..4)."""
+    from PIL import Image
+
+    from ..data import list_images, load_rgb
+
+    if folder is None:
+        from ..world import render_subject
+
+        return [Image.fromarray(render_subject(seed)[0]) for seed in range(5)]
+    return [load_rgb(path) for path in list_images(folder, role="instance")]
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load_base(base: str | None, device: str) -> Any:
+    if base is not None:
+        return load_base(base, device=device)
+    from ..tiny import build_tiny_pipeline
+
+    try:
+        pipe = build_tiny_pipeline()
+    except FileNotFoundError as err:  # an install without the shipped weights
+        raise CommandError(f"the embedded tiny pipeline: {one_line(err)}") from err
+    return pipe.to(device)
+
+
+def check_same_base(adapter: Path, metadata: dict[str, str], pipe: Any) -> str:
+    """Refuse an adapter whose recorded ``base_fingerprint`` is not this base's; returns this base's.
+
+    ``metadata`` is the adapter file's. One that records no fingerprint (older files, PEFT folders)
+    passes with a warning on stderr. A base stored in float32 and trained in float16 has the fingerprint
+    of its float16 cast (see :func:`~boft_diffusion.pipeline.base_fingerprint`): both count as this base.
+    """
+    import torch
+
+    from ..pipeline import base_fingerprint
+
+    recorded = metadata.get("base_fingerprint") or None
+    ours = base_fingerprint(pipe)
+    if recorded is None:
+        print(
+            f"warning: adapter {adapter} records no base_fingerprint; cannot check that it was "
+            "trained on this base model",
+            file=sys.stderr,
+        )
+    elif recorded not in (ours, base_fingerprint(pipe, as_dtype=torch.float16)):
+        raise CommandError(
+            f"adapter {adapter} was trained on another base model "
+            f"({metadata.get('base_model', 'unnamed')}, fingerprint {recorded}), this base has fingerprint {ours}"
+        )
+    return ours
+
+
+def _merge_adapter(pipe: Any, adapter: Path) -> None:
+    """Load the adapter and merge it into the weights (sampling at base-model speed)."""
+    from .. import load_boft_weights, merge_boft
+
+    load_boft_weights(pipe, adapter)
+    try:
+        merge_boft(pipe)
+    except ValueError as err:  # the adapter merges to a non-finite weight: it is broken
+        raise CommandError(one_line(err)) from err
+
+
+# --- outputs -------------------------------------------------------------------------------------
+def format_table(before: dict[str, float | None], after: dict[str, float | None]) -> str:
+    """One row per metric: its value before and after the adapter."""
+
+    def cell(value: float | None) -> str:
+        return f"{value:>9.4f}" if value is not None else f"{'n/a':>9}"
+
+    width = max(len("metric"), *(len(k) for k in before))
+    lines = [f"{'metric':<{width}}  {'before':>9}  {'after':>9}"]
+    lines += [f"{k:<{width}}  {cell(before[k])}  {cell(after.get(k))}" for k in before]
+    return "\n".join(lines)
+
+
+def _write_grid(before: Any, after: Any, path: Path) -> None:
+    """A row per prompt: its images before the adapter, then after (written atomically)."""
+    from ..atomic import atomic_file
+    from ..metrics import grid
+
+    rows = [[*before.samples[prompt], *after.samples.get(prompt, [])] for prompt in before.samples]
+    try:
+        with atomic_file(path) as tmp:
+            grid(rows).save(tmp, format="PNG")
+    except OSError as err:
+        raise CommandError(f"{path}: cannot write the grid ({one_line(err)})") from err
+
+
+def _write_metrics(report: dict[str, Any], path: Path) -> None:
+    from ..atomic import atomic_write_text
+
+    try:
+        atomic_write_text(path, json.dumps(report, indent=2) + "\n")
+    except OSError as err:
+        raise CommandError(f"{path}: cannot write the metrics ({one_line(err)})") from err
+
+
+@reports_input_errors
+def run(args: argparse.Namespace) -> int:
+    adapter = Path(args.adapter)
+    check_adapter_path(adapter)
+    out, grid_path = _check_outputs(args, adapter)
+    if args.base is not None:
+        _check_user_base(args)
+    _check_prompts(args)
+    probe = make_probe(args)
+    scorer_spec = args.scorer or "world"
+
+    from ..io import read_adapter
+    from ..metrics import load_scorer, measure_dreambooth
+
+    metadata = read_adapter(adapter).metadata  # a broken file fails before any model loads
+    images = instance_images(args.instance_dir)
+    device = _device()
+    scorer = load_scorer(scorer_spec, device=device)
+    pipe = _load_base(args.base, device)
+    fingerprint = check_same_base(adapter, metadata, pipe)
+
+    before = measure_dreambooth(pipe, probe, images, scorer)
+    _merge_adapter(pipe, adapter)
+    after = measure_dreambooth(pipe, probe, images, scorer)
+
+    report = {
+        "adapter": str(adapter),
+        "base": args.base or TINY_BASE,
+        "base_fingerprint": fingerprint,
+        "scorer": scorer_spec,
+        "probe": asdict(probe),
+        "before": before.metrics,
+        "after": after.metrics,
+    }
+    _write_metrics(report, out)
+    if grid_path is not None:
+        _write_grid(before, after, grid_path)
+    print(format_table(before.metrics, after.metrics))
+    print(f"Wrote {out}" + (f" and {grid_path}" if grid_path else ""))
+    return 0
+
+
+COMMAND = Command(HELP, add_arguments, run)

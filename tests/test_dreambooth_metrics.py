@@ -1,0 +1,95 @@
+"""DreamBooth measures itself: metrics.json, model card, trackers; bad metric settings fail before writing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from boft_diffusion.recipes.dreambooth import DreamBoothConfig, run
+from boft_diffusion.training.args import ConfigError, load_config
+
+FAST = [
+    "train.max_train_steps=2",
+    "train.checkpointing_steps=0",
+    "train.report_to=none",
+    "validation.validation_steps=0",
+    "validation.prompts=[a photo of sks toy]",
+    "validation.num_images_per_prompt=1",
+    "validation.num_inference_steps=2",
+    "data.num_generated_images=2",
+    "metrics.num_images=1",
+    "metrics.num_inference_steps=2",
+    "data.with_prior_preservation=false",
+]
+
+
+def make_config(out: Path, *overrides: str) -> DreamBoothConfig:
+    return load_config(DreamBoothConfig, None, [f"train.output_dir={out}", *FAST, *overrides])
+
+
+def test_run_writes_metrics_before_and_after(tmp_path, capsys):
+    out = tmp_path / "run"
+    run(make_config(out))
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["scorer"] == "world" and report["step"] == 2
+    assert report["base_model"] == "boft_diffusion.tiny (world)"
+    for stage in ("before", "after"):
+        assert set(report[stage]) == {"subject_fidelity", "prompt_fidelity", "class_drift"}
+        assert all(0.0 <= v <= 1.0 for v in report[stage].values())
+    assert report["probe"]["class_prompt"] == "a photo of a toy"
+    assert (out / "metrics.png").is_file()
+    card = (out / "README.md").read_text()
+    assert "## What it learned" in card and "| subject_fidelity |" in card
+    assert "subject_fidelity" in capsys.readouterr().out  # printed at the end
+    manifest = json.loads((out / ".boft_diffusion_manifest.json").read_text())
+    assert {"metrics.json", "metrics.png"} <= set(manifest["outputs"])
+
+
+def test_metrics_reach_the_tracker(tmp_path):
+    out = tmp_path / "run"
+    run(make_config(out, "train.report_to=tensorboard"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = [p for p in (out / "logs").rglob("events.out.tfevents*")]
+    tags = set()
+    for path in events:
+        accumulator = EventAccumulator(str(path))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    assert {"metrics/subject_fidelity", "metrics/subject_fidelity_before", "metrics/class_drift"} <= tags
+
+
+def test_metrics_off_writes_none(tmp_path):
+    out = tmp_path / "run"
+    run(make_config(out, "metrics.scorer=none"))
+    assert not (out / "metrics.json").exists()
+    assert "What it learned" not in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("metrics.scorer=clip:/does/not/exist", "does not exist"),
+        ("metrics.scorer=dino", "scorer"),
+        ("metrics.context_prompts=[]", "metrics.context_prompts"),
+        ("metrics.context_prompts=[a photo of sks toy at the beach]", "states no context"),
+        ("metrics.num_images=0", "metrics.num_images"),
+    ],
+)
+def test_bad_metric_settings_fail_before_anything_is_written(tmp_path, override, message):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=message):
+        run(make_config(out, override))
+    assert not out.exists()
+
+
+def test_scorer_weights_that_do_not_fit(tmp_path):
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "dinov2"}))
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=str(folder)):
+        run(make_config(out, f"metrics.scorer=clip:{folder}"))
+    assert not out.exists()
