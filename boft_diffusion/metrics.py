@@ -59,6 +59,8 @@ __all__ = [
     "Scorer",
     "ScorerError",
     "WorldScorer",
+    "before_after_rows",
+    "format_metrics",
     "grid",
     "load_scorer",
     "measure_dreambooth",
@@ -510,3 +512,21 @@ def grid(rows: Sequence[Sequence[Image.Image]]) -> Image.Image:
         for c, image in enumerate(row):
             canvas.paste(image.convert("RGB"), (c * (width + GUTTER), r * (height + GUTTER)))
     return canvas
+
+
+def before_after_rows(before: Measurement | None, after: Measurement) -> list[list[Image.Image]]:
+    """A row per prompt: its images before (if measured), then after (for :func:`grid`)."""
+    return [[*(before.samples.get(p, []) if before else []), *images] for p, images in after.samples.items()]
+
+
+def format_metrics(
+    before: dict[str, float | None] | None, after: dict[str, float | None], scorer: str
+) -> str:
+    """The metrics as a small table: metric, before, after (``-`` where not measured)."""
+
+    def cell(value: float | None) -> str:
+        return "    -  " if value is None else f"{value:7.3f}"
+
+    lines = [f"What it taught (scorer: {scorer}):", f"  {'metric':<18} {'before':>7} {'after':>7}"]
+    lines += [f"  {name:<18} {cell((before or {}).get(name))} {cell(v)}" for name, v in after.items()]
+    return "\n".join(lines)

@@ -236,27 +236,14 @@ def _merge_adapter(pipe: Any, adapter: Path) -> None:
 
 
 # --- outputs -------------------------------------------------------------------------------------
-def format_table(before: dict[str, float | None], after: dict[str, float | None]) -> str:
-    """One row per metric: its value before and after the adapter."""
-
-    def cell(value: float | None) -> str:
-        return f"{value:>9.4f}" if value is not None else f"{'n/a':>9}"
-
-    width = max(len("metric"), *(len(k) for k in before))
-    lines = [f"{'metric':<{width}}  {'before':>9}  {'after':>9}"]
-    lines += [f"{k:<{width}}  {cell(before[k])}  {cell(after.get(k))}" for k in before]
-    return "\n".join(lines)
-
-
 def _write_grid(before: Any, after: Any, path: Path) -> None:
     """A row per prompt: its images before the adapter, then after (written atomically)."""
     from ..atomic import atomic_file
-    from ..metrics import grid
+    from ..metrics import before_after_rows, grid
 
-    rows = [[*before.samples[prompt], *after.samples.get(prompt, [])] for prompt in before.samples]
     try:
         with atomic_file(path) as tmp:
-            grid(rows).save(tmp, format="PNG")
+            grid(before_after_rows(before, after)).save(tmp, format="PNG")
     except OSError as err:
         raise CommandError(f"{path}: cannot write the grid ({one_line(err)})") from err
 
@@ -307,7 +294,9 @@ def run(args: argparse.Namespace) -> int:
     _write_metrics(report, out)
     if grid_path is not None:
         _write_grid(before, after, grid_path)
-    print(format_table(before.metrics, after.metrics))
+    from ..metrics import format_metrics
+
+    print(format_metrics(before.metrics, after.metrics, report["scorer"]))
     print(f"Wrote {out}" + (f" and {grid_path}" if grid_path else ""))
     return 0
 

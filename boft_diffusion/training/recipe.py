@@ -32,7 +32,7 @@ from torch import nn
 from ..atomic import atomic_file, atomic_write_text
 from ..inject import adapter_state_dict, count_parameters, set_enabled
 from ..io import ADAPTER_WEIGHTS_NAME, save_boft_weights
-from ..metrics import Measurement, grid
+from ..metrics import Measurement, before_after_rows, format_metrics, grid
 from ..pipeline import base_fingerprint
 from .args import config_to_dict, config_to_yaml
 from .checkpoint import (
@@ -70,7 +70,7 @@ from .setup import (
 from .tracking import ProgressBar, init_trackers
 from .validation import run_validation
 
-__all__ = ["METRICS_GRID_NAME", "METRICS_NAME", "OnStep", "TrainingRecipe", "format_metrics"]
+__all__ = ["METRICS_GRID_NAME", "METRICS_NAME", "OnStep", "TrainingRecipe"]
 
 METRICS_NAME = "metrics.json"
 METRICS_GRID_NAME = "metrics.png"
@@ -354,11 +354,8 @@ class TrainingRecipe:
             "after": after.metrics,
         }
         atomic_write_text(out / METRICS_NAME, json.dumps(report, indent=2) + "\n")
-        rows = [
-            [*(before.samples[p] if before is not None else []), *after.samples[p]] for p in after.samples
-        ]
         with atomic_file(out / METRICS_GRID_NAME) as tmp:
-            grid(rows).save(tmp, format="PNG")
+            grid(before_after_rows(before, after)).save(tmp, format="PNG")
         logs = {f"metrics/{k}": v for k, v in after.metrics.items() if v is not None}
         if before is not None:
             logs |= {f"metrics/{k}_before": v for k, v in before.metrics.items() if v is not None}
@@ -417,21 +414,10 @@ class TrainingRecipe:
         losses = self.train(on_step)
         self.save()
         if self.report is not None:
-            accelerator.print(format_metrics(self.report))
+            r = self.report
+            accelerator.print(format_metrics(r["before"], r["after"], r.get("scorer", "?")))
         accelerator.print(
             f"Done in {time.perf_counter() - start:.1f}s; adapter in {self.cfg.train.output_dir}"
         )
         accelerator.end_training()
         return losses
-
-
-def format_metrics(report: dict[str, Any]) -> str:
-    """metrics.json's numbers as a small table: metric, before, after."""
-    before, after = report.get("before") or {}, report["after"]
-
-    def cell(value: float | None) -> str:
-        return "   -  " if value is None else f"{value:6.3f}"
-
-    lines = [f"What the run taught (scorer: {report.get('scorer', '?')}):", f"  {'metric':<18} before  after"]
-    lines += [f"  {name:<18} {cell(before.get(name))} {cell(value)}" for name, value in after.items()]
-    return "\n".join(lines)
