@@ -238,6 +238,7 @@ def _tiny_vae() -> AutoencoderKL:
         latent_channels=4,
         norm_num_groups=8,
         sample_size=TINY_RESOLUTION,
+        scaling_factor=0.18215,  # explicit, so that the world weights' measured factor is never "a default"
     )
 
 

@@ -156,6 +156,22 @@ def test_merged_state_dict_has_the_stock_layout(exports):
     assert torch.equal(merged_state_dict(pipe.unet)[f"{name}.bias"], bias)
 
 
+def test_configs_are_exported_at_their_live_values(tmp_path):
+    """A config key changed after construction (register_to_config) is exported as changed, not reset to
+    its default: the learned tiny VAE's measured scaling_factor once came back as SD's 0.18215."""
+    pipe = build_tiny_pipeline(seed=0, weights="random")
+    pipe.vae.register_to_config(shift_factor=0.25)
+    assert "shift_factor" in pipe.vae.config["_use_default_values"]  # the case diffusers' from_config resets
+    export_merged(pipe, tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "vae" / "config.json").read_text())
+    assert saved["shift_factor"] == 0.25
+    world = build_tiny_pipeline(seed=0)
+    assert world.vae.config.scaling_factor != 0.18215
+    export_merged(world, tmp_path / "world")
+    saved = json.loads((tmp_path / "world" / "vae" / "config.json").read_text())
+    assert saved["scaling_factor"] == world.vae.config.scaling_factor
+
+
 def test_provenance_in_metadata_and_json(exports, base_dir):
     root = exports["root"]
     prov = json.loads((root / "diffusers" / PROVENANCE_NAME).read_text())

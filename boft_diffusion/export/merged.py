@@ -65,7 +65,11 @@ def _stock_module(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Modul
 
     with init_empty_weights():
         if isinstance(module, ModelMixin):
-            fresh = type(module).from_config(module.config)
+            # Every key at its live value: from_config would reset the keys listed in
+            # _use_default_values, even ones changed since by register_to_config (a VAE's
+            # scaling_factor measured after construction), and the export would decode differently.
+            config = {k: v for k, v in module.config.items() if k != "_use_default_values"}
+            fresh = type(module).from_config(config)
         elif isinstance(module, PreTrainedModel):
             fresh = type(module)(module.config)
         else:
