@@ -81,19 +81,6 @@ def _validate(args: argparse.Namespace) -> list[tuple[Path, float]]:
     return adapters
 
 
-def image_grid(images: list[Any]) -> Any:
-    """PIL images of one size -> one grid image, ``ceil(sqrt(n))`` columns, row-major."""
-    from PIL import Image
-
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    width, height = images[0].size
-    grid = Image.new("RGB", (cols * width, rows * height), "white")
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % cols) * width, (i // cols) * height))
-    return grid
-
-
 def _save_png(image: Any, path: Path, text: dict[str, str]) -> None:
     """Write the PNG atomically (no partial file), ``text`` in its text chunks."""
     from PIL.PngImagePlugin import PngInfo
@@ -177,6 +164,9 @@ def _load_merged(args: argparse.Namespace, adapters: list[tuple[Path, float]], d
 
 @reports_input_errors
 def run(args: argparse.Namespace) -> int:
+    from diffusers.utils import make_image_grid
+    from PIL import Image
+
     adapters = _validate(args)
     device = _device(args.device)
     pipe = _load_merged(args, adapters, device)
@@ -189,7 +179,10 @@ def run(args: argparse.Namespace) -> int:
         "adapters": json.dumps([{"path": str(p), "weight": w} for p, w in adapters]),
     }
     out = Path(args.out)
-    _save_png(image_grid(images), out, text)
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    blank = Image.new("RGB", images[0].size, "white")  # fills the last row
+    _save_png(make_image_grid([*images, *[blank] * (rows * cols - len(images))], rows, cols), out, text)
     print(f"Wrote {len(images)} image(s) as a grid to {out}")
     return 0
 

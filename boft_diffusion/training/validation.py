@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from diffusers.utils import make_image_grid
 from PIL import Image
 from torch import nn
 
@@ -20,16 +21,7 @@ from ..atomic import atomic_file
 from .args import ValidationArgs
 from .tracking import log_images
 
-__all__ = ["make_grid", "run_validation", "sample_grid"]
-
-
-def make_grid(images: Sequence[Image.Image], rows: int, cols: int) -> Image.Image:
-    """Paste ``rows * cols`` equally sized images into one image, row by row."""
-    width, height = images[0].size
-    grid = Image.new("RGB", (cols * width, rows * height))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % cols) * width, (i // cols) * height))
-    return grid
+__all__ = ["run_validation", "sample_grid"]
 
 
 def _image_format(path: Path) -> str:
@@ -53,7 +45,7 @@ def sample_grid(pipe: Any, args: ValidationArgs, resolution: int, **pipe_kwargs:
             width=size,
             **pipe_kwargs,
         ).images
-    return make_grid(images, len(args.prompts), args.num_images_per_prompt)
+    return make_image_grid(images, len(args.prompts), args.num_images_per_prompt)
 
 
 def run_validation(
