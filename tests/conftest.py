@@ -11,6 +11,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+DREAMBOOTH_FAST = [
+    "train.max_train_steps=2",
+    "train.checkpointing_steps=0",
+    "train.report_to=none",
+    "metrics.scorer=none",
+    "data.with_prior_preservation=false",
+    "validation.validation_steps=0",
+    "validation.prompts=[a photo of sks toy]",
+    "validation.num_images_per_prompt=1",
+    "validation.num_inference_steps=2",
+    "data.num_generated_images=2",
+]
+"""Overrides that make a DreamBooth run take seconds: tests add theirs after these (later ones win)."""
+
+
 @pytest.fixture
 def tiny_pipe():
     """A fresh tiny StableDiffusionPipeline (built offline in well under a second)."""

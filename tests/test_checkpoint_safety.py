@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DREAMBOOTH_FAST
 from torch import nn
 
 from boft_diffusion import cli
@@ -24,18 +25,7 @@ from boft_diffusion.training.args import ConfigError, load_config
 from boft_diffusion.training.checkpoint import CHECKPOINT_MARKER, latest_checkpoint, list_checkpoints
 from boft_diffusion.training.setup import RUN_CONFIG_NAME
 
-FAST = [
-    "train.max_train_steps=2",
-    "train.checkpointing_steps=1",
-    "train.report_to=none",
-    "metrics.scorer=none",
-    "data.with_prior_preservation=false",
-    "validation.validation_steps=0",
-    "validation.prompts=[a photo of sks toy]",
-    "validation.num_images_per_prompt=1",
-    "validation.num_inference_steps=1",
-    "data.num_generated_images=2",
-]
+FAST = [*DREAMBOOTH_FAST, "train.checkpointing_steps=1", "validation.num_inference_steps=1"]
 SOURCE = ["optim.lr_scheduler=cosine", "optim.lr_warmup_steps=1"]
 """The source run's schedule: it decays over train.max_train_steps."""
 

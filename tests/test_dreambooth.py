@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DREAMBOOTH_FAST
 from diffusers import DDPMScheduler
 
 from boft_diffusion.data import DataError
@@ -27,19 +28,7 @@ from boft_diffusion.training.noise import diffusion_loss, prediction_target, snr
 from boft_diffusion.training.setup import RUN_CONFIG_NAME
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = [
-    "train.max_train_steps=2",
-    "train.checkpointing_steps=0",
-    "train.report_to=none",
-    "metrics.scorer=none",
-    "data.with_prior_preservation=false",
-    "boft.train_text_encoder=false",
-    "validation.validation_steps=0",
-    "validation.prompts=[a photo of sks toy]",
-    "validation.num_images_per_prompt=1",
-    "validation.num_inference_steps=2",
-    "data.num_generated_images=3",
-]
+FAST = [*DREAMBOOTH_FAST, "boft.train_text_encoder=false", "data.num_generated_images=3"]
 
 
 def make_config(out: Path, *overrides: str) -> DreamBoothConfig:

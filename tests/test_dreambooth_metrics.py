@@ -6,23 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import DREAMBOOTH_FAST
 
 from boft_diffusion.recipes.dreambooth import DreamBoothConfig, run
 from boft_diffusion.training.args import ConfigError, load_config
 
-FAST = [
-    "train.max_train_steps=2",
-    "train.checkpointing_steps=0",
-    "train.report_to=none",
-    "validation.validation_steps=0",
-    "validation.prompts=[a photo of sks toy]",
-    "validation.num_images_per_prompt=1",
-    "validation.num_inference_steps=2",
-    "data.num_generated_images=2",
-    "metrics.num_images=1",
-    "metrics.num_inference_steps=2",
-    "data.with_prior_preservation=false",
-]
+FAST = [*DREAMBOOTH_FAST, "metrics.scorer=auto", "metrics.num_images=1", "metrics.num_inference_steps=2"]
 
 
 def make_config(out: Path, *overrides: str) -> DreamBoothConfig:

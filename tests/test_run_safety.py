@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DREAMBOOTH_FAST
 
 from boft_diffusion import cli
 from boft_diffusion.data import DataError
@@ -25,18 +26,7 @@ from boft_diffusion.training.args import ConfigError, load_config
 from boft_diffusion.training.setup import RUN_CONFIG_NAME
 
 MANIFEST = ".boft_diffusion_manifest.json"
-FAST = [
-    "train.max_train_steps=1",
-    "train.checkpointing_steps=0",
-    "train.report_to=none",
-    "metrics.scorer=none",
-    "data.with_prior_preservation=false",
-    "validation.validation_steps=0",
-    "validation.prompts=[a photo of sks toy]",
-    "validation.num_images_per_prompt=1",
-    "validation.num_inference_steps=1",
-    "data.num_generated_images=2",
-]
+FAST = [*DREAMBOOTH_FAST, "train.max_train_steps=1", "validation.num_inference_steps=1"]
 
 
 def make_config(out: Path, *overrides: str) -> DreamBoothConfig:
