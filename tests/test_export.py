@@ -36,12 +36,12 @@ TEXT = BOFTConfig(boft_block_size=4, init_weights=False)
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    return save_tiny_pipeline(tmp_path_factory.mktemp("base") / "tiny", weights="random")
+    return save_tiny_pipeline(tmp_path_factory.mktemp("base") / "tiny")
 
 
 def adapted_pipe(seed: int = 0, name: str = "toy"):
-    """Tiny pipeline with random (trained-looking) UNet and text-encoder adapters and trained biases."""
-    pipe = build_tiny_pipeline(seed=0, weights="random")
+    """The learned tiny pipeline with random (trained-looking) UNet and text-encoder adapters and trained biases."""
+    pipe = build_tiny_pipeline(seed=0)
     torch.manual_seed(seed)
     add_boft_to_pipeline(pipe, {"unet": UNET, "text_encoder": TEXT}, name)
     with torch.no_grad():
@@ -111,7 +111,7 @@ def test_both_formats_open_in_stock_diffusers_and_match_adapter_images(exports, 
     )
     from_folder, from_single = np.load(out)
     reference = exports["reference"]
-    base = sample_images(build_tiny_pipeline(seed=0, weights="random"))
+    base = sample_images(build_tiny_pipeline(seed=0))
     assert np.abs(reference - base).max() > 0.01  # the adapter changes the images
     assert np.abs(from_folder - reference).max() < IMAGE_TOLERANCE
     assert np.abs(from_single - reference).max() < IMAGE_TOLERANCE
