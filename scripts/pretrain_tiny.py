@@ -8,7 +8,10 @@ Four stages, all seeded from ``--seed`` (on one torch build and thread count two
 rounding order; a test checks a short run):
 
 1. VAE. ``AutoencoderKL`` (the tiny architecture of :mod:`boft_diffusion.tiny`) learns to reconstruct
-   world scenes: L1 + MSE on 32 × 32 crops (the VAE is convolutional; crops cost a quarter of a scene),
+   world scenes, half of them with the object in unnamed colours (random RGB, solid or in two-colour
+   bands: ``VAE_PAINTS``), so that like a real model's VAE it encodes colours the captions never name
+   (the DreamBooth subject's pink and teal among them; the script logs how well it reconstructs the
+   subject, which it never sees). L1 + MSE on 32 × 32 crops (the VAE is convolutional; crops cost a quarter of a scene),
    a tiny KL weight; then rounded to float16, as stored (so ``--vae-from`` a file of it replays the rest).
    Its latent scaling factor is measured on the training scenes (as SD's 0.18215).
 2. Latents. ``--scenes`` scenes of the pretraining world (every colour–shape pair except
@@ -17,7 +20,8 @@ rounding order; a test checks a short run):
    noise schedule, Min-SNR-5 weighting, AdamW with warmup and cosine decay, an EMA of the weights.
    Captions are the world's own with attributes dropped at random (``world.caption_variant``):
    "a photo of a red star", "a photo of a toy on a blue background", ... and 10 % empty prompts so
-   classifier-free guidance works. "toy" stands for any object: the class noun of DreamBooth.
+   classifier-free guidance works. A quarter of the objects wear unnamed colours (``DENOISER_PAINTS``)
+   and their captions say no colour. "toy" stands for any object: the class noun of DreamBooth.
    The EMA weights are then stored (float16) and read back.
 4. Decoder. With the encoder frozen (the UNet's latents stay valid), the decoder is sharpened on
    posterior samples with L1 + MSE + an edge (image-gradient) loss, as SD's ft-MSE VAE was.
@@ -44,17 +48,73 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel, compute_snr
 
 from boft_diffusion import tiny
-from boft_diffusion.world import caption_variant, render, sample_scenes
+from boft_diffusion.world import (
+    CAPTION_DROP,
+    COLOURS,
+    caption_variant,
+    partial_caption,
+    render,
+    sample_scenes,
+)
 
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def images_tensor(scenes, size: int = tiny.TINY_RESOLUTION) -> torch.Tensor:
-    """Scenes as a float (B, 3, H, W) batch in [-1, 1]."""
-    batch = np.stack([render(scene, size)[0] for scene in scenes])
+def images_tensor(scenes, size: int = tiny.TINY_RESOLUTION, paints=None) -> torch.Tensor:
+    """Scenes (each with its ``paint`` or None) as a float (B, 3, H, W) batch in [-1, 1]."""
+    paints = paints if paints is not None else [None] * len(scenes)
+    batch = np.stack([render(scene, size, paint=paint)[0] for scene, paint in zip(scenes, paints)])
     return torch.from_numpy(batch).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def unnamed_paints(scenes, seed: int, solid: float, banded: float) -> list:
+    """Per scene, None (its named colour) or unnamed colours: one random RGB with chance ``solid``, two
+    random RGBs in bands with chance ``banded``. Each is kept clearly apart from the background's
+    colour, so the object stays visible. The world's eight names cover a sliver of colour space;
+    these teach the VAE and the denoiser the rest of it, as a real model's training data would."""
+    rng = np.random.default_rng(seed)
+    paints = []
+    for scene in scenes:
+        draw = rng.random()
+        count = 1 if draw < solid else 2 if draw < solid + banded else 0
+        background = np.asarray(COLOURS[scene.background], dtype=np.float64)
+        colours = []
+        while len(colours) < count:
+            rgb = rng.integers(0, 256, 3)
+            if np.linalg.norm(rgb - background) > 90:
+                colours.append(tuple(int(v) for v in rgb))
+        paints.append(tuple(colours) or None)
+    return paints
+
+
+VAE_PAINTS = {"solid": 0.25, "banded": 0.25}
+"""Stages 1 and 4: a quarter of the scenes in an unnamed solid colour, a quarter in unnamed bands."""
+DENOISER_PAINTS = {"solid": 0.15, "banded": 0.10}
+"""Stage 3: unnamed colours are captioned without a colour word ("a photo of a large star on ...")."""
+
+
+@torch.no_grad()
+def check_subject_reconstruction(vae, views: int = 16) -> None:
+    """Log how well the VAE reconstructs the DreamBooth subject, which no stage ever shows it."""
+    from PIL import Image
+
+    from boft_diffusion.metrics import WorldScorer
+    from boft_diffusion.world import subject_scenes
+
+    images = images_tensor(subject_scenes(views, seed=123))
+    recon = vae.decode(vae.encode(images).latent_dist.mean).sample.clamp(-1, 1)
+    error = (recon - images).abs().mean().item() * 127.5
+
+    def pil(batch: torch.Tensor) -> list:
+        pixels = ((batch + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        return [Image.fromarray(p) for p in pixels]
+
+    likeness = np.mean(WorldScorer().subject_similarity(pil(recon), pil(images)))
+    log(
+        f"VAE on {views} unseen subject views: mean abs error {error:.1f}/255, subject likeness {likeness:.2f}"
+    )
 
 
 def cosine_lr(optimizer, total: int, warmup: int):
@@ -67,6 +127,12 @@ def cosine_lr(optimizer, total: int, warmup: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def paint_batch(batch: int, seed: int):
+    """A stage-1/4 batch: world scenes, half of them in unnamed colours (``VAE_PAINTS``)."""
+    scenes = sample_scenes(batch, seed=seed)
+    return images_tensor(scenes, paints=unnamed_paints(scenes, seed, **VAE_PAINTS))
+
+
 def train_vae(vae, steps: int, batch: int, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
@@ -74,8 +140,7 @@ def train_vae(vae, steps: int, batch: int, seed: int) -> None:
     vae.train()
     running = 0.0
     for step in range(steps):
-        scenes = sample_scenes(batch, seed=seed * 1_000_003 + step)
-        images = images_tensor(scenes)
+        images = paint_batch(batch, seed * 1_000_003 + step)
         y0, x0 = torch.randint(0, 33, (2,), generator=generator).tolist()
         crops = images[:, :, y0 : y0 + 32, x0 : x0 + 32]
         posterior = vae.encode(crops).latent_dist
@@ -111,7 +176,7 @@ def finetune_decoder(vae, steps: int, batch: int, seed: int) -> None:
         return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
 
     for step in range(steps):
-        images = images_tensor(sample_scenes(batch, seed=(seed + 3) * 1_000_003 + step))
+        images = paint_batch(batch, (seed + 3) * 1_000_003 + step)
         with torch.no_grad():
             posterior = vae.encode(images).latent_dist
             latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
@@ -133,17 +198,28 @@ def finetune_decoder(vae, steps: int, batch: int, seed: int) -> None:
 
 
 @torch.no_grad()
-def encode_scenes(vae, scenes, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior means and stds of every scene, float32 (N, 4, h, w) each."""
+def encode_scenes(vae, scenes, paints, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior means and stds of every scene (painted as ``paints`` says), float32 (N, 4, h, w) each."""
     means, stds = [], []
     for start in range(0, len(scenes), batch):
-        posterior = vae.encode(images_tensor(scenes[start : start + batch])).latent_dist
+        chunk = slice(start, start + batch)
+        posterior = vae.encode(images_tensor(scenes[chunk], paints=paints[chunk])).latent_dist
         means.append(posterior.mean)
         stds.append(posterior.std)
     return torch.cat(means), torch.cat(stds)
 
 
-def train_denoiser(pipe, scenes, means, stds, scaling: float, args) -> None:
+def caption(scene, paint, rng: np.random.Generator) -> str:
+    """Pretraining's caption: ``caption_variant``, never naming the colour of an unnamed paint."""
+    if paint is None:
+        return caption_variant(scene, rng)
+    if rng.random() < CAPTION_DROP["all"]:
+        return ""
+    keep = {name: bool(rng.random() >= CAPTION_DROP[name]) for name in ("size", "shape", "background")}
+    return partial_caption(scene, colour=False, **keep)
+
+
+def train_denoiser(pipe, scenes, paints, means, stds, scaling: float, args) -> None:
     unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     params = [*unet.parameters(), *text_encoder.parameters()]
@@ -159,7 +235,7 @@ def train_denoiser(pipe, scenes, means, stds, scaling: float, args) -> None:
         index = torch.randint(0, len(scenes), (args.batch,), generator=generator)
         noise_free = means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)
         latents = noise_free * scaling
-        captions = [caption_variant(scenes[i], rng) for i in index.tolist()]
+        captions = [caption(scenes[i], paints[i], rng) for i in index.tolist()]
         ids = tokenizer(
             captions,
             padding="max_length",
@@ -254,16 +330,18 @@ def main() -> None:
         train_vae(pipe.vae, args.vae_steps, args.vae_batch, args.seed)
         for param in pipe.vae.parameters():  # as stored: --vae-from a file of this VAE gives the same run
             param.data = param.data.to(torch.float16).to(torch.float32)
+        check_subject_reconstruction(pipe.vae)
 
     log(f"stage 2: encoding {args.scenes} scenes")
     scenes = sample_scenes(args.scenes, seed=args.seed + 10_000)
-    means, stds = encode_scenes(pipe.vae, scenes)
+    paints = unnamed_paints(scenes, args.seed + 10_001, **DENOISER_PAINTS)
+    means, stds = encode_scenes(pipe.vae, scenes, paints)
     scaling = float(1.0 / (means + stds * torch.randn_like(means)).std())
     pipe.vae.register_to_config(scaling_factor=scaling)
     log(f"latent scaling factor {scaling:.5f}")
 
     log(f"stage 3: UNet + text encoder, {args.unet_steps} steps of {args.batch}")
-    train_denoiser(pipe, scenes, means, stds, scaling, args)
+    train_denoiser(pipe, scenes, paints, means, stds, scaling, args)
     # Stored as float16 and read back, so that stage 4 starts from exactly what --stage4-from reads.
     tiny.save_world_weights(pipe, args.out)
     tiny.load_world_weights(pipe, args.out)
@@ -273,6 +351,7 @@ def main() -> None:
 def stage4(pipe, args, started: float) -> None:
     log(f"stage 4: decoder, {args.decoder_steps} steps of {args.vae_batch}")
     finetune_decoder(pipe.vae, args.decoder_steps, args.vae_batch, args.seed)
+    check_subject_reconstruction(pipe.vae)
     settings = {
         "seed": args.seed, "vae_steps": args.vae_steps, "vae_batch": args.vae_batch,
         "scenes": args.scenes, "unet_steps": args.unet_steps, "batch": args.batch, "lr": args.lr,

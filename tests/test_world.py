@@ -194,6 +194,27 @@ def test_subject_views_vary_and_are_never_sampled_otherwise():
     assert not any(scene.is_subject for scene in sample_scenes(2000, seed=1, exclude=()))
 
 
+def test_paint_recolours_only_the_object_in_unnamed_colours():
+    scene = sample_scenes(1, seed=4)[0]
+    image, maps = render(scene)
+    solid, solid_maps = render(scene, paint=[(12, 200, 90)])
+    assert np.array_equal(solid_maps.mask, maps.mask) and solid_maps.box == maps.box
+    x0, y0, x1, y1 = maps.box
+    away = np.ones(maps.mask.shape, dtype=bool)
+    away[max(y0 - 1, 0) : y1 + 1, max(x0 - 1, 0) : x1 + 1] = False  # beyond the anti-aliased outline
+    assert np.array_equal(solid[away], image[away])  # the background is untouched
+    assert (solid[maps.mask & ~maps.edges] == (12, 200, 90)).all()
+    banded, _ = render(scene, paint=[(250, 0, 0), (0, 0, 250)])
+    inside = banded[maps.mask & ~maps.edges]
+    assert {tuple(c) for c in inside} == {(250, 0, 0), (0, 0, 250)}
+    # the subject is the star painted in its two stripe colours
+    subject = world.subject_scene(0)
+    plain = dataclasses.replace(subject, colour="red" if subject.background != "red" else "blue")
+    assert np.array_equal(render(plain, paint=world.SUBJECT_STRIPES)[0], render(subject)[0])
+    with pytest.raises(ValueError, match="one or two"):
+        render(scene, paint=[(0, 0, 0)] * 3)
+
+
 # --- scorer ---------------------------------------------------------------------------------------
 
 

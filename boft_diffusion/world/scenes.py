@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
 
@@ -442,21 +442,35 @@ def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     return (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
 
 
-def _object_colour(scene: Scene, rows: np.ndarray, cy: float, r: float) -> np.ndarray:
-    """RGB of the object: ``(3,)`` for a solid colour, ``(h, 1, 3)`` per row for the striped subject."""
-    if not scene.is_subject:
-        return np.asarray(COLOURS[scene.colour], dtype=np.float32)
+def _object_colour(
+    scene: Scene, rows: np.ndarray, cy: float, r: float, paint: Sequence[RGB] | None = None
+) -> np.ndarray:
+    """RGB of the object: ``(3,)`` for a solid colour, ``(h, 1, 3)`` per row for horizontal bands
+    (the striped subject's ``SUBJECT_STRIPES``, or the two colours of ``paint``)."""
+    if paint is None:
+        if not scene.is_subject:
+            return np.asarray(COLOURS[scene.colour], dtype=np.float32)
+        paint = SUBJECT_STRIPES
+    if len(paint) == 1:
+        return np.asarray(paint[0], dtype=np.float32)
     band = np.floor((rows + 0.5 - cy) * SUBJECT_BANDS / (2 * r) + SUBJECT_BANDS / 2) % 2 == 1
-    return np.where(band[:, None, None], SUBJECT_STRIPES[1], SUBJECT_STRIPES[0]).astype(np.float32)
+    return np.where(band[:, None, None], paint[1], paint[0]).astype(np.float32)
 
 
-def render(scene: Scene, size: int = 64) -> tuple[np.ndarray, Maps]:
-    """The scene as a uint8 ``(size, size, 3)`` image and its exact :class:`Maps`."""
+def render(scene: Scene, size: int = 64, *, paint: Sequence[RGB] | None = None) -> tuple[np.ndarray, Maps]:
+    """The scene as a uint8 ``(size, size, 3)`` image and its exact :class:`Maps`.
+
+    ``paint`` overrides the object's colours with unnamed ones (the scene's caption no longer
+    describes them): one RGB for a solid object, two for horizontal bands like the subject's.
+    Pretraining uses it so that the VAE and the denoiser know colours beyond the named eight.
+    """
+    if paint is not None and len(paint) not in (1, 2):
+        raise ValueError(f"paint takes one or two RGB colours, got {len(paint)}")
     image = _background(scene, size)
     cx, cy, r = scene.x * size, scene.y * size, scene.r * size
     sdf, box = _shape_sdf_px(scene.shape, cx, cy, r, size, size)
     coverage = np.clip(0.5 - sdf, 0.0, 1.0)[..., None]
-    colour = _object_colour(scene, np.arange(box[0].start, box[0].stop), cy, r)
+    colour = _object_colour(scene, np.arange(box[0].start, box[0].stop), cy, r, paint)
     patch = image[box].astype(np.float32)
     image[box] = np.rint(patch + (colour - patch) * coverage)
     # The box keeps >= 1 px of background around the shape, so the crop's maps are the image's.
