@@ -11,8 +11,9 @@ DreamBooth (Ruiz et al., CVPR 2023) scores a finetuned model by sampling prompts
 
 A :class:`Scorer` supplies the two comparisons. :class:`EmbeddingScorer` runs the papers' CLIP or DINO
 from a local folder; :class:`WorldScorer` reads samples of the embedded world with its exact scorer
-(:func:`~boft_diffusion.world.score_image`), offline and without weights: an image shows the subject
-when it reads as the subject's (colour, shape), and it obeys a prompt by the share of the prompt's
+(:func:`~boft_diffusion.world.score_image`), offline and without weights: an image's likeness to the
+subject is graded, as DINO's cosine is (half for its colours, by their RGB distance to the subject's,
+half for reading as the subject's shape), and it obeys a prompt by the share of the prompt's
 attributes it reads back. :func:`world_prompt_accuracy` asks the same of full world captions, per
 attribute (GenEval-style attribute binding, read by the world scorer instead of a detector).
 
@@ -31,6 +32,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -42,6 +44,7 @@ from .world import (
     Scene,
     attribute_accuracy,
     caption_of,
+    colour_distance,
     held_out_scenes,
     parse_caption,
     sample_scenes,
@@ -114,6 +117,24 @@ def _check_pairs(images: Sequence[Image.Image], prompts: Sequence[str]) -> None:
 # --- the world scorer ----------------------------------------------------------------------------
 
 
+COLOUR_SCALE = 150.0
+"""RGB distance at which :meth:`WorldScorer.subject_similarity` gives a colour no credit: just beyond
+the nearest solid named colour to the subject's stripes (purple, 146), short of the distance between
+two named colours that differ in a clear way (red to orange, 106, still earns 0.29)."""
+
+
+def _subject_tones(colour_sets: Sequence[Sequence[tuple[int, int, int]]]) -> list[tuple[float, ...]]:
+    """The subject's colours: per tone, the median over the references (each aligned to the first)."""
+    first = np.resize(np.asarray(colour_sets[0], dtype=np.float64), (2, 3))
+    aligned = []
+    for colours in colour_sets:
+        tones = np.resize(np.asarray(colours, dtype=np.float64), (2, 3))
+        straight = np.linalg.norm(tones - first, axis=1).sum()
+        swapped = np.linalg.norm(tones[::-1] - first, axis=1).sum()
+        aligned.append(tones if straight <= swapped else tones[::-1])
+    return [tuple(tone) for tone in np.median(np.stack(aligned), axis=0)]
+
+
 class WorldScorer:
     """The embedded world's scorer: exact readings of colour, shape, size and background, no weights."""
 
@@ -122,10 +143,19 @@ class WorldScorer:
     def subject_similarity(
         self, images: Sequence[Image.Image], references: Sequence[Image.Image]
     ) -> list[float]:
-        """The share of the references' majority (colour, shape) each image reads back: 1.0 for both,
-        0.5 for one of them, 0.0 for neither (a continuous score, as DINO's is, with partial credit).
+        """How much each image looks like the references' subject, in ``[0, 1]``, graded as DINO's cosine is.
 
-        For views of the world's subject that pair is ``("striped", "star")``.
+        The subject is the references' majority reading (colour, shape); its colours are those
+        references' colours (:attr:`~boft_diffusion.world.Reading.colours`, one or two tones each,
+        matched tone to tone and averaged). An image scores the mean of
+
+        - colour: ``1 - d / COLOUR_SCALE`` (at least 0), ``d`` the :func:`~boft_diffusion.world.colour_distance`
+          of its object's colours to the subject's: 1 for the same colours, about 0 for any solid named
+          colour against the subject's pink and teal (its nearest, purple, is 146 away), partial credit
+          for the right two tones drawn muted or blurred;
+        - shape: 1 when it reads as the subject's shape, else 0.
+
+        An image with no object scores 0. Exact renders of the subject score 1.0, a red star 0.5.
         """
         if not references:
             raise MetricsError("no reference images to compare with")
@@ -133,7 +163,15 @@ class WorldScorer:
         subject = Counter((r.colour, r.shape) for r in readings).most_common(1)[0][0]  # ties: first seen
         if None in subject:
             raise MetricsError("the world scorer finds no object in most reference images")
-        return [((r.colour == subject[0]) + (r.shape == subject[1])) / 2 for r in map(score_image, images)]
+        tones = _subject_tones([r.colours for r in readings if (r.colour, r.shape) == subject])
+        scores = []
+        for reading in map(score_image, images):
+            if not reading.colours:
+                scores.append(0.0)
+                continue
+            colour = max(0.0, 1.0 - colour_distance(reading.colours, tones) / COLOUR_SCALE)
+            scores.append((colour + (reading.shape == subject[1])) / 2)
+        return scores
 
     def prompt_agreement(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
         """The share of the attributes each prompt states (``parse_caption``) that its image reads back.

@@ -7,6 +7,7 @@ plumbing, shapes, determinism and errors; the world scorer's accuracy is checked
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from boft_diffusion import world
 from boft_diffusion.metrics import (
     EVAL_GUIDANCE,
     EVAL_STEPS,
@@ -42,6 +44,7 @@ from boft_diffusion.world import (
     held_out_scenes,
     parse_caption,
     partial_caption,
+    render,
     render_subject,
     sample_scenes,
     scene_to_pil,
@@ -122,12 +125,40 @@ def test_world_scorer_knows_the_subject():
     views = [Image.fromarray(render_subject(seed)[0]) for seed in range(10, 16)]
     others = sample_scenes(12, seed=5)
     assert scorer.name == "world"
-    assert scorer.subject_similarity(views, references) == [1.0] * len(views)
-    # A world object is never striped: half credit for a star, none otherwise.
-    expected = [0.5 if scene.shape == "star" else 0.0 for scene in others]
-    assert scorer.subject_similarity([scene_to_pil(s) for s in others], references) == expected
+    assert scorer.subject_similarity(views, references) == pytest.approx([1.0] * len(views), abs=0.02)
+    # A world object is never striped: every solid named colour is far from pink and teal, so a star
+    # earns about half (its shape), anything else about nothing.
+    similarity = scorer.subject_similarity([scene_to_pil(s) for s in others], references)
+    for scene, value in zip(others, similarity):
+        assert (0.5 <= value < 0.55) if scene.shape == "star" else (value < 0.05), (scene, value)
     stars = [scene_to_pil(s) for s in sample_scenes(3, seed=6, include=[("red", "star")])]
     assert scorer.subject_similarity(stars, references) == [0.5] * 3
+
+
+def test_world_scorer_gives_graded_credit_for_the_subjects_colours():
+    """Like DINO's cosine, the score falls off gradually: stripes drawn muted still earn colour credit."""
+    scorer = WorldScorer()
+    references = _subject_views(4, seed=0)
+    scene = world.subject_scene(21)
+    pink, teal = world.SUBJECT_STRIPES
+    plain = dataclasses.replace(scene, colour="red" if scene.background != "red" else "blue")
+
+    def painted(a, b):
+        return Image.fromarray(render(plain, paint=[a, b])[0])
+
+    exact, muted, wrong = scorer.subject_similarity(
+        [
+            painted(pink, teal),
+            painted(tuple(int(0.75 * v + 32) for v in pink), tuple(int(0.75 * v + 32) for v in teal)),
+            painted((255, 255, 0), (0, 0, 255)),
+        ],
+        references,
+    )
+    assert exact == pytest.approx(1.0, abs=0.02)
+    assert 0.6 < muted < exact
+    assert wrong == pytest.approx(0.5, abs=0.02)  # the right shape in the wrong colours
+    assert world.colour_distance([pink, teal], [teal, pink]) == 0.0  # tones match either way round
+    assert world.colour_distance([pink], [pink, pink]) == 0.0  # a solid colour is two equal tones
 
 
 def test_world_scorer_subject_is_the_references_majority():

@@ -58,7 +58,7 @@ from .scenes import (
     subject_scenes,
     texture_period,
 )
-from .scorer import ATTRIBUTES, Reading, attribute_accuracy, edge_f1, mask_iou, score_image
+from .scorer import ATTRIBUTES, Reading, attribute_accuracy, colour_distance, edge_f1, mask_iou, score_image
 
 __all__ = [
     "ALL_PAIRS",
@@ -81,6 +81,7 @@ __all__ = [
     "Reading",
     "Scene",
     "attribute_accuracy",
+    "colour_distance",
     "caption_of",
     "caption_variant",
     "condition_image",

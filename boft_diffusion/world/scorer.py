@@ -49,6 +49,7 @@ __all__ = [
     "ATTRIBUTES",
     "Reading",
     "attribute_accuracy",
+    "colour_distance",
     "edge_f1",
     "mask_iou",
     "score_image",
@@ -74,6 +75,8 @@ class Reading:
     ``mask``, ``edges``: bool ``(H, W)``; ``box``: ``(x0, y0, x1, y1)`` exclusive ends (or ``None``);
     ``centre``: the box centre as fractions of the width and height; ``rgb``: the object's median colour.
     ``confidence``: intersection over union of the mask and the best shape template, in ``[0, 1]``.
+    ``colours``: the object's colours as read, one RGB for a solid object, two for a two-tone one
+    (the subject's stripes); empty when no object was found.
     """
 
     colour: str | None
@@ -87,6 +90,7 @@ class Reading:
     centre: tuple[float, float] | None
     rgb: tuple[int, int, int] | None
     confidence: float
+    colours: tuple[tuple[int, int, int], ...] = ()
 
     @property
     def is_subject(self) -> bool:
@@ -302,7 +306,26 @@ def score_image(image: np.ndarray | Image.Image) -> Reading:
     size = "small" if r / min(height, width) < (small_max + large_min) / 2 else "large"
     centre = ((box[0] + box[2]) / 2 / width, (box[1] + box[3]) / 2 / height)
     rgb_read = tuple(int(v) for v in np.rint(median))
-    return Reading(colour, shape, size, bg.name, texture, mask, mask_edges(mask), box, centre, rgb_read, iou)
+    tones = tuple(tuple(int(v) for v in np.rint(c)) for c in colours)
+    return Reading(
+        colour, shape, size, bg.name, texture, mask, mask_edges(mask), box, centre, rgb_read, iou, tones
+    )
+
+
+def colour_distance(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> float:
+    """Mean RGB distance between two objects' colours (one or two each, as :attr:`Reading.colours`).
+
+    A solid object counts as two tones of one colour; two-tone objects are matched tone to tone the
+    cheaper way round. 0 for the same colours; a solid named colour is at least 146 from the subject's
+    pink and teal, two named colours at least 114.
+    """
+    if not a or not b:
+        raise ValueError("colour_distance needs one or two colours on each side")
+    pa, pb = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    pa, pb = np.resize(pa, (2, 3)), np.resize(pb, (2, 3))  # a single colour is repeated
+    straight = np.linalg.norm(pa - pb, axis=1).mean()
+    swapped = np.linalg.norm(pa - pb[::-1], axis=1).mean()
+    return float(min(straight, swapped))
 
 
 def attribute_accuracy(readings: Sequence[Reading], scenes: Sequence[Scene]) -> dict[str, float]:
