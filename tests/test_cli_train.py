@@ -12,6 +12,7 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import DREAMBOOTH_FAST
 
 from boft_diffusion import cli, commands
 from boft_diffusion.io import read_adapter
@@ -19,16 +20,7 @@ from boft_diffusion.training import args as training_args
 from boft_diffusion.training.args import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = [
-    "train.max_train_steps=2",
-    "train.checkpointing_steps=0",
-    "train.report_to=none",
-    "metrics.scorer=none",
-    "data.with_prior_preservation=false",
-    "validation.validation_steps=0",
-    "validation.num_images_per_prompt=1",
-    "validation.num_inference_steps=2",
-]
+FAST = DREAMBOOTH_FAST
 
 
 def console(*args: str) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import DREAMBOOTH_FAST
 
 from boft_diffusion.recipes.dreambooth import DreamBoothConfig, run
 from boft_diffusion.training.args import ConfigError, config_keys, config_to_dict, field_docs, load_config
@@ -66,14 +67,7 @@ def test_sd_block_layout_fits_every_adapted_width(name):
 def test_tiny_configs_fit_the_tiny_model_and_run(path, tmp_path):
     fast = [
         f"train.output_dir={tmp_path / 'out'}",
-        "train.max_train_steps=2",
-        "train.checkpointing_steps=0",
-        "train.report_to=none",
-        "metrics.scorer=none",
-        "data.with_prior_preservation=false",
-        "validation.validation_steps=0",
-        "validation.num_inference_steps=2",
-        "validation.num_images_per_prompt=1",
+        *DREAMBOOTH_FAST,
         "data.class_inference_steps=2",
         "data.num_class_images=2",
     ]
