@@ -52,25 +52,23 @@ def _triu_indices(block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @functools.lru_cache(maxsize=64)
-def _skew_basis(block_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """``(b(b-1)/2, b*b)`` matrix with ``+1`` at ``(k, i*b+j)`` and ``-1`` at ``(k, j*b+i)`` for pair ``k``."""
+def _skew_positions(block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat positions of pair ``k``'s two entries in a ``b × b`` matrix: ``i*b+j`` (upper), ``j*b+i`` (lower)."""
     rows, cols = _triu_indices(block_size)
-    k = torch.arange(len(rows))
-    basis = torch.zeros(len(rows), block_size * block_size, dtype=dtype)
-    basis[k, rows * block_size + cols] = 1.0
-    basis[k, cols * block_size + rows] = -1.0
-    return basis.to(device)
+    return (rows * block_size + cols).to(device), (cols * block_size + rows).to(device)
 
 
 def unpack_skew(packed: torch.Tensor, block_size: int) -> torch.Tensor:
     """Packed generators ``(..., b(b-1)/2)`` -> skew-symmetric ``Q`` ``(..., b, b)``.
 
-    ``packed[..., k]`` is ``Q[i, j]`` for the k-th pair ``i < j`` in row-major order. One matmul with
-    a constant ``±1`` basis (exact: every entry of ``Q`` is one generator or zero), whose backward is
-    one matmul too.
+    ``packed[..., k]`` is ``Q[i, j]`` for the k-th pair ``i < j`` in row-major order, ``-Q[j, i]``
+    too. Two index copies, O(b²) in time and memory (exact: every entry of ``Q`` is one generator
+    or zero); their backward is a gather.
     """
-    basis = _skew_basis(block_size, packed.device, packed.dtype)
-    return (packed @ basis).unflatten(-1, (block_size, block_size))
+    upper, lower = _skew_positions(block_size, packed.device)
+    flat = packed.new_zeros(*packed.shape[:-1], block_size * block_size)
+    flat = flat.index_copy(-1, upper, packed).index_copy(-1, lower, -packed)
+    return flat.unflatten(-1, (block_size, block_size))
 
 
 def pack_skew(matrix: torch.Tensor) -> torch.Tensor:
@@ -103,7 +101,7 @@ class _PackedCayley(torch.autograd.Function):
 
     With ``A = I + wQ``, ``R = 2 A^-1 - I``, so ``dR = -2 A^-1 (w dQ) A^-1`` with ``A^-1 = (I + R) / 2``:
     ``dL/dQ = -w/2 (I + R)^T G (I + R)^T``, two batched ``b × b`` matmuls instead of the solves that
-    autograd would run, then one matmul with the skew basis onto the packed entries.
+    autograd would run, then a gather of each pair's two entries onto the packed generator.
     """
 
     @staticmethod
@@ -119,8 +117,8 @@ class _PackedCayley(torch.autograd.Function):
         b = ctx.block_size
         half = (blocks + torch.eye(b, device=blocks.device, dtype=blocks.dtype)).transpose(-1, -2)
         grad_skew = (half @ grad.to(blocks.dtype) @ half).flatten(-2)
-        basis = _skew_basis(b, blocks.device, blocks.dtype)
-        grad_packed = (grad_skew @ basis.t()) * (-0.5 * ctx.strength)
+        upper, lower = _skew_positions(b, blocks.device)
+        grad_packed = (grad_skew[..., upper] - grad_skew[..., lower]) * (-0.5 * ctx.strength)
         return grad_packed.to(ctx.dtype), None, None
 
 
