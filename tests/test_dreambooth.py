@@ -267,14 +267,19 @@ print("bf16 ok")
 
 
 def test_bf16_keeps_boft_parameters_float32_with_gradient_checkpointing(tmp_path):
-    # accelerate keeps one mixed precision per process: bf16 runs in a process of its own
+    # accelerate keeps one mixed precision per process: bf16 runs in a process of its own. The run
+    # measures itself too: sampling with float32 trained parts over a bf16 VAE once failed there.
     args = [f"train.output_dir={tmp_path / 'run'}", *FAST]
     args += ["train.mixed_precision=bf16", "train.gradient_checkpointing=true"]
+    args += ["metrics.scorer=world", "metrics.num_images=1", "metrics.num_inference_steps=2"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
         [sys.executable, "-c", BF16_CHECK, *args], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0 and "bf16 ok" in done.stdout, done.stderr[-3000:]
+    assert set(json.loads((tmp_path / "run" / "metrics.json").read_text())["after"]) == {
+        "subject_fidelity", "prompt_fidelity", "class_drift"
+    }  # fmt: skip
 
 
 def test_another_mixed_precision_in_the_same_process_is_a_clear_error(tmp_path):

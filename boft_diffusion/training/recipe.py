@@ -68,7 +68,7 @@ from .setup import (
     write_run_config,
 )
 from .tracking import ProgressBar, init_trackers
-from .validation import run_validation
+from .validation import run_validation, sampling_context
 
 __all__ = ["METRICS_GRID_NAME", "METRICS_NAME", "OnStep", "TrainingRecipe"]
 
@@ -332,7 +332,7 @@ class TrainingRecipe:
                 module.eval()
                 set_enabled(module, stage != "before")
             devices = [accelerator.device] if accelerator.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices), torch.no_grad():
+            with torch.random.fork_rng(devices=devices), torch.no_grad(), sampling_context(accelerator):
                 measured = self.measure()
             for module, mode in zip(self.components.values(), modes):
                 set_enabled(module, True)

@@ -21,7 +21,7 @@ from ..atomic import atomic_file
 from .args import ValidationArgs
 from .tracking import log_images
 
-__all__ = ["run_validation", "sample_grid"]
+__all__ = ["run_validation", "sample_grid", "sampling_context"]
 
 
 def _image_format(path: Path) -> str:
@@ -48,6 +48,12 @@ def sample_grid(pipe: Any, args: ValidationArgs, resolution: int, **pipe_kwargs:
     return make_image_grid(images, len(args.prompts), args.num_images_per_prompt)
 
 
+def sampling_context(accelerator: Accelerator) -> Any:
+    """Autocast as training runs it, so a pipeline whose frozen parts were cast to bf16 / fp16 samples
+    with float32 trained parts (the UNet's float32 latents meet a bf16 VAE); no-op in full precision."""
+    return accelerator.autocast() if accelerator.mixed_precision != "no" else nullcontext()
+
+
 def run_validation(
     accelerator: Accelerator,
     pipe: Any,
@@ -70,8 +76,7 @@ def run_validation(
         for module in trained:
             module.eval()
         devices = [accelerator.device] if accelerator.device.type == "cuda" else []
-        autocast = accelerator.autocast() if accelerator.mixed_precision != "no" else nullcontext()
-        with torch.random.fork_rng(devices=devices), autocast:
+        with torch.random.fork_rng(devices=devices), sampling_context(accelerator):
             grid = sample_grid(pipe, args, resolution, **pipe_kwargs)
         for module, mode in zip(trained, modes):
             module.train(mode)
