@@ -301,7 +301,11 @@ class _Rotation(torch.autograd.Function):
         grad, work_blocks = grad.to(rows.dtype), blocks.to(rows.dtype)
         need_rows, need_blocks = ctx.needs_input_grad[:2]
         if not need_blocks:  # the gradient of x M is g M^T
-            return _rotate_columns(grad.t(), work_blocks, _plan(plan.perms, not plan.transpose)).t(), None, None
+            return (
+                _rotate_columns(grad.t(), work_blocks, _plan(plan.perms, not plan.transpose)).t(),
+                None,
+                None,
+            )
         inputs = _rotate_columns(rows.t(), work_blocks, plan, inputs_only=True)
         _, inverse = plan.indices(grad.device)
         m, r, b, _ = blocks.shape

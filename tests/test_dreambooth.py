@@ -314,6 +314,14 @@ def _bad(tmp_path, *overrides):
     return out, make_config(out, *overrides)
 
 
+def test_a_layout_that_does_not_fit_a_target_is_a_config_error_naming_it(tmp_path):
+    # the tiny text encoder's fc2 takes 37 features: block_num 4 cannot split them
+    out, cfg = _bad(tmp_path, "boft.train_text_encoder=true", "boft.text_encoder_target_modules=[q_proj,fc2]")
+    with pytest.raises(ConfigError, match=r"boft.text_encoder_target_modules .*fc2.*37.*boft.block_num"):
+        run(cfg)
+    assert not out.exists()
+
+
 def test_missing_and_empty_instance_folder(tmp_path):
     out, cfg = _bad(tmp_path, f"data.instance_data_dir={tmp_path / 'photos'}")
     with pytest.raises(DataError, match="photos does not exist"):

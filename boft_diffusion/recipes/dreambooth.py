@@ -34,7 +34,7 @@ from ..data import (
     list_images,
     load_rgb,
 )
-from ..inject import add_boft
+from ..inject import apply_adapter_plan, plan_adapter
 from ..metrics import (
     EVAL_GUIDANCE,
     EVAL_STEPS,
@@ -336,16 +336,30 @@ class DreamBoothRecipe(TrainingRecipe):
         accelerator.wait_for_everyone()
         return list_images(folder, "class")[: data.num_class_images]
 
+    def check_pipeline(self) -> None:
+        self._plan_adapters()
+
+    def _plan_adapters(self) -> dict[str, Any]:
+        """The BOFT adapter of each trained component, checked against it (nothing is changed yet)."""
+        boft, pipe = self.cfg.boft, self.pipe
+        targets = {"unet": boft.unet_target_modules}
+        if boft.train_text_encoder:
+            targets["text_encoder"] = boft.text_encoder_target_modules
+        plans = {}
+        for name, modules in targets.items():
+            try:
+                plans[name] = plan_adapter(getattr(pipe, name), boft.to_config(modules), boft.adapter_name)
+            except ValueError as err:  # a layout that does not fit a targeted layer: bad input, not a bug
+                raise ConfigError(
+                    f"boft.{name}_target_modules on the {name}: {err}. Choose boft.block_num / "
+                    "boft.block_size to fit every targeted layer's input width, or target fewer modules"
+                ) from None
+        return plans
+
     def _add_adapters(self) -> dict[str, nn.Module]:
         """BOFT on the (frozen) UNet and text encoder; only adapter tensors train."""
-        boft, pipe = self.cfg.boft, self.pipe
-        components = {
-            "unet": add_boft(pipe.unet, boft.to_config(boft.unet_target_modules), boft.adapter_name)
-        }
-        if boft.train_text_encoder:
-            te_config = boft.to_config(boft.text_encoder_target_modules)
-            components["text_encoder"] = add_boft(pipe.text_encoder, te_config, boft.adapter_name)
-        return components
+        plans = self._plan_adapters()  # every component checked before any is changed
+        return {name: apply_adapter_plan(getattr(self.pipe, name), plan) for name, plan in plans.items()}
 
     def _dataloader(self, instance: list[Path], classes: list[Path] | None) -> tuple[DataLoader, list[Any]]:
         data, t = self.cfg.data, self.cfg.train

@@ -170,6 +170,9 @@ class TrainingRecipe:
         writes = self.planned_outputs() + (["checkpoint-*"] if t.checkpointing_steps else [])
         check_output_dir(t.output_dir, config_to_dict(cfg), self.run_identity, t.overwrite_output_dir, writes)
 
+    def check_pipeline(self) -> None:
+        """Checks that need the loaded pipeline (e.g. that the adapter fits it): before anything is written."""
+
     # --- setup -----------------------------------------------------------------------------------
     def setup(self) -> None:
         """Checks, accelerator, pipeline; then, inside the claimed output folder, the run itself."""
@@ -180,6 +183,7 @@ class TrainingRecipe:
         self.pipe = load_pipeline(cfg.model)  # the last checks: a hub id may not load, a size may not fit
         check_resolution(self.pipe, cfg.data.resolution, "data.resolution")
         check_resolution(self.pipe, cfg.validation.resolution, "validation.resolution")
+        self.check_pipeline()
         set_seed(cfg.train.seed, device_specific=True)
         out, main = Path(cfg.train.output_dir), self.accelerator.is_main_process
         keep = [*self.input_paths(), *([self.resume] if self.resume else [])]
