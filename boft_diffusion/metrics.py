@@ -42,6 +42,7 @@ from .world import (
     SUBJECT_COLOUR,
     SUBJECT_TOKEN,
     Scene,
+    aligned_tones,
     attribute_accuracy,
     caption_of,
     colour_distance,
@@ -125,13 +126,7 @@ two named colours that differ in a clear way (red to orange, 106, still earns 0.
 
 def _subject_tones(colour_sets: Sequence[Sequence[tuple[int, int, int]]]) -> list[tuple[float, ...]]:
     """The subject's colours: per tone, the median over the references (each aligned to the first)."""
-    first = np.resize(np.asarray(colour_sets[0], dtype=np.float64), (2, 3))
-    aligned = []
-    for colours in colour_sets:
-        tones = np.resize(np.asarray(colours, dtype=np.float64), (2, 3))
-        straight = np.linalg.norm(tones - first, axis=1).sum()
-        swapped = np.linalg.norm(tones[::-1] - first, axis=1).sum()
-        aligned.append(tones if straight <= swapped else tones[::-1])
+    aligned = [aligned_tones(colours, colour_sets[0]) for colours in colour_sets]
     return [tuple(tone) for tone in np.median(np.stack(aligned), axis=0)]
 
 

@@ -58,7 +58,16 @@ from .scenes import (
     subject_scenes,
     texture_period,
 )
-from .scorer import ATTRIBUTES, Reading, attribute_accuracy, colour_distance, edge_f1, mask_iou, score_image
+from .scorer import (
+    ATTRIBUTES,
+    Reading,
+    aligned_tones,
+    attribute_accuracy,
+    colour_distance,
+    edge_f1,
+    mask_iou,
+    score_image,
+)
 
 __all__ = [
     "ALL_PAIRS",
@@ -80,6 +89,7 @@ __all__ = [
     "Maps",
     "Reading",
     "Scene",
+    "aligned_tones",
     "attribute_accuracy",
     "colour_distance",
     "caption_of",

@@ -48,6 +48,7 @@ from .scenes import (
 __all__ = [
     "ATTRIBUTES",
     "Reading",
+    "aligned_tones",
     "attribute_accuracy",
     "colour_distance",
     "edge_f1",
@@ -312,20 +313,30 @@ def score_image(image: np.ndarray | Image.Image) -> Reading:
     )
 
 
+def aligned_tones(colours: Sequence[Sequence[float]], to: Sequence[Sequence[float]]) -> np.ndarray:
+    """``colours`` as two tones ``(2, 3)`` in the order that matches ``to``'s tones best.
+
+    One or two colours on each side (as :attr:`Reading.colours`); a solid colour counts as two tones
+    of one colour, and two tones are matched the cheaper way round (straight on a tie).
+    """
+    if not colours or not to:
+        raise ValueError("give one or two colours on each side to compare")
+    tones = np.resize(np.asarray(colours, dtype=np.float64), (2, 3))  # a single colour is repeated
+    target = np.resize(np.asarray(to, dtype=np.float64), (2, 3))
+    straight = np.linalg.norm(tones - target, axis=1).sum()
+    swapped = np.linalg.norm(tones[::-1] - target, axis=1).sum()
+    return tones if straight <= swapped else tones[::-1]
+
+
 def colour_distance(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> float:
     """Mean RGB distance between two objects' colours (one or two each, as :attr:`Reading.colours`).
 
     A solid object counts as two tones of one colour; two-tone objects are matched tone to tone the
-    cheaper way round. 0 for the same colours; a solid named colour is at least 146 from the subject's
-    pink and teal, two named colours at least 114.
+    cheaper way round (:func:`aligned_tones`). 0 for the same colours; a solid named colour is at
+    least 146 from the subject's pink and teal, two named colours at least 114.
     """
-    if not a or not b:
-        raise ValueError("colour_distance needs one or two colours on each side")
-    pa, pb = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    pa, pb = np.resize(pa, (2, 3)), np.resize(pb, (2, 3))  # a single colour is repeated
-    straight = np.linalg.norm(pa - pb, axis=1).mean()
-    swapped = np.linalg.norm(pa - pb[::-1], axis=1).mean()
-    return float(min(straight, swapped))
+    tones = aligned_tones(a, b)
+    return float(np.linalg.norm(tones - np.resize(np.asarray(b, dtype=np.float64), (2, 3)), axis=1).mean())
 
 
 def attribute_accuracy(readings: Sequence[Reading], scenes: Sequence[Scene]) -> dict[str, float]:
