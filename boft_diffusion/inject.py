@@ -143,6 +143,8 @@ def _matches(name: str, targets: list[str] | str) -> bool:
 def find_target_names(model: nn.Module, config: BOFTConfig) -> list[str]:
     """Qualified names of the modules ``config`` adapts (excluding ones inside BOFT layers)."""
     targets = config.target_modules if config.target_modules is not None else default_targets(model)
+    if isinstance(targets, list) and not targets and config.modules_to_save:
+        return []  # an adapter that only trains modules in full (e.g. a control encoder)
     keep = config.layers_to_transform
     keep = [keep] if isinstance(keep, int) else keep
     found = []

@@ -47,7 +47,8 @@ __all__ = [
     "unmerge_boft",
 ]
 
-BOFT_LOADABLE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "controlnet")
+BOFT_LOADABLE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "controlnet", "control_encoder")
+"""Pipeline attributes the BOFT verbs work on (``control_encoder``: :mod:`boft_diffusion.control`'s light encoder)."""
 
 
 def pipeline_components(pipe: Any) -> dict[str, nn.Module]:

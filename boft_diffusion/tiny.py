@@ -386,6 +386,8 @@ def build_tiny_pipeline(
     with _SEEDED_INIT, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet, vae, text_encoder = _tiny_unet(), _tiny_vae(), _tiny_text_encoder(tokenizer)
+    for module in (unet, vae, text_encoder):
+        module.eval()  # as from_pretrained returns them (train mode changes the text encoder's kernels)
     unet.set_attn_processor(AttnProcessor2_0())
     pipe = StableDiffusionPipeline(
         vae=vae,

@@ -21,6 +21,7 @@ LAYERS = [
     "inject",
     "families",
     "pipeline",
+    "control",
     "io",
     "export",
     "world",

@@ -33,7 +33,11 @@ EXAMPLE = """example:
   boft-diffusion sample --base ./sd15 --adapter ./out/toy-boft --scale 0.8 \\
       --prompt "a photo of sks toy on the beach" --num-images 4 --seed 0 --out grid.png
 
---adapter PATH[:WEIGHT] may repeat (adapters compose); --scale is the weight of those given without one."""
+  boft-diffusion sample --base ./sd15 --adapter ./out/canny-boft --control edges.png \
+      --prompt "a photo of a house" --out grid.png          # an adapter trained with `train controlnet`
+
+--adapter PATH[:WEIGHT] may repeat (adapters compose); --scale is the weight of those given without one.
+--control IMAGE samples under control: the adapter's light encoder or ControlNet follows the image."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +59,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance-scale", type=number, default=7.5, help="classifier-free guidance")
     parser.add_argument("--height", type=int, default=None, help="image height in pixels (pipeline default)")
     parser.add_argument("--width", type=int, default=None, help="image width in pixels (pipeline default)")
+    parser.add_argument(
+        "--control",
+        default=None,
+        metavar="IMAGE",
+        help="control image (edges, mask, ...) for an adapter trained with `train controlnet`",
+    )
+    parser.add_argument(
+        "--conditioning-scale", type=number, default=1.0, help="ControlNet residual scale (with --control)"
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="weights dtype")
     parser.add_argument("--out", required=True, help="output PNG grid (must not exist unless --overwrite)")
@@ -78,6 +91,13 @@ def _validate(args: argparse.Namespace) -> list[tuple[Path, float]]:
     adapters = [parse_adapter_spec(spec, args.scale) for spec in args.adapter]
     for path, _ in adapters:
         check_adapter_path(path)
+    if args.control is not None:
+        from ..data import DataError, load_rgb
+
+        try:
+            args.control_image = load_rgb(Path(args.control).expanduser())
+        except (DataError, OSError) as err:
+            raise CommandError(f"--control {args.control}: {one_line(err)}") from None
     return adapters
 
 
@@ -144,6 +164,27 @@ def _generate(pipe: Any, args: argparse.Namespace, device: str) -> list[Any]:
     return images
 
 
+def _generate_controlled(pipe: Any, args: argparse.Namespace) -> list[Any]:
+    """One image per seed under ``--control``, through the adapter's light encoder or ControlNet."""
+    from ..control import light_control, sample_with_control
+
+    if light_control(pipe) is None and getattr(pipe, "controlnet", None) is None:
+        raise CommandError(
+            f"--control {args.control}: no adapter given brings a control (a light encoder or a ControlNet); "
+            "train one with `boft-diffusion train controlnet`, or sample without --control"
+        )
+    if args.height != args.width:
+        raise CommandError(
+            "--control: give --height and --width equal (or neither); control images are square here"
+        )
+    n = args.num_images
+    return sample_with_control(
+        pipe, [args.prompt] * n, [args.control_image] * n, [args.seed + i for i in range(n)],
+        num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+        conditioning_scale=args.conditioning_scale, resolution=args.height,
+    )  # fmt: skip
+
+
 def _load_merged(args: argparse.Namespace, adapters: list[tuple[Path, float]], device: str) -> Any:
     """The base pipeline with the adapters merged into its weights (sampling at base-model speed)."""
     from .. import load_boft_weights, merge_boft, set_boft_adapters
@@ -170,13 +211,14 @@ def run(args: argparse.Namespace) -> int:
     adapters = _validate(args)
     device = _device(args.device)
     pipe = _load_merged(args, adapters, device)
-    images = _generate(pipe, args, device)
+    images = _generate(pipe, args, device) if args.control is None else _generate_controlled(pipe, args)
     text = {
         "prompt": args.prompt,
         "seed": str(args.seed),
         "steps": str(args.steps),
         "base": args.base,
         "adapters": json.dumps([{"path": str(p), "weight": w} for p, w in adapters]),
+        **({"control": str(args.control)} if args.control is not None else {}),
     }
     out = Path(args.out)
     cols = math.ceil(math.sqrt(len(images)))

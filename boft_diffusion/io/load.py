@@ -9,6 +9,7 @@ bias of an adapted layer goes into the adapter's own bias, never into the base l
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +17,16 @@ from typing import Any
 
 import torch
 
+from ..control import (
+    CONTROL_COMPONENT,
+    CONTROL_METADATA,
+    LIGHT_CONTROL_METADATA,
+    LightControl,
+    LightControlConfig,
+    controlnet_for,
+    light_control,
+    remove_light_control,
+)
 from ..inject import AdapterPlan, adapter_configs, adapter_state_dict, check_adapter_state_dict, plan_adapter
 from ..pipeline import apply_adapter_plans, pipeline_components
 from .format import AdapterFile, AdapterFormatError, write_adapter
@@ -34,7 +45,11 @@ def get_boft_adapter(pipe: Any, adapter_name: str = "default") -> AdapterFile:
             configs[comp] = adapter_configs(module)[adapter_name]
     if not configs:
         raise ValueError(f"No component of the pipeline holds a BOFT adapter named {adapter_name!r}")
-    return AdapterFile(tensors, configs, adapter_name)
+    metadata = {}
+    control = pipeline_components(pipe).get(CONTROL_COMPONENT)
+    if isinstance(control, LightControl) and CONTROL_COMPONENT in configs:
+        metadata[LIGHT_CONTROL_METADATA] = json.dumps(control.config.to_dict(), sort_keys=True)
+    return AdapterFile(tensors, configs, adapter_name, metadata)
 
 
 def save_boft_weights(
@@ -45,7 +60,7 @@ def save_boft_weights(
 ) -> Path:
     """Save one adapter as ``<save_directory>/boft_weights.safetensors`` (atomic). Returns the file."""
     adapter = get_boft_adapter(pipe, adapter_name)
-    adapter.metadata = dict(metadata or {})
+    adapter.metadata = {**(metadata or {}), **adapter.metadata}
     return write_adapter(adapter, save_directory)
 
 
@@ -73,17 +88,78 @@ def load_boft_weights(
 
     Everything is checked before the pipeline is touched: components, targets, shapes. On any
     error the pipeline is exactly as before. The adapter becomes active. Returns its name.
+
+    An adapter trained with a light control encoder (:mod:`boft_diffusion.control`) brings it: a
+    pipeline without one gets it attached to its UNet, rebuilt from the file's metadata.
     """
     adapter = read_adapter(path_or_state_dict)
     name = adapter_name or adapter.adapter_name
-    plans = _plan_fit(pipe, adapter, name)
-    apply_adapter_plans(pipe, plans, adapter.tensors)
+    control = _new_light_control(pipe, adapter)
+    controlnet = _new_controlnet(pipe, adapter)
+    extra = {CONTROL_COMPONENT: control} if control is not None else {}
+    extra |= {"controlnet": controlnet} if controlnet is not None else {}
+    plans = _plan_fit(pipe, adapter, name, extra)
+    if control is not None:
+        control.attach(pipe.unet)
+        setattr(pipe, CONTROL_COMPONENT, control)
+    if controlnet is not None:
+        pipe.controlnet = controlnet
+    try:
+        apply_adapter_plans(pipe, plans, adapter.tensors)
+    except BaseException:
+        if control is not None:
+            remove_light_control(pipe)
+        if controlnet is not None:
+            delattr(pipe, "controlnet")
+        raise
     return name
 
 
-def _plan_fit(pipe: Any, adapter: AdapterFile, name: str) -> dict[str, AdapterPlan]:
+def _new_controlnet(pipe: Any, adapter: AdapterFile) -> torch.nn.Module | None:
+    """The ControlNet ``adapter`` was trained on, rebuilt from its metadata, when ``pipe`` has none."""
+    if "controlnet" not in adapter.configs or getattr(pipe, "controlnet", None) is not None:
+        return None
+    try:
+        info = json.loads(adapter.metadata.get(CONTROL_METADATA, "null"))
+        if not isinstance(info, dict) or info.get("mode") != "controlnet":
+            raise ValueError(f"no {CONTROL_METADATA!r} metadata says how its ControlNet was made")
+        return controlnet_for(pipe.unet, info)
+    except (ValueError, TypeError, RecursionError, OSError) as err:
+        raise AdapterFormatError(
+            f"{adapter.source}: the adapter holds ControlNet weights and the pipeline has no ControlNet; "
+            f"could not rebuild it ({err}). Pass a pipeline with its ControlNet (pipe.controlnet)"
+        ) from None
+
+
+def _new_light_control(pipe: Any, adapter: AdapterFile) -> LightControl | None:
+    """The light control encoder ``adapter`` needs and ``pipe`` lacks (not attached yet), else ``None``."""
+    if CONTROL_COMPONENT not in adapter.configs or light_control(pipe) is not None:
+        return None
+    raw = adapter.metadata.get(LIGHT_CONTROL_METADATA)
+    try:
+        if raw is None:
+            raise ValueError(f"no {LIGHT_CONTROL_METADATA!r} metadata describes its encoder")
+        config = LightControlConfig.from_dict(json.loads(raw))
+    except (ValueError, TypeError, RecursionError) as err:
+        raise AdapterFormatError(f"{adapter.source}: invalid light control encoder ({err})") from None
+    unet = getattr(pipe, "unet", None)
+    width = getattr(getattr(unet, "conv_in", None), "out_channels", None)
+    if width != config.embedding_channels:
+        raise AdapterFormatError(
+            f"{adapter.source}: its light control encoder feeds {config.embedding_channels} channels, the "
+            f"pipeline's UNet conv_in has {width}: the adapter was trained for another model"
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the untrained original (zero output); the trained copy comes from the file
+        control = LightControl(config)
+    return control.to(device=unet.conv_in.weight.device).eval()
+
+
+def _plan_fit(
+    pipe: Any, adapter: AdapterFile, name: str, extra: Mapping[str, torch.nn.Module] | None = None
+) -> dict[str, AdapterPlan]:
     """Each component's plan for ``adapter``, checked against its tensors; raises naming file and module."""
-    components = pipeline_components(pipe)
+    components = {**pipeline_components(pipe), **(extra or {})}
     plans = {}
     for comp, config in adapter.configs.items():
         if comp not in components:

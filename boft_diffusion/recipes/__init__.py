@@ -32,6 +32,11 @@ RECIPES: dict[str, Recipe] = {
         "boft_diffusion.recipes.dreambooth",
         "Teach a Stable Diffusion model a subject from a few photos (DreamBooth, optional prior preservation).",
     ),
+    "controlnet": Recipe(
+        "controlnet",
+        "boft_diffusion.recipes.controlnet",
+        "Make a Stable Diffusion model follow a control image (light encoder or a stock ControlNet, BOFT on attention).",
+    ),
 }
 
 

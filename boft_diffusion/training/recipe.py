@@ -145,6 +145,10 @@ class TrainingRecipe:
     def save_outputs(self, grid: Path | None) -> None:
         """Model card, exports (``grid``: the final sample grid): main process, after the adapter."""
 
+    def adapter_metadata(self) -> dict[str, str]:
+        """Extra metadata the adapter file carries (e.g. how to rebuild a trained control module)."""
+        return {}
+
     def measures(self) -> bool:
         """Whether :meth:`measure` measures anything in this run (then metrics.json is written)."""
         return False
@@ -388,7 +392,11 @@ class TrainingRecipe:
                 self.components,
                 out,
                 cfg.boft.adapter_name,
-                metadata={"base_model": self.base_model, "base_fingerprint": self.base_fingerprint or ""},
+                metadata={
+                    "base_model": self.base_model,
+                    "base_fingerprint": self.base_fingerprint or "",
+                    **self.adapter_metadata(),
+                },
             )
         grid = self.validate("final", tag="final")
         self.report = self.measure_run("after")

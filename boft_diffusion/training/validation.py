@@ -6,7 +6,7 @@ so validating never changes what training draws next (a resumed run matches an u
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -63,13 +63,15 @@ def run_validation(
     step: int,
     trained: Sequence[nn.Module] = (),
     tag: str = "validation",
+    make_grid: Callable[[], Image.Image] | None = None,
     **pipe_kwargs: Any,
 ) -> Path | None:
     """Sample a grid into ``out_file`` and the trackers (main process); every process must call this.
 
     ``trained`` modules are switched to eval mode (no dropout) while sampling and back afterwards.
+    ``make_grid`` replaces the prompt grid (a recipe's own rows, e.g. control image | samples).
     """
-    if not args.prompts:
+    if not args.prompts and make_grid is None:
         return None
     if accelerator.is_main_process:
         modes = [m.training for m in trained]
@@ -77,11 +79,13 @@ def run_validation(
             module.eval()
         devices = [accelerator.device] if accelerator.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), sampling_context(accelerator):
-            grid = sample_grid(pipe, args, resolution, **pipe_kwargs)
+            grid = (
+                make_grid() if make_grid is not None else sample_grid(pipe, args, resolution, **pipe_kwargs)
+            )
         for module, mode in zip(trained, modes):
             module.train(mode)
         with atomic_file(out_file) as tmp:  # a killed run leaves no half grid
             grid.save(tmp, format=_image_format(out_file))
-        log_images(accelerator, tag, grid, step, caption=" | ".join(args.prompts))
+        log_images(accelerator, tag, grid, step, caption=" | ".join(args.prompts) or tag)
     accelerator.wait_for_everyone()
     return out_file

@@ -1,0 +1,333 @@
+"""Light control: a small condition encoder whose features join the stock UNet's first feature map.
+
+The BOFT and OFT papers make Stable Diffusion follow a control image with a small trainable encoder
+plus orthogonal finetuning of the UNet attention, instead of ControlNet's trainable copy of the
+UNet's encoder (PEFT's ``boft_controlnet`` example does the same). Here::
+
+    h0 = conv_in(z_t) + E(c)        c: (B, C, H, W) control image in [0, 1]
+                                    E: diffusers' ControlNetConditioningEmbedding, (B, C, H, W) ->
+                                       (B, conv_in.out_channels, H / 2**(k-1), W / 2**(k-1)),
+                                       k = len(block_out_channels), its output convolution zero-initialised
+
+so an untrained encoder leaves the UNet exactly as it was. ``E`` is the stock class ControlNet itself
+uses for its condition; the addition is a forward hook on the UNet's ``conv_in``, removable, that
+leaves the UNet's modules, state dict and attention processors untouched.
+
+On a pipeline the encoder is the component ``control_encoder`` (a plain attribute of the stock
+pipeline; :data:`~boft_diffusion.pipeline.BOFT_LOADABLE_COMPONENTS` lists it), trained in full as a
+BOFT adapter's ``modules_to_save`` with no adapted layers, so saving, loading, checkpoints, enabling
+and disabling go through the same adapter verbs as the UNet's rotations. With the adapter disabled
+the original (zero-output) encoder is in effect: the base model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
+from PIL import Image
+from torch import nn
+
+__all__ = [
+    "CONTROL_COMPONENT",
+    "CONTROL_METADATA",
+    "LIGHT_CONTROL_METADATA",
+    "controlnet_for",
+    "LightControl",
+    "LightControlConfig",
+    "add_light_control",
+    "control_tensor",
+    "controlnet_pipeline",
+    "light_control",
+    "remove_light_control",
+    "sample_with_control",
+]
+
+CONTROL_COMPONENT = "control_encoder"
+"""The pipeline attribute (and adapter component) of the light control encoder."""
+
+
+@dataclass(frozen=True)
+class LightControlConfig:
+    """Shape of the light control encoder (stored in the adapter file, so a file rebuilds its encoder)."""
+
+    embedding_channels: int
+    """Channels of the UNet's first feature map (``unet.conv_in.out_channels``)."""
+    conditioning_channels: int = 3
+    """Channels of the control image."""
+    block_out_channels: tuple[int, ...] = (16, 32, 96, 256)
+    """Encoder widths; each step after the first halves the size (SD: 4 widths, 8x down, as its VAE)."""
+
+    def __post_init__(self) -> None:
+        widths = tuple(self.block_out_channels)
+        object.__setattr__(self, "block_out_channels", widths)
+        numbers = (self.embedding_channels, self.conditioning_channels, *widths)
+        if not widths or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in numbers):
+            raise ValueError(
+                "LightControlConfig: embedding_channels, conditioning_channels and every block_out_channels "
+                f"entry must be integers >= 1 (got {self})"
+            )
+
+    @property
+    def downsample(self) -> int:
+        """Control image size / feature size."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "block_out_channels": list(self.block_out_channels)}
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> LightControlConfig:
+        if not isinstance(raw, dict):
+            raise ValueError(f"a light control config is a JSON object, got {type(raw).__name__}")
+        unknown = sorted(set(raw) - {"embedding_channels", "conditioning_channels", "block_out_channels"})
+        if unknown:
+            raise ValueError(f"unknown light control config keys {unknown}")
+        blocks = raw.get("block_out_channels", cls.block_out_channels)
+        if not isinstance(blocks, list | tuple):
+            raise ValueError(f"block_out_channels must be a list of integers, got {blocks!r}")
+        return cls(raw.get("embedding_channels"), raw.get("conditioning_channels", 3), tuple(blocks))
+
+
+class LightControl(nn.Module):
+    """The encoder ``E`` and its hook on a UNet's ``conv_in``: ``h0 = conv_in(z_t) + E(c)``.
+
+    ``forward(c)`` is ``E(c)``. While :meth:`adding` (training: features from the prepared encoder)
+    or :meth:`conditioned` (sampling: features of a control image) is active, the hook adds the
+    features to every ``conv_in`` output, repeated over the batch when the pipeline doubled it for
+    classifier-free guidance; outside them the UNet runs as if the hook were not there.
+    """
+
+    def __init__(self, config: LightControlConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = ControlNetConditioningEmbedding(
+            config.embedding_channels, config.conditioning_channels, config.block_out_channels
+        )
+        self._features: torch.Tensor | None = None
+        self._handle: Any = None  # the hook on a UNet's conv_in (the UNet is not held: not a submodule)
+
+    def forward(self, condition: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` control images in [0, 1] -> ``(B, embedding_channels, H/d, W/d)`` features."""
+        return self.encoder(condition)
+
+    # --- the hook ------------------------------------------------------------------------------------
+    def attach(self, unet: nn.Module) -> None:
+        """Hook onto ``unet.conv_in`` (one UNet at a time); raises if the widths do not fit."""
+        conv_in = getattr(unet, "conv_in", None)
+        if not isinstance(conv_in, nn.Conv2d):
+            raise ValueError(
+                f"light control needs a UNet with a Conv2d conv_in; {type(unet).__name__} has none"
+            )
+        if conv_in.out_channels != self.config.embedding_channels:
+            raise ValueError(
+                f"the light control encoder outputs {self.config.embedding_channels} channels, the UNet's "
+                f"conv_in {conv_in.out_channels}: this encoder was made for another model"
+            )
+        self.detach()
+        self._handle = conv_in.register_forward_hook(self._add)
+
+    def detach(self) -> None:
+        """Remove the hook (the UNet is exactly as before)."""
+        if self._handle is not None:
+            self._handle.remove()
+        self._handle = None
+
+    @property
+    def attached(self) -> bool:
+        return self._handle is not None
+
+    def _add(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
+        features = self._features
+        if features is None:
+            return None
+        if features.shape[-2:] != output.shape[-2:]:
+            raise ValueError(
+                f"the control image gives {tuple(features.shape[-2:])} features, the UNet's first feature map "
+                f"is {tuple(output.shape[-2:])}: the control image must be {self.config.downsample}x the "
+                "latent size (the size of the images generated)"
+            )
+        if output.shape[0] != features.shape[0]:
+            if output.shape[0] % features.shape[0]:
+                raise ValueError(
+                    f"batch of {output.shape[0]} latents for {features.shape[0]} control images: give one "
+                    "control image per prompt image, or one for all"
+                )
+            features = features.repeat(output.shape[0] // features.shape[0], 1, 1, 1)  # CFG: [uncond; cond]
+        return output + features.to(output.dtype)
+
+    @contextmanager
+    def adding(self, features: torch.Tensor) -> Iterator[None]:
+        """Add these ``(B, C, h, w)`` features to ``conv_in``'s output inside the block."""
+        if not self.attached:
+            raise RuntimeError("the light control encoder is not attached to a UNet")
+        previous, self._features = self._features, features
+        try:
+            yield
+        finally:
+            self._features = previous
+
+    @contextmanager
+    def conditioned(self, condition: torch.Tensor) -> Iterator[None]:
+        """Sample under control: ``condition`` ``(B or 1, C, H, W)`` in [0, 1], encoded once for all steps."""
+        param = next(self.parameters())
+        with torch.no_grad():
+            features = self(condition.to(device=param.device, dtype=param.dtype))
+        with self.adding(features):
+            yield
+
+
+# --- on a pipeline ------------------------------------------------------------------------------------
+
+
+def light_control(pipe: Any) -> LightControl | None:
+    """The pipeline's light control encoder, if it has one."""
+    control = getattr(pipe, CONTROL_COMPONENT, None)
+    return control if isinstance(control, LightControl) else None
+
+
+def add_light_control(
+    pipe: Any, config: LightControlConfig | None = None, block_out_channels: tuple[int, ...] | None = None,
+    seed: int | None = 0,
+) -> LightControl:  # fmt: skip
+    """A fresh light control encoder on ``pipe.unet`` (``pipe.control_encoder``), zero output at first.
+
+    ``config`` defaults to one fitting the UNet (``block_out_channels`` as given, else the stock four
+    widths). The encoder is initialised from ``seed`` (``None``: the global RNG), on the UNet's device.
+    """
+    if light_control(pipe) is not None:
+        raise ValueError("the pipeline already has a light control encoder; remove_light_control(pipe) first")
+    unet = pipe.unet
+    if config is None:
+        kwargs = {"block_out_channels": tuple(block_out_channels)} if block_out_channels else {}
+        config = LightControlConfig(unet.conv_in.out_channels, **kwargs)
+    if seed is None:
+        control = LightControl(config)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            control = LightControl(config)
+    control.to(device=unet.conv_in.weight.device).eval()
+    control.attach(unet)
+    setattr(pipe, CONTROL_COMPONENT, control)
+    return control
+
+
+def remove_light_control(pipe: Any) -> None:
+    """Detach and drop the pipeline's light control encoder (no-op without one)."""
+    control = light_control(pipe)
+    if control is not None:
+        control.detach()
+        delattr(pipe, CONTROL_COMPONENT)
+
+
+# --- conditioned sampling -------------------------------------------------------------------------------
+
+
+def control_tensor(images: list[Image.Image], size: int) -> torch.Tensor:
+    """Control images as a ``(B, 3, size, size)`` float batch in [0, 1] (RGB, resized bilinearly)."""
+    arrays = [np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR)) for image in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255.0)
+
+
+def controlnet_pipeline(pipe: Any, controlnet: nn.Module | None = None) -> Any:
+    """A stock ``StableDiffusionControlNetPipeline`` sharing ``pipe``'s modules (nothing copied).
+
+    ``controlnet`` defaults to ``pipe.controlnet``; ``pipe`` may already be such a pipeline.
+    """
+    from diffusers import StableDiffusionControlNetPipeline
+
+    controlnet = controlnet if controlnet is not None else getattr(pipe, "controlnet", None)
+    if controlnet is None:
+        raise ValueError("the pipeline has no ControlNet: pass one or train with control.mode=controlnet")
+    if isinstance(pipe, StableDiffusionControlNetPipeline) and pipe.controlnet is controlnet:
+        return pipe
+    wrapped = StableDiffusionControlNetPipeline(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+        controlnet=controlnet, scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+    wrapped.set_progress_bar_config(disable=True)
+    return wrapped
+
+
+@torch.no_grad()
+def sample_with_control(
+    pipe: Any,
+    prompts: list[str],
+    conditions: list[Image.Image],
+    seeds: list[int],
+    *,
+    num_inference_steps: int = 20,
+    guidance_scale: float = 4.0,
+    conditioning_scale: float = 1.0,
+    resolution: int | None = None,
+) -> list[Image.Image]:
+    """One image per ``(prompt, control image, seed)``, through whichever control the pipeline has.
+
+    A light control encoder (:func:`light_control`) samples with the stock pipeline under
+    :meth:`LightControl.conditioned`; a ControlNet (``pipe.controlnet``) through the stock
+    ``StableDiffusionControlNetPipeline``. Image ``i`` starts from ``torch.Generator().manual_seed(seeds[i])``.
+    """
+    if not (len(prompts) == len(conditions) == len(seeds)) or not prompts:
+        raise ValueError(
+            f"give one control image and one seed per prompt (got {len(prompts)} prompts, "
+            f"{len(conditions)} control images, {len(seeds)} seeds)"
+        )
+    size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    common = dict(
+        prompt=list(prompts), generator=generators, num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale, height=size, width=size, output_type="pil",
+    )  # fmt: skip
+    control = light_control(pipe)
+    if control is not None:
+        condition = control_tensor(conditions, size)
+        with control.conditioned(condition):
+            return pipe(**common).images
+    if getattr(pipe, "controlnet", None) is None:
+        raise ValueError(
+            "this pipeline has no control (no light control encoder, no ControlNet): load an adapter trained "
+            "with `boft-diffusion train controlnet`, or sample without a control image"
+        )
+    images = [c.convert("RGB").resize((size, size), Image.BILINEAR) for c in conditions]
+    return controlnet_pipeline(pipe)(
+        **common, image=images, controlnet_conditioning_scale=conditioning_scale
+    ).images
+
+
+# --- what an adapter file records about its control -------------------------------------------------------
+
+CONTROL_METADATA = "control"
+"""Adapter metadata key: JSON ``{"mode": "light" | "controlnet", ...}``; for a ControlNet, where it came
+from (``"controlnet"``: ``"from_unet"`` or its folder / hub id), its ``conditioning_embedding_out_channels``
+and the ``seed`` of its initialisation, so that loading the adapter can rebuild the ControlNet."""
+LIGHT_CONTROL_METADATA = "light_control"
+"""Adapter metadata key of the light control encoder's :class:`LightControlConfig` (JSON)."""
+
+
+def controlnet_for(unet: nn.Module, info: dict[str, Any]) -> nn.Module:
+    """The ControlNet an adapter's ``control`` metadata describes, before its adapter is loaded.
+
+    ``from_unet``: a copy of the UNet's encoder (the trained condition embedding and zero convolutions
+    come from the adapter); else the stock ControlNet at that folder or hub id.
+    """
+    from diffusers import ControlNetModel
+
+    source = info.get("controlnet", "from_unet")
+    if source != "from_unet":
+        return ControlNetModel.from_pretrained(source).to(device=unet.conv_in.weight.device)
+    widths = info.get("conditioning_embedding_out_channels")
+    if not isinstance(widths, list) or not all(isinstance(w, int) and w >= 1 for w in widths):
+        raise ValueError(
+            f"conditioning_embedding_out_channels must be a list of positive integers, got {widths!r}"
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(info.get("seed", 0)))
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(widths))
+    return controlnet.to(device=unet.conv_in.weight.device).eval()  # from_unet builds in training mode

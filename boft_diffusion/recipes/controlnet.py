@@ -1,0 +1,693 @@
+"""Controllable generation with BOFT: make a Stable Diffusion model follow a control image.
+
+    boft-diffusion train controlnet --config configs/controlnet/tiny_light.yaml [section.key=value ...]
+
+Two modes, one loss. Per step, with the image's latents ``x0``, its control image ``c`` (in [0, 1])
+and its caption's embedding ``e``: ``loss = || f(x_t, t, e; c) - target ||^2`` (noise or velocity,
+optionally Min-SNR weighted), where the control enters ``f`` as
+
+- ``light``: a small encoder ``E`` (diffusers' ``ControlNetConditioningEmbedding``, trained in full,
+  zero-initialised output) adds ``E(c)`` to the UNet's first feature map through a removable hook
+  (:mod:`boft_diffusion.control`), and BOFT rotates the UNet attention: the BOFT / OFT papers'
+  controllable-generation setup and PEFT's ``boft_controlnet`` example;
+- ``controlnet``: a stock ``ControlNetModel`` (from a folder, or initialised from the UNet) whose
+  residuals join the UNet's skip connections; BOFT on its attention (optionally the UNet's), its
+  condition embedding and zero convolutions trained in full (a fresh ControlNet outputs zeros).
+
+Only those tensors train; the base stays frozen. The run measures control fidelity before and after
+(the control signal detected again on samples and scored against the condition: edge F1 and mask
+IoU through the world scorer on the embedded default). The life cycle is
+:class:`~boft_diffusion.training.recipe.TrainingRecipe`'s.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..config import BOFTConfig
+from ..control import (
+    CONTROL_COMPONENT,
+    CONTROL_METADATA,
+    LightControl,
+    add_light_control,
+    sample_with_control,
+)
+from ..data import (
+    ControlColumns,
+    ControlDataset,
+    DataError,
+    EpochSampler,
+    collate_control,
+    load_control_examples,
+    load_rgb,
+    write_world_control_data,
+)
+from ..inject import UNET_ATTENTION_TARGETS, apply_adapter_plan, plan_adapter
+from ..metrics import (
+    ControlProbe,
+    Measurement,
+    MetricsError,
+    before_after_control_rows,
+    cases_from_conditions,
+    grid,
+    load_control_detector,
+    measure_control,
+    world_control_cases,
+)
+from ..tiny import TINY_RESOLUTION
+from ..training.args import (
+    BOFTArgs,
+    ConfigError,
+    ModelArgs,
+    OptimArgs,
+    TrainArgs,
+    ValidationArgs,
+    config_to_dict,
+)
+from ..training.card import write_model_card
+from ..training.noise import (
+    diffusion_loss,
+    encode_latents,
+    prediction_target,
+    sample_noise,
+    sample_timesteps,
+    snr_loss_weights,
+)
+from ..training.recipe import TrainingRecipe
+from ..training.setup import record_outputs
+
+__all__ = ["CONFIG_CLASS", "ControlNetConfig", "ControlNetRecipe", "TrainResult", "run"]
+
+
+def controlnet_saved_modules(controlnet: nn.Module) -> list[str]:
+    """The ControlNet parts that train in full: its condition embedding and its zero convolutions (each
+    named: the ControlNet iterates its ``controlnet_down_blocks`` list, which must stay a list)."""
+    downs = [f"controlnet_down_blocks.{i}" for i in range(len(controlnet.controlnet_down_blocks))]
+    return ["controlnet_cond_embedding", *downs, "controlnet_mid_block"]
+
+
+@dataclass
+class ControlBOFTArgs(BOFTArgs):
+    """The BOFT adapter; on the UNet (light mode, or controlnet mode with control.train_unet) and the ControlNet."""
+
+    train_text_encoder: bool = False
+    """The text encoder stays frozen in this recipe (the control, not new words, is what is learned)."""
+    controlnet_target_modules: list[str] = field(default_factory=lambda: list(UNET_ATTENTION_TARGETS))
+    """ControlNet module-name suffixes to adapt (controlnet mode)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.train_text_encoder:
+            raise ConfigError("boft.train_text_encoder: the controlnet recipe keeps the text encoder frozen")
+
+
+@dataclass
+class ControlArgs:
+    """How the control image enters the model."""
+
+    mode: Literal["light", "controlnet"] = "light"
+    """light (a small encoder added to the UNet's first feature map) or controlnet (a stock ControlNetModel)."""
+    encoder_block_out_channels: list[int] | None = None
+    """Widths of the light encoder / the ControlNet's condition embedding; each after the first halves the
+    size, so len = log2(VAE factor) + 1 (null: 16, 32, 96, 256 cut to fit: SD's four, the tiny model's three)."""
+    controlnet_model_name_or_path: str | None = None
+    """controlnet mode: a local ControlNet folder or hub id to start from (null: initialised from the UNet)."""
+    train_unet: bool = False
+    """controlnet mode: also rotate the UNet attention with BOFT (light mode always does)."""
+    conditioning_scale: float = 1.0
+    """controlnet mode: scale of the ControlNet's residuals when sampling."""
+    seed: int = 0
+    """Seed of the fresh control encoder's (or condition embedding's) initialisation."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("light", "controlnet"):
+            raise ConfigError(f"control.mode must be light or controlnet (got {self.mode!r})")
+        widths = self.encoder_block_out_channels
+        if widths is not None and (not widths or not all(isinstance(w, int) and w >= 1 for w in widths)):
+            raise ConfigError(
+                f"control.encoder_block_out_channels must be a list of integers >= 1 (got {widths})"
+            )
+        if not math.isfinite(self.conditioning_scale):
+            raise ConfigError(f"control.conditioning_scale must be finite (got {self.conditioning_scale})")
+        if self.mode == "light" and self.controlnet_model_name_or_path:
+            raise ConfigError("control.controlnet_model_name_or_path is for control.mode=controlnet")
+
+    def widths(self, vae_scale_factor: int) -> tuple[int, ...]:
+        if self.encoder_block_out_channels is not None:
+            return tuple(self.encoder_block_out_channels)
+        return (16, 32, 96, 256)[: int(math.log2(vae_scale_factor)) + 1]
+
+
+@dataclass
+class ControlDataArgs:
+    """Image / control-image / caption triples, and preprocessing."""
+
+    train_data_dir: str | None = None
+    """Folder in the Hugging Face imagefolder layout: metadata.jsonl rows naming the image, the control image and
+    the caption (null and no dataset_name: scenes of the world with their edge maps, generated into <output_dir>/control_data)."""
+    dataset_name: str | None = None
+    """A `datasets` dataset by name or path (needs `pip install datasets`), instead of train_data_dir."""
+    dataset_config_name: str | None = None
+    """The dataset's configuration name."""
+    cache_dir: str | None = None
+    """Where `datasets` caches."""
+    image_column: str = "image"
+    """Column of the target image (in a folder: its path)."""
+    conditioning_image_column: str = "conditioning_image"
+    """Column of the control image."""
+    caption_column: str = "text"
+    """Column of the caption."""
+    max_train_samples: int | None = None
+    """Use only the first N rows."""
+    num_generated_examples: int = 2000
+    """How many world scenes to generate when no data is given."""
+    condition_kind: Literal["edges", "mask"] = "edges"
+    """The world's control map for generated data: edges or mask."""
+    proportion_empty_prompts: float = 0.1
+    """Share of captions replaced by the empty prompt (so that the control works without a prompt, and for CFG)."""
+    resolution: int = TINY_RESOLUTION
+    """Training image size in pixels (square; a multiple of 8)."""
+    center_crop: bool = True
+    """Center-crop to the resolution (false: random crop; the same crop for image and control)."""
+    random_flip: bool = False
+    """Flip image and control together horizontally at random."""
+
+    def __post_init__(self) -> None:
+        if self.train_data_dir and self.dataset_name:
+            raise ConfigError("data: give train_data_dir or dataset_name, not both")
+        if self.resolution < 8 or self.resolution % 8:
+            raise ConfigError(f"data.resolution must be a positive multiple of 8 (got {self.resolution})")
+        if not (math.isfinite(self.proportion_empty_prompts) and 0 <= self.proportion_empty_prompts <= 1):
+            raise ConfigError(
+                f"data.proportion_empty_prompts must be in [0, 1] (got {self.proportion_empty_prompts})"
+            )
+        if self.num_generated_examples < 1 or (
+            self.max_train_samples is not None and self.max_train_samples < 1
+        ):
+            raise ConfigError("data.num_generated_examples and data.max_train_samples must be >= 1")
+
+    @property
+    def columns(self) -> ControlColumns:
+        return ControlColumns(self.image_column, self.conditioning_image_column, self.caption_column)
+
+
+@dataclass
+class ControlValidationArgs(ValidationArgs):
+    """Periodic conditioned sampling: a row per (prompt, control image): the control image, then samples."""
+
+    prompts: list[str] = field(default_factory=list)
+    """Prompts, one per conditioning_images entry (empty: the metrics' first num_cases cases)."""
+    conditioning_images: list[str] = field(default_factory=list)
+    """Control image files, one per prompt."""
+    num_cases: int = 4
+    """Rows taken from the metrics' validation cases when no prompts are given."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.prompts) != len(self.conditioning_images):
+            raise ConfigError(
+                f"validation.prompts ({len(self.prompts)}) and validation.conditioning_images "
+                f"({len(self.conditioning_images)}) must pair up one to one"
+            )
+        if self.num_cases < 1:
+            raise ConfigError("validation.num_cases must be >= 1")
+
+
+@dataclass
+class ControlMetricsArgs:
+    """Control fidelity, as the papers measure it: the control signal detected again on samples of
+    held-out validation cases and scored against the condition (edge F1, mask IoU)."""
+
+    detector: str = "auto"
+    """auto (world on the embedded tiny model, edges otherwise), world, edges (gradient edges, for edge controls on real data) or none."""
+    num_cases: int = 8
+    """Held-out world scenes to measure on (the embedded default)."""
+    prompts: list[str] = field(default_factory=list)
+    """Your validation prompts (with conditioning_images; empty: the world's held-out scenes)."""
+    conditioning_images: list[str] = field(default_factory=list)
+    """Your validation control images, one per prompt (their binarised maps are the targets)."""
+    num_images: int = 1
+    """Samples per case; image i uses seed + i."""
+    seed: int = 0
+    """Seed of each case's first sample."""
+    num_inference_steps: int = 20
+    """Sampler steps."""
+    guidance_scale: float = 4.0
+    """Classifier-free guidance scale."""
+
+    def __post_init__(self) -> None:
+        if self.num_cases < 1 or self.num_images < 1 or self.num_inference_steps < 1:
+            raise ConfigError("metrics.num_cases, num_images and num_inference_steps must be >= 1")
+        if len(self.prompts) != len(self.conditioning_images):
+            raise ConfigError(
+                f"metrics.prompts ({len(self.prompts)}) and metrics.conditioning_images "
+                f"({len(self.conditioning_images)}) must pair up one to one"
+            )
+
+
+@dataclass
+class ControlNetConfig:
+    """A controllable-generation run; the defaults are the embedded tiny job (configs/controlnet/tiny_light.yaml)."""
+
+    model: ModelArgs = field(default_factory=ModelArgs)
+    boft: ControlBOFTArgs = field(default_factory=ControlBOFTArgs)
+    control: ControlArgs = field(default_factory=ControlArgs)
+    data: ControlDataArgs = field(default_factory=ControlDataArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    train: TrainArgs = field(
+        default_factory=lambda: TrainArgs(output_dir="outputs/controlnet-tiny", train_batch_size=4)
+    )
+    validation: ControlValidationArgs = field(default_factory=ControlValidationArgs)
+    metrics: ControlMetricsArgs = field(default_factory=ControlMetricsArgs)
+
+
+CONFIG_CLASS = ControlNetConfig
+"""The recipe's config class (``boft-diffusion train controlnet`` loads it)."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    global_step: int
+    losses: list[float]
+    adapter: dict[str, torch.Tensor]
+    trainable_parameters: int
+
+
+CARD_HYPERPARAMETERS = (
+    "control.mode", "control.encoder_block_out_channels", "control.controlnet_model_name_or_path",
+    "control.train_unet", "optim.learning_rate", "optim.lr_scheduler", "train.max_train_steps",
+    "train.train_batch_size", "train.gradient_accumulation_steps", "train.mixed_precision", "train.seed",
+    "data.resolution", "data.proportion_empty_prompts",
+)  # fmt: skip
+
+
+class ControlNetRecipe(TrainingRecipe):
+    """Control image -> light encoder or ControlNet, BOFT on attention, the denoising loss."""
+
+    cfg: ControlNetConfig
+    run_identity = ("model", "boft", "control", "data", "train.seed")
+
+    def __init__(self, cfg: ControlNetConfig) -> None:
+        super().__init__(cfg)
+        self.detector: Any = None
+        self.probe: ControlProbe | None = None
+        self.examples: list[Any] | None = None
+        self.controlnet: nn.Module | None = None
+        """controlnet mode: the ControlNet (loaded or built in ``check_pipeline``)."""
+
+    @property
+    def tiny(self) -> bool:
+        return self.cfg.model.pretrained_model_name_or_path is None
+
+    # --- check -----------------------------------------------------------------------------------
+    def check_task_inputs(self) -> None:
+        data, c = self.cfg.data, self.cfg.control
+        if data.train_data_dir or data.dataset_name:
+            self.examples = load_control_examples(
+                data.train_data_dir, data.dataset_name, data.columns, dataset_config_name=data.dataset_config_name,
+                cache_dir=data.cache_dir, max_examples=data.max_train_samples,
+            )  # fmt: skip
+        elif not self.tiny:
+            raise ConfigError(
+                "data: give data.train_data_dir or data.dataset_name (the world's scenes suit only the tiny model)"
+            )
+        if c.mode == "controlnet" and c.controlnet_model_name_or_path:
+            _check_controlnet_source(c.controlnet_model_name_or_path)
+        for key, paths in (
+            ("validation.conditioning_images", self.cfg.validation.conditioning_images),
+            ("metrics.conditioning_images", self.cfg.metrics.conditioning_images),
+        ):
+            for path in paths:
+                try:
+                    load_rgb(Path(path).expanduser())
+                except (DataError, OSError) as err:
+                    raise ConfigError(f"{key}: {err}") from None
+        self._check_metrics()
+        t = self.cfg.train
+        if t.export_merged and not t.overwrite_output_dir and (Path(t.output_dir) / "merged").exists():
+            raise ConfigError(
+                f"train.export_merged: {Path(t.output_dir) / 'merged'} exists (an earlier export); remove it "
+                "or pass train.overwrite_output_dir=true"
+            )
+
+    def _check_metrics(self) -> None:
+        m = self.cfg.metrics
+        spec = ("world" if self.tiny and not m.prompts else "edges") if m.detector == "auto" else m.detector
+        try:
+            self.detector = load_control_detector(spec)
+            if self.detector is None:
+                self.probe = None
+                return
+            if m.prompts:
+                conditions = [load_rgb(Path(p).expanduser()) for p in m.conditioning_images]
+                cases = cases_from_conditions(m.prompts, conditions, self.cfg.data.condition_kind)
+            elif self.tiny:
+                cases = world_control_cases(
+                    m.num_cases, kind=self.cfg.data.condition_kind, resolution=self.cfg.data.resolution
+                )
+            else:
+                raise ConfigError(
+                    "metrics: control fidelity on your model needs metrics.prompts and metrics.conditioning_images "
+                    "(or metrics.detector=none)"
+                )
+            self.probe = ControlProbe(tuple(cases), m.num_images, m.seed)
+        except MetricsError as err:
+            raise ConfigError(f"metrics: {err}") from None
+
+    def planned_outputs(self) -> list[str]:
+        generated = ["control_data"] if self.examples is None else []
+        validation = ["validation"] if self._validation_cases_available() else []
+        return [p for p in super().planned_outputs() if p != "validation"] + validation + generated
+
+    def _validation_cases_available(self) -> bool:
+        return bool(self.cfg.validation.prompts) or self.probe is not None
+
+    def input_paths(self) -> list[str | Path]:
+        return [p for p in (self.cfg.data.train_data_dir,) if p is not None]
+
+    def check_pipeline(self) -> None:
+        if self.cfg.control.mode == "controlnet":
+            self.controlnet = self._load_controlnet()
+        self._plan_adapters()
+
+    def _load_controlnet(self) -> nn.Module:
+        from diffusers import ControlNetModel
+
+        c, unet = self.cfg.control, self.pipe.unet
+        if c.controlnet_model_name_or_path:
+            source = c.controlnet_model_name_or_path
+            local = Path(source).expanduser()
+            try:
+                controlnet = ControlNetModel.from_pretrained(str(local) if local.exists() else source)
+            except Exception as err:
+                raise ConfigError(
+                    f"control.controlnet_model_name_or_path: could not load a ControlNet from {source!r}: {err}"
+                ) from None
+            _check_controlnet_fits(controlnet, unet)
+            return controlnet
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(c.seed)
+            controlnet = ControlNetModel.from_unet(
+                unet, conditioning_embedding_out_channels=c.widths(self.pipe.vae_scale_factor)
+            )
+        return controlnet
+
+    def _plan_adapters(self) -> dict[str, Any]:
+        """The adapter of each trained component, checked against it (nothing is changed yet)."""
+        boft, c = self.cfg.boft, self.cfg.control
+        plans = {}
+        targets: dict[str, tuple[nn.Module, BOFTConfig]] = {}
+        if c.mode == "light" or c.train_unet:
+            targets["unet"] = (self.pipe.unet, boft.to_config(boft.unet_target_modules))
+        if c.mode == "controlnet":
+            config = boft.to_config(boft.controlnet_target_modules)
+            config.modules_to_save = controlnet_saved_modules(self.controlnet)
+            targets["controlnet"] = (self.controlnet, config)
+        for name, (module, config) in targets.items():
+            try:
+                plans[name] = plan_adapter(module, config, boft.adapter_name)
+            except ValueError as err:
+                raise ConfigError(
+                    f"boft.{name}_target_modules on the {name}: {err}. Choose boft.block_num / boft.block_size "
+                    "to fit every targeted layer's input width, or target fewer modules"
+                ) from None
+        return plans
+
+    # --- build -----------------------------------------------------------------------------------
+    def build(self) -> None:
+        examples = self.examples if self.examples is not None else self._world_examples()
+        self.components = self._add_adapters()
+        data, t = self.cfg.data, self.cfg.train
+        dataset = ControlDataset(
+            examples,
+            data.resolution,
+            data.center_crop,
+            data.random_flip,
+            data.proportion_empty_prompts,
+            t.seed,
+        )
+        sampler = EpochSampler(len(dataset), t.seed)
+        self.dataloader = DataLoader(
+            dataset,
+            batch_size=t.train_batch_size,
+            sampler=sampler,
+            collate_fn=partial(collate_control, tokenizer=self.pipe.tokenizer),
+            num_workers=t.dataloader_num_workers,
+            generator=torch.Generator().manual_seed(t.seed),
+        )
+        self.epoch_aware = [sampler, dataset]
+
+    def _world_examples(self) -> list[Any]:
+        cfg, accelerator = self.cfg, self.accelerator
+        folder = Path(cfg.train.output_dir) / "control_data"
+        if accelerator.is_main_process:
+            record_outputs(cfg.train.output_dir, folder)
+            write_world_control_data(
+                folder,
+                cfg.data.num_generated_examples,
+                cfg.train.seed,
+                cfg.data.condition_kind,
+                cfg.data.resolution,
+            )
+        accelerator.wait_for_everyone()
+        return load_control_examples(folder, columns=cfg.data.columns)
+
+    def _add_adapters(self) -> dict[str, nn.Module]:
+        c, boft = self.cfg.control, self.cfg.boft
+        plans = self._plan_adapters()
+        components = {name: apply_adapter_plan(getattr(self.pipe, name, None) or self.controlnet, plan)
+                      for name, plan in plans.items() if name == "unet"}  # fmt: skip
+        if c.mode == "controlnet":
+            self.pipe.controlnet = apply_adapter_plan(self.controlnet, plans["controlnet"])
+            self.controlnet.to(self.accelerator.device)
+            components["controlnet"] = self.controlnet
+        else:
+            control = add_light_control(
+                self.pipe, block_out_channels=c.widths(self.pipe.vae_scale_factor), seed=c.seed
+            )
+            saved = BOFTConfig(target_modules=[], modules_to_save=["encoder"])
+            components[CONTROL_COMPONENT] = apply_adapter_plan(
+                control, plan_adapter(control, saved, boft.adapter_name)
+            )
+        return components
+
+    # --- train -----------------------------------------------------------------------------------
+    def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        cfg, scheduler = self.cfg, self.noise_scheduler
+        with torch.no_grad():
+            latents = encode_latents(self.pipe.vae, batch["pixel_values"])
+            hidden = self.pipe.text_encoder(batch["input_ids"].to(latents.device), return_dict=False)[0]
+        noise = sample_noise(latents, cfg.train.noise_offset)
+        timesteps = sample_timesteps(scheduler, latents.shape[0], latents.device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        condition = batch["conditioning_pixel_values"].to(latents.device)
+        unet = self.prepared("unet") if "unet" in self.components else self.pipe.unet
+        if cfg.control.mode == "light":
+            control: LightControl = self.pipe.control_encoder
+            features = self.prepared(CONTROL_COMPONENT)(condition)
+            with control.adding(features):
+                pred = unet(noisy, timesteps, hidden, return_dict=False)[0]
+        else:
+            down, mid = self.prepared("controlnet")(
+                noisy, timesteps, encoder_hidden_states=hidden, controlnet_cond=condition, return_dict=False
+            )
+            pred = unet(
+                noisy, timesteps, hidden, down_block_additional_residuals=down,
+                mid_block_additional_residual=mid, return_dict=False,
+            )[0]  # fmt: skip
+        target = prediction_target(scheduler, latents, noise, timesteps)
+        weights = snr_loss_weights(scheduler, timesteps, cfg.train.snr_gamma) if cfg.train.snr_gamma else None
+        return diffusion_loss(pred, target, weights)
+
+    # --- sample, measure, validate ---------------------------------------------------------------
+    def sample(
+        self, prompts: list[str], conditions: list[Image.Image], seeds: list[int]
+    ) -> list[Image.Image]:
+        m = self.cfg.metrics
+        return sample_with_control(
+            self.pipe, prompts, conditions, seeds, num_inference_steps=m.num_inference_steps,
+            guidance_scale=m.guidance_scale, conditioning_scale=self.cfg.control.conditioning_scale,
+            resolution=self.cfg.data.resolution,
+        )  # fmt: skip
+
+    def measures(self) -> bool:
+        return self.probe is not None
+
+    def measure(self) -> Measurement:
+        return measure_control(self.sample, self.probe, self.detector)
+
+    def measure_info(self) -> dict[str, Any]:
+        return {
+            "detector": self.detector.name,
+            "scorer": self.detector.name,
+            "cases": [case.prompt for case in self.probe.cases],
+            "num_images": self.probe.num_images,
+            "seed": self.probe.seed,
+        }
+
+    def _write_metrics(self, after: Measurement) -> dict[str, Any]:
+        report = super()._write_metrics(after)
+        from ..atomic import atomic_file
+        from ..training.recipe import METRICS_GRID_NAME
+
+        with atomic_file(Path(self.cfg.train.output_dir) / METRICS_GRID_NAME) as tmp:
+            grid(before_after_control_rows(self.before, after)).save(tmp, format="PNG")
+        return report
+
+    def _validation_grid(self) -> Image.Image:
+        v = self.cfg.validation
+        if v.prompts:
+            prompts = list(v.prompts)
+            conditions = [load_rgb(Path(p).expanduser()) for p in v.conditioning_images]
+        else:
+            cases = self.probe.cases[: v.num_cases]
+            prompts, conditions = [c.prompt for c in cases], [c.condition for c in cases]
+        rows = []
+        for prompt, condition in zip(prompts, conditions):
+            seeds = [v.seed + j for j in range(v.num_images_per_prompt)]
+            images = sample_with_control(
+                self.pipe, [prompt] * len(seeds), [condition] * len(seeds), seeds,
+                num_inference_steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
+                conditioning_scale=self.cfg.control.conditioning_scale, resolution=v.resolution or self.cfg.data.resolution,
+            )  # fmt: skip
+            rows.append([condition.convert("RGB").resize(images[0].size), *images])
+        return grid(rows)
+
+    def validate(self, name: str, tag: str = "validation") -> Path | None:
+        if not self._validation_cases_available():
+            return None
+        from ..training.validation import run_validation
+
+        out = Path(self.cfg.train.output_dir) / "validation" / f"{name}.png"
+        return run_validation(
+            self.accelerator, self.pipe, self.cfg.validation, self.cfg.data.resolution, out, self.step,
+            trained=list(self.components.values()), tag=tag, make_grid=self._validation_grid,
+        )  # fmt: skip
+
+    # --- save ------------------------------------------------------------------------------------
+    def adapter_metadata(self) -> dict[str, str]:
+        c = self.cfg.control
+        info: dict[str, Any] = {"mode": c.mode}
+        if c.mode == "controlnet":
+            info["controlnet"] = c.controlnet_model_name_or_path or "from_unet"
+            info["conditioning_embedding_out_channels"] = list(
+                self.controlnet.config.conditioning_embedding_out_channels
+            )
+            info["seed"] = c.seed
+            info["conditioning_scale"] = c.conditioning_scale
+        return {CONTROL_METADATA: json.dumps(info, sort_keys=True)}
+
+    def save_outputs(self, grid_path: Path | None) -> None:
+        cfg, out = self.cfg, Path(self.cfg.train.output_dir)
+        flat = {f"{s}.{k}": v for s, values in config_to_dict(cfg).items() for k, v in values.items()}
+        hyper = {k: v for k, v in flat.items() if k.startswith("boft.")}
+        hyper |= {k: flat[k] for k in CARD_HYPERPARAMETERS}
+        base, mode = self.base_model, cfg.control.mode
+        write_model_card(
+            out,
+            title=f"BOFT controllable generation ({mode}) for {base}",
+            base_model=base,
+            description=f"A BOFT adapter for `{base}` that follows a control image ({mode} mode), trained for "
+            f"{self.step} steps with boft-diffusion.",
+            hyperparameters=hyper,
+            trainable_parameters=self.trainable_count(),
+            usage=_usage(cfg),
+            images=[str(grid_path.relative_to(out))] if grid_path else [],
+            metrics=self.report,
+            tags=("boft", "controlnet", "diffusers", "text-to-image", "stable-diffusion"),
+        )
+        if cfg.train.export_merged:
+            self._export_merged(out / "merged")
+
+    def _export_merged(self, folder: Path) -> None:
+        """Merged, stock folders: ``merged/controlnet`` (controlnet mode: the ControlNet with BOFT folded in,
+        for ``ControlNetModel.from_pretrained``) and ``merged/pipeline`` (when the UNet was adapted)."""
+        from ..atomic import staged_dir
+        from ..export import export_merged
+        from ..inject import merge_adapters, remove_boft
+
+        if self.cfg.control.mode == "controlnet":
+            merged = copy.deepcopy(self.controlnet).float()
+            merge_adapters(merged)
+            remove_boft(merged, keep_merged=True)
+            with staged_dir(folder / "controlnet") as tmp:
+                merged.save_pretrained(tmp)
+        if "unet" in self.components:
+            export_merged(self.pipe, folder / "pipeline")
+
+
+def _check_controlnet_source(source: str) -> None:
+    """A local ControlNet folder holds config.json; anything else that looks like a path is missing."""
+    path = Path(source).expanduser()
+    local = path.exists() or path.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1
+    if local and not (path / "config.json").is_file():
+        raise ConfigError(
+            f"control.controlnet_model_name_or_path={source!r} is not a ControlNet folder (no config.json)"
+        )
+
+
+def _check_controlnet_fits(controlnet: nn.Module, unet: nn.Module) -> None:
+    """A ControlNet's residuals must match the UNet's skip connections and text width."""
+    cc, uc = controlnet.config, unet.config
+    problems = [
+        f"{key} {getattr(cc, key)!r} vs the UNet's {getattr(uc, key)!r}"
+        for key in (
+            "block_out_channels",
+            "cross_attention_dim",
+            "in_channels",
+            "layers_per_block",
+            "down_block_types",
+        )
+        if key in cc and key in uc and _norm(getattr(cc, key)) != _norm(getattr(uc, key))
+    ]
+    if problems:
+        raise ConfigError(
+            "control.controlnet_model_name_or_path: the ControlNet does not fit the UNet: "
+            + "; ".join(problems)
+        )
+
+
+def _norm(value: Any) -> Any:
+    return list(value) if isinstance(value, list | tuple) else value
+
+
+def _usage(cfg: ControlNetConfig) -> str:
+    base = cfg.model.pretrained_model_name_or_path
+    load = f'StableDiffusionPipeline.from_pretrained("{base}")' if base else "build_tiny_pipeline()"
+    imports = (
+        "from diffusers import StableDiffusionPipeline"
+        if base
+        else "from boft_diffusion.tiny import build_tiny_pipeline"
+    )
+    return f"""
+{imports}
+from PIL import Image
+from boft_diffusion.control import sample_with_control
+from boft_diffusion.io import load_boft_weights
+
+pipe = {load}
+load_boft_weights(pipe, "{cfg.train.output_dir}")  # the BOFT adapter with its control (encoder or ControlNet)
+image = sample_with_control(pipe, ["a photo of a red star"], [Image.open("control.png")], [0])[0]
+"""
+
+
+def run(cfg: ControlNetConfig, on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+    """Train a controllable-generation BOFT adapter as ``cfg`` says."""
+    recipe = ControlNetRecipe(cfg)
+    losses = recipe.run_all(on_step)
+    return TrainResult(
+        Path(cfg.train.output_dir), recipe.step, losses, recipe.adapter_tensors(), recipe.trainable_count()
+    )

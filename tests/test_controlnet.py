@@ -1,0 +1,278 @@
+"""The controllable-generation recipe: light encoder and stock ControlNet, on the embedded tiny world.
+
+Runs train a few steps on a few dozen world scenes, save, reload into a fresh stock pipeline with
+identical conditioned samples, merge, and report control fidelity; bad input fails before anything
+is written.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from boft_diffusion.control import (
+    LightControl,
+    LightControlConfig,
+    add_light_control,
+    light_control,
+    remove_light_control,
+    sample_with_control,
+)
+from boft_diffusion.io import load_boft_weights
+from boft_diffusion.metrics import world_control_cases
+from boft_diffusion.pipeline import merge_boft
+from boft_diffusion.recipes.controlnet import ControlNetConfig, ControlNetRecipe
+from boft_diffusion.tiny import build_tiny_pipeline
+from boft_diffusion.training.args import ConfigError, load_config
+
+QUICK = [
+    "train.max_train_steps=3",
+    "data.num_generated_examples=16",
+    "metrics.num_cases=2",
+    "metrics.num_inference_steps=4",
+    "validation.validation_steps=0",
+    "validation.num_cases=1",
+    "validation.num_images_per_prompt=1",
+    "validation.num_inference_steps=3",
+    "train.checkpointing_steps=0",
+    "train.report_to=none",
+]
+
+
+def _config(out: Path, *overrides: str) -> ControlNetConfig:
+    return load_config(ControlNetConfig, None, [f"train.output_dir={out}", *QUICK, *overrides])
+
+
+def _samples(pipe, seeds=(0, 1)) -> torch.Tensor:
+    cases = world_control_cases(2)
+    images = sample_with_control(
+        pipe, [c.prompt for c in cases], [c.condition for c in cases], list(seeds), num_inference_steps=4
+    )
+    return torch.stack([torch.from_numpy(np.asarray(im)).float() for im in images])
+
+
+@pytest.fixture(scope="module")
+def light_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("light") / "run"
+    recipe = ControlNetRecipe(_config(out, "train.export_merged=true"))
+    recipe.run_all()
+    for module in recipe.components.values():
+        module.eval()
+    return recipe, out
+
+
+@pytest.fixture(scope="module")
+def controlnet_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("controlnet") / "run"
+    recipe = ControlNetRecipe(_config(out, "control.mode=controlnet", "train.export_merged=true"))
+    recipe.run_all()
+    for module in recipe.components.values():
+        module.eval()
+    return recipe, out
+
+
+# --- the light control hook ---------------------------------------------------------------------------
+def test_an_untrained_light_encoder_leaves_the_unet_exactly_as_it_was():
+    pipe = build_tiny_pipeline(weights="random")
+    latents, t = torch.randn(2, 4, 16, 16), torch.tensor([10, 500])
+    hidden = torch.randn(2, 77, 32)
+    before = pipe.unet(latents, t, hidden).sample
+    control = add_light_control(pipe, block_out_channels=(8, 16, 32))
+    with control.conditioned(torch.rand(2, 3, 64, 64)):
+        during = pipe.unet(latents, t, hidden).sample
+    assert torch.equal(before, during)  # zero-initialised output convolution
+    with torch.no_grad():
+        control.encoder.conv_out.weight.normal_()
+    with control.conditioned(torch.rand(2, 3, 64, 64)):
+        assert not torch.allclose(pipe.unet(latents, t, hidden).sample, before)
+    assert torch.equal(pipe.unet(latents, t, hidden).sample, before)  # outside the block: no control
+    remove_light_control(pipe)
+    assert light_control(pipe) is None and not pipe.unet.conv_in._forward_hooks
+    assert "control_encoder" not in dict(pipe.unet.named_modules())
+
+
+def test_the_light_hook_repeats_features_over_a_guidance_doubled_batch_and_checks_sizes():
+    pipe = build_tiny_pipeline(weights="random")
+    control = add_light_control(pipe, block_out_channels=(8, 16, 32))
+    with torch.no_grad():
+        control.encoder.conv_out.weight.normal_()
+    hidden = torch.randn(2, 77, 32)
+    latents = torch.randn(1, 4, 16, 16).repeat(2, 1, 1, 1)
+    same = hidden[:1].repeat(2, 1, 1)
+    with control.conditioned(torch.rand(1, 3, 64, 64)):  # one control image for a doubled batch
+        out = pipe.unet(latents, torch.tensor([5, 5]), same).sample
+    assert torch.allclose(out[0], out[1], atol=1e-5)
+    with control.conditioned(torch.rand(1, 3, 32, 32)), pytest.raises(ValueError, match="4x the latent size"):
+        pipe.unet(latents, torch.tensor([5, 5]), hidden)
+    with pytest.raises(ValueError, match="another model"):
+        LightControl(LightControlConfig(64, 3, (8, 16, 32))).attach(pipe.unet)
+
+
+# --- light mode ------------------------------------------------------------------------------------------
+def test_light_mode_trains_saves_and_measures_control_fidelity(light_run):
+    recipe, out = light_run
+    for name in (
+        "boft_weights.safetensors",
+        "metrics.json",
+        "metrics.png",
+        "README.md",
+        "validation/final.png",
+    ):
+        assert (out / name).is_file(), name
+    assert (out / "control_data" / "metadata.jsonl").is_file()
+    report = json.loads((out / "metrics.json").read_text())
+    for stage in ("before", "after"):
+        assert 0.0 <= report[stage]["control_edge_f1"] <= 1.0
+        assert 0.0 <= report[stage]["control_mask_iou"] <= 1.0
+    assert report["detector"] == "world" and len(report["cases"]) == 2
+    assert "control_edge_f1" in (out / "README.md").read_text()
+    keys = set(recipe.adapter_tensors())
+    assert any(k.startswith("control_encoder.encoder.") for k in keys)
+    assert any(k.startswith("unet.") and k.endswith("boft_R") for k in keys)
+
+
+def test_a_light_adapter_reloads_into_a_fresh_stock_pipeline_with_identical_conditioned_samples(light_run):
+    recipe, out = light_run
+    trained = _samples(recipe.pipe)
+    fresh = build_tiny_pipeline()
+    load_boft_weights(fresh, out)
+    assert isinstance(light_control(fresh), LightControl)
+    assert torch.equal(_samples(fresh), trained)
+    merge_boft(fresh)  # the rotations fold into the UNet; the encoder stays a hook
+    assert (_samples(fresh) - trained).abs().max() <= 2  # uint8 pixels: float rounding of the merge
+
+
+def test_light_merged_export_writes_a_stock_pipeline_folder(light_run):
+    _, out = light_run
+    assert (out / "merged" / "pipeline" / "model_index.json").is_file()
+
+
+# --- controlnet mode ----------------------------------------------------------------------------------------
+def test_controlnet_mode_trains_its_embedding_zero_convs_and_attention(controlnet_run):
+    recipe, out = controlnet_run
+    keys = set(recipe.adapter_tensors())
+    assert any(k.startswith("controlnet.controlnet_cond_embedding.") for k in keys)
+    assert any(k.startswith("controlnet.controlnet_down_blocks.0.") for k in keys)
+    assert any(k.startswith("controlnet.controlnet_mid_block.") for k in keys)
+    assert any(k.startswith("controlnet.") and k.endswith("boft_R") for k in keys)
+    assert not any(k.startswith("unet.") for k in keys)  # control.train_unet=false
+    from safetensors import safe_open
+
+    with safe_open(out / "boft_weights.safetensors", "pt") as handle:
+        control = json.loads(handle.metadata()["control"])
+    assert control["mode"] == "controlnet" and control["controlnet"] == "from_unet"
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["after"]["control_edge_f1"] is not None
+
+
+def test_a_controlnet_adapter_reloads_rebuilding_its_controlnet_and_merges(controlnet_run):
+    recipe, out = controlnet_run
+    trained = _samples(recipe.pipe)
+    fresh = build_tiny_pipeline()
+    load_boft_weights(fresh, out)  # the ControlNet is rebuilt from the file's metadata
+    assert fresh.controlnet is not None
+    assert torch.equal(_samples(fresh), trained)
+    merge_boft(fresh)
+    assert (_samples(fresh) - trained).abs().max() <= 2
+
+
+def test_the_merged_controlnet_opens_with_stock_diffusers_alone(controlnet_run, tmp_path):
+    recipe, out = controlnet_run
+    folder = out / "merged" / "controlnet"
+    assert (folder / "config.json").is_file()
+    base = tmp_path / "base"
+    build_tiny_pipeline().save_pretrained(base)
+    cond = tmp_path / "cond.png"
+    world_control_cases(1)[0].condition.save(cond)
+    code = f"""
+import sys, torch, numpy
+sys.modules["boft_diffusion"] = None  # stock diffusers only
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+from PIL import Image
+cn = ControlNetModel.from_pretrained({str(folder)!r})
+pipe = StableDiffusionControlNetPipeline.from_pretrained({str(base)!r}, controlnet=cn, safety_checker=None)
+pipe.set_progress_bar_config(disable=True)
+image = pipe("{world_control_cases(1)[0].prompt}", image=Image.open({str(cond)!r}), num_inference_steps=4,
+             guidance_scale=4.0, height=64, width=64, generator=torch.Generator().manual_seed(0)).images[0]
+numpy.save({str(tmp_path / "stock.npy")!r}, numpy.asarray(image))
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)
+    stock = torch.from_numpy(np.load(tmp_path / "stock.npy")).float()
+    case = world_control_cases(1)[0]
+    ours = sample_with_control(recipe.pipe, [case.prompt], [case.condition], [0], num_inference_steps=4)[0]
+    ours = torch.from_numpy(np.asarray(ours)).float()
+    assert (stock - ours).abs().max() <= 2
+
+
+# --- bad input -------------------------------------------------------------------------------------------------
+def test_a_data_folder_without_metadata_is_an_error_before_anything_is_written(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    out = tmp_path / "run"
+    with pytest.raises(Exception, match="metadata.jsonl"):
+        ControlNetRecipe(_config(out, f"data.train_data_dir={data}")).run_all()
+    assert not out.exists()
+
+
+def test_a_controlnet_that_does_not_fit_the_unet_is_refused_before_anything_is_written(tmp_path):
+    from diffusers import ControlNetModel
+
+    other = ControlNetModel(
+        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        cross_attention_dim=16, layers_per_block=1, norm_num_groups=8, conditioning_embedding_out_channels=(8, 16, 32),
+    )  # fmt: skip
+    other.save_pretrained(tmp_path / "cn")
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="does not fit the UNet"):
+        ControlNetRecipe(
+            _config(
+                out, "control.mode=controlnet", f"control.controlnet_model_name_or_path={tmp_path / 'cn'}"
+            )
+        ).run_all()
+    assert not out.exists()
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="control.mode"):
+        _config(tmp_path / "r", "control.mode=lite")
+    with pytest.raises(ConfigError):
+        _config(tmp_path / "r", "control.no_such_key=1")
+    with pytest.raises(ConfigError, match="pair up"):
+        _config(tmp_path / "r", "metrics.prompts=[a photo of a toy]")
+
+
+def test_sampling_with_a_control_image_needs_a_control_adapter(tmp_path):
+    pipe = build_tiny_pipeline(weights="random")
+    with pytest.raises(ValueError, match="no control"):
+        sample_with_control(pipe, ["a toy"], [Image.new("RGB", (64, 64))], [0], num_inference_steps=2)
+
+
+def test_cli_trains_and_samples_under_control(tmp_path, light_run):
+    _, out = light_run
+    base = tmp_path / "base"
+    build_tiny_pipeline().save_pretrained(base)
+    cond = tmp_path / "cond.png"
+    world_control_cases(1)[0].condition.save(cond)
+    grid = tmp_path / "grid.png"
+    cli = [sys.executable, "-m", "boft_diffusion.cli"]
+    done = subprocess.run(
+        [*cli, "sample", "--base", str(base), "--adapter", str(out), "--control", str(cond), "--prompt",
+         "a photo of a red star", "--num-images", "2", "--steps", "3", "--out", str(grid)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert Image.open(grid).size == (64 * 2, 64)
+    bad = subprocess.run(
+        [*cli, "sample", "--base", str(base), "--control", str(cond), "--prompt", "a toy", "--steps", "2",
+         "--out", str(tmp_path / "g2.png")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "no adapter given brings a control" in bad.stderr
+    assert not (tmp_path / "g2.png").exists()
