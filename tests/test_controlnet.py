@@ -276,3 +276,76 @@ def test_cli_trains_and_samples_under_control(tmp_path, light_run):
     )  # fmt: skip
     assert bad.returncode == 2 and "no adapter given brings a control" in bad.stderr
     assert not (tmp_path / "g2.png").exists()
+
+
+# --- configs ------------------------------------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs" / "controlnet").glob("*.yaml"))
+
+
+def test_the_expected_controlnet_configs_exist():
+    assert {p.name for p in CONFIGS} >= {
+        "tiny_light.yaml",
+        "sd15_canny_light.yaml",
+        "sd15_canny_controlnet.yaml",
+    }
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_controlnet_config_starts_with_its_command_and_loads(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith(f"# boft-diffusion train controlnet --config configs/controlnet/{path.name}")
+    assert isinstance(load_config(ControlNetConfig, path), ControlNetConfig)
+
+
+def test_tiny_light_yaml_is_the_default():
+    assert load_config(ControlNetConfig, REPO / "configs/controlnet/tiny_light.yaml") == ControlNetConfig()
+
+
+@pytest.mark.parametrize("name", ["sd15_canny_light.yaml", "sd15_canny_controlnet.yaml"])
+def test_sd15_controlnet_configs_fit_sd15_widths(name):
+    config = load_config(ControlNetConfig, REPO / "configs/controlnet" / name)
+    assert config.data.resolution == 512 and config.metrics.detector == "edges"
+    assert config.control.widths(8) == (16, 32, 96, 256)
+    boft = config.boft.to_config(config.boft.unet_target_modules)
+    for dim in (320, 640, 1280, 768):  # attention widths and the CLIP text width (cross-attention k / v)
+        assert boft.resolve_blocks(dim).block_num == 8
+
+
+def test_every_controlnet_key_is_documented():
+    from boft_diffusion.training.args import config_keys, field_docs
+
+    docs = field_docs(ControlNetConfig)
+    assert list(docs) == config_keys(ControlNetConfig)
+    assert not [key for key, (doc, _) in docs.items() if not doc]
+
+
+# --- resume -------------------------------------------------------------------------------------------------------
+class Stop(Exception):
+    pass
+
+
+def _stop_at(step: int):
+    def on_step(done: int, logs: dict) -> None:
+        if done == step:
+            raise Stop
+
+    return on_step
+
+
+@pytest.mark.parametrize("mode", ["light", "controlnet"])
+def test_a_stopped_and_resumed_control_run_ends_with_the_same_adapter(tmp_path, mode):
+    from boft_diffusion.recipes.controlnet import run
+    from boft_diffusion.training.checkpoint import latest_checkpoint
+
+    steps = ["train.max_train_steps=4", "train.checkpointing_steps=2", "data.random_flip=true",
+             "metrics.detector=none", f"control.mode={mode}"]  # fmt: skip
+    whole = run(_config(tmp_path / "whole", *steps))
+    with pytest.raises(Stop):
+        run(_config(tmp_path / "parts", *steps), on_step=_stop_at(3))
+    assert latest_checkpoint(tmp_path / "parts").name == "checkpoint-2"
+    resumed = run(_config(tmp_path / "parts", *steps, "train.resume_from_checkpoint=latest"))
+    assert resumed.global_step == 4 and resumed.losses == pytest.approx(whole.losses[2:], rel=1e-5)
+    assert set(resumed.adapter) == set(whole.adapter)
+    for key, value in whole.adapter.items():
+        torch.testing.assert_close(resumed.adapter[key], value, rtol=1e-5, atol=1e-6)
