@@ -61,7 +61,7 @@ def _samples(pipe, seeds=(0, 1)) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def light_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("light") / "run"
-    recipe = ControlNetRecipe(_config(out, "train.export_merged=true"))
+    recipe = ControlNetRecipe(_config(out, "control.mode=light", "train.export_merged=true"))
     recipe.run_all()
     for module in recipe.components.values():
         module.eval()
@@ -254,14 +254,17 @@ def test_sampling_with_a_control_image_needs_a_control_adapter(tmp_path):
         sample_with_control(pipe, ["a toy"], [Image.new("RGB", (64, 64))], [0], num_inference_steps=2)
 
 
-def test_cli_trains_and_samples_under_control(tmp_path, light_run):
-    _, out = light_run
-    base = tmp_path / "base"
+def test_cli_trains_and_samples_under_control(tmp_path):
+    out, base = tmp_path / "run", tmp_path / "base"
+    cli = [sys.executable, "-m", "boft_diffusion.cli"]
+    train = [*cli, "train", "controlnet", "control.mode=light", f"train.output_dir={out}", *QUICK]
+    done = subprocess.run(train, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "control_edge_f1" in done.stdout and (out / "boft_weights.safetensors").is_file()
     build_tiny_pipeline().save_pretrained(base)
     cond = tmp_path / "cond.png"
     world_control_cases(1)[0].condition.save(cond)
     grid = tmp_path / "grid.png"
-    cli = [sys.executable, "-m", "boft_diffusion.cli"]
     done = subprocess.run(
         [*cli, "sample", "--base", str(base), "--adapter", str(out), "--control", str(cond), "--prompt",
          "a photo of a red star", "--num-images", "2", "--steps", "3", "--out", str(grid)],
@@ -298,8 +301,10 @@ def test_controlnet_config_starts_with_its_command_and_loads(path):
     assert isinstance(load_config(ControlNetConfig, path), ControlNetConfig)
 
 
-def test_tiny_light_yaml_is_the_default():
-    assert load_config(ControlNetConfig, REPO / "configs/controlnet/tiny_light.yaml") == ControlNetConfig()
+def test_tiny_controlnet_yaml_is_the_default():
+    assert (
+        load_config(ControlNetConfig, REPO / "configs/controlnet/tiny_controlnet.yaml") == ControlNetConfig()
+    )
 
 
 @pytest.mark.parametrize("name", ["sd15_canny_light.yaml", "sd15_canny_controlnet.yaml"])

@@ -1,6 +1,6 @@
 """Controllable generation with BOFT: make a Stable Diffusion model follow a control image.
 
-    boft-diffusion train controlnet --config configs/controlnet/tiny_light.yaml [section.key=value ...]
+    boft-diffusion train controlnet --config configs/controlnet/tiny_controlnet.yaml [section.key=value ...]
 
 Two modes, one loss. Per step, with the image's latents ``x0``, its control image ``c`` (in [0, 1])
 and its caption's embedding ``e``: ``loss = || f(x_t, t, e; c) - target ||^2`` (noise or velocity,
@@ -117,7 +117,7 @@ class ControlBOFTArgs(BOFTArgs):
 class ControlArgs:
     """How the control image enters the model."""
 
-    mode: Literal["light", "controlnet"] = "light"
+    mode: Literal["light", "controlnet"] = "controlnet"
     """light (a small encoder added to the UNet's first feature map) or controlnet (a stock ControlNetModel)."""
     encoder_block_out_channels: list[int] | None = None
     """Widths of the light encoder / the ControlNet's condition embedding; each after the first halves the
@@ -259,15 +259,17 @@ class ControlMetricsArgs:
 
 @dataclass
 class ControlNetConfig:
-    """A controllable-generation run; the defaults are the embedded tiny job (configs/controlnet/tiny_light.yaml)."""
+    """A controllable-generation run; the defaults are the embedded tiny job (configs/controlnet/tiny_controlnet.yaml)."""
 
     model: ModelArgs = field(default_factory=ModelArgs)
     boft: ControlBOFTArgs = field(default_factory=ControlBOFTArgs)
     control: ControlArgs = field(default_factory=ControlArgs)
     data: ControlDataArgs = field(default_factory=ControlDataArgs)
-    optim: OptimArgs = field(default_factory=OptimArgs)
+    optim: OptimArgs = field(default_factory=lambda: OptimArgs(learning_rate=1e-3))
     train: TrainArgs = field(
-        default_factory=lambda: TrainArgs(output_dir="outputs/controlnet-tiny", train_batch_size=4)
+        default_factory=lambda: TrainArgs(
+            output_dir="outputs/controlnet-tiny", train_batch_size=4, max_train_steps=500
+        )
     )
     validation: ControlValidationArgs = field(default_factory=ControlValidationArgs)
     metrics: ControlMetricsArgs = field(default_factory=ControlMetricsArgs)

@@ -459,7 +459,9 @@ def _attribute_docs(cls: type) -> dict[str, str]:
 def field_docs(cls: type, prefix: str = "") -> dict[str, tuple[str, Any]]:
     """``{dotted key: (doc, default)}`` for every leaf field of a (nested) config dataclass."""
     instance = cls()
-    docs = _attribute_docs(cls)
+    docs: dict[str, str] = {}
+    for base in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):  # a subclass may redocument
+        docs |= {name: doc for name, doc in _attribute_docs(base).items() if doc}
     out: dict[str, tuple[str, Any]] = {}
     for f in dataclasses.fields(cls):
         sub = _dataclass_type(cls, f.name)
