@@ -55,7 +55,7 @@ def _samples(pipe, seeds=(0, 1)) -> torch.Tensor:
     images = sample_with_control(
         pipe, [c.prompt for c in cases], [c.condition for c in cases], list(seeds), num_inference_steps=4
     )
-    return torch.stack([torch.from_numpy(np.asarray(im)).float() for im in images])
+    return torch.stack([torch.from_numpy(np.array(im)).float() for im in images])
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_light_mode_trains_saves_and_measures_control_fidelity(light_run):
     for stage in ("before", "after"):
         assert 0.0 <= report[stage]["control_edge_f1"] <= 1.0
         assert 0.0 <= report[stage]["control_mask_iou"] <= 1.0
-    assert report["detector"] == "world" and len(report["cases"]) == 2
+    assert report["scorer"] == "world" and len(report["cases"]) == 2
     assert "control_edge_f1" in (out / "README.md").read_text()
     keys = set(recipe.adapter_tensors())
     assert any(k.startswith("control_encoder.encoder.") for k in keys)
@@ -207,7 +207,7 @@ numpy.save({str(tmp_path / "stock.npy")!r}, numpy.asarray(image))
     stock = torch.from_numpy(np.load(tmp_path / "stock.npy")).float()
     case = world_control_cases(1)[0]
     ours = sample_with_control(recipe.pipe, [case.prompt], [case.condition], [0], num_inference_steps=4)[0]
-    ours = torch.from_numpy(np.asarray(ours)).float()
+    ours = torch.from_numpy(np.array(ours)).float()
     assert (stock - ours).abs().max() <= 2
 
 
@@ -354,3 +354,13 @@ def test_a_stopped_and_resumed_control_run_ends_with_the_same_adapter(tmp_path, 
     assert set(resumed.adapter) == set(whole.adapter)
     for key, value in whole.adapter.items():
         torch.testing.assert_close(resumed.adapter[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_eval_refuses_a_control_adapter_with_a_pointer_to_its_metrics(light_run, tmp_path):
+    _, out = light_run
+    done = subprocess.run(
+        [sys.executable, "-m", "boft_diffusion.cli", "eval", str(out), "--grid", str(tmp_path / "g.png")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2 and "controllable-generation adapter" in done.stderr
+    assert not (tmp_path / "g.png").exists()

@@ -272,6 +272,11 @@ def run(args: argparse.Namespace) -> int:
     from ..metrics import load_scorer, measure_dreambooth
 
     metadata = read_adapter(adapter).metadata  # a broken file fails before any model loads
+    if "control" in metadata:
+        raise CommandError(
+            f"{adapter}: a controllable-generation adapter (boft-diffusion train controlnet); eval measures "
+            "DreamBooth adapters. Its control fidelity, before and after training, is in its metrics.json"
+        )
     images = instance_images(args.instance_dir)
     device = _device()
     scorer = load_scorer(scorer_spec, device=device)

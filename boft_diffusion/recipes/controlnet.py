@@ -470,8 +470,7 @@ class ControlNetRecipe(TrainingRecipe):
     def _add_adapters(self) -> dict[str, nn.Module]:
         c, boft = self.cfg.control, self.cfg.boft
         plans = self._plan_adapters()
-        components = {name: apply_adapter_plan(getattr(self.pipe, name, None) or self.controlnet, plan)
-                      for name, plan in plans.items() if name == "unet"}  # fmt: skip
+        components = {"unet": apply_adapter_plan(self.pipe.unet, plans["unet"])} if "unet" in plans else {}
         if c.mode == "controlnet":
             self.pipe.controlnet = apply_adapter_plan(self.controlnet, plans["controlnet"])
             self.controlnet.to(self.accelerator.device)
@@ -533,21 +532,14 @@ class ControlNetRecipe(TrainingRecipe):
 
     def measure_info(self) -> dict[str, Any]:
         return {
-            "detector": self.detector.name,
             "scorer": self.detector.name,
             "cases": [case.prompt for case in self.probe.cases],
             "num_images": self.probe.num_images,
             "seed": self.probe.seed,
         }
 
-    def _write_metrics(self, after: Measurement) -> dict[str, Any]:
-        report = super()._write_metrics(after)
-        from ..atomic import atomic_file
-        from ..training.recipe import METRICS_GRID_NAME
-
-        with atomic_file(Path(self.cfg.train.output_dir) / METRICS_GRID_NAME) as tmp:
-            grid(before_after_control_rows(self.before, after)).save(tmp, format="PNG")
-        return report
+    def metrics_rows(self, before: Measurement | None, after: Measurement) -> list[list[Image.Image]]:
+        return before_after_control_rows(before, after)  # the condition once, then before / after samples
 
     def _validation_grid(self) -> Image.Image:
         v = self.cfg.validation

@@ -460,7 +460,9 @@ def field_docs(cls: type, prefix: str = "") -> dict[str, tuple[str, Any]]:
     """``{dotted key: (doc, default)}`` for every leaf field of a (nested) config dataclass."""
     instance = cls()
     docs: dict[str, str] = {}
-    for base in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):  # a subclass may redocument
+    for base in reversed(
+        [c for c in cls.__mro__ if dataclasses.is_dataclass(c)]
+    ):  # a subclass may redocument
         docs |= {name: doc for name, doc in _attribute_docs(base).items() if doc}
     out: dict[str, tuple[str, Any]] = {}
     for f in dataclasses.fields(cls):

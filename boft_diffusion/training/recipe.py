@@ -363,12 +363,16 @@ class TrainingRecipe:
         }
         atomic_write_text(out / METRICS_NAME, json.dumps(report, indent=2) + "\n")
         with atomic_file(out / METRICS_GRID_NAME) as tmp:
-            grid(before_after_rows(before, after)).save(tmp, format="PNG")
+            grid(self.metrics_rows(before, after)).save(tmp, format="PNG")
         logs = {f"metrics/{k}": v for k, v in after.metrics.items() if v is not None}
         if before is not None:
             logs |= {f"metrics/{k}_before": v for k, v in before.metrics.items() if v is not None}
         self.accelerator.log(logs, step=self.step)
         return report
+
+    def metrics_rows(self, before: Measurement | None, after: Measurement) -> list[list[Any]]:
+        """Rows of the before / after grid ``metrics.png`` (default: per prompt, images before then after)."""
+        return before_after_rows(before, after)
 
     def measure_info(self) -> dict[str, Any]:
         """What metrics.json says about how it measured (scorer, prompts); the recipe's."""
