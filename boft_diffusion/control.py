@@ -45,6 +45,7 @@ __all__ = [
     "controlnet_pipeline",
     "light_control",
     "remove_light_control",
+    "residuals_in",
     "sample_with_control",
 ]
 
@@ -296,9 +297,30 @@ def sample_with_control(
             "with `boft-diffusion train controlnet`, or sample without a control image"
         )
     images = [c.convert("RGB").resize((size, size), Image.BILINEAR) for c in conditions]
-    return controlnet_pipeline(pipe)(
-        **common, image=images, controlnet_conditioning_scale=conditioning_scale
-    ).images
+    with residuals_in(pipe.controlnet, pipe.unet.dtype):
+        return controlnet_pipeline(pipe)(
+            **common, image=images, controlnet_conditioning_scale=conditioning_scale
+        ).images
+
+
+@contextmanager
+def residuals_in(controlnet: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """Cast the ControlNet's residuals to the UNet's ``dtype`` inside the block.
+
+    A ControlNet trained with float32 parts next to a bf16 / fp16 UNet returns float32 residuals; the
+    stock pipeline adds them to the UNet's features unchanged, which promotes those to float32 ahead of
+    the UNet's half-precision norms (diffusers' own training script casts them the same way).
+    """
+
+    def cast(module: nn.Module, args: Any, output: Any) -> Any:
+        down, mid = output[0], output[1]
+        return ([d.to(dtype) for d in down], mid.to(dtype), *output[2:])
+
+    handle = controlnet.register_forward_hook(cast)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 # --- what an adapter file records about its control -------------------------------------------------------

@@ -364,3 +364,21 @@ def test_eval_refuses_a_control_adapter_with_a_pointer_to_its_metrics(light_run,
     )  # fmt: skip
     assert done.returncode == 2 and "controllable-generation adapter" in done.stderr
     assert not (tmp_path / "g.png").exists()
+
+
+def test_controlnet_mode_trains_and_measures_under_bf16_with_gradient_checkpointing(tmp_path):
+    """Float32 trained parts next to a bf16 base: the ControlNet's residuals are cast to the UNet's dtype
+    (they were added as float32 ahead of the UNet's bf16 norms). accelerate keeps one mixed precision per
+    process: the run has a process of its own. (Light mode under bf16 was checked by hand: it never failed.)"""
+    mode = "controlnet"
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    args = ["train", "controlnet", f"control.mode={mode}", f"train.output_dir={out}", *QUICK]
+    args += ["train.mixed_precision=bf16", "train.gradient_checkpointing=true"]
+    done = subprocess.run(
+        [sys.executable, "-m", "boft_diffusion.cli", *args], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert all(t.dtype == torch.float32 for t in load_file(out / "boft_weights.safetensors").values())
+    assert json.loads((out / "metrics.json").read_text())["after"]["control_edge_f1"] is not None

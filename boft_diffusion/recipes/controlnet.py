@@ -474,6 +474,8 @@ class ControlNetRecipe(TrainingRecipe):
         if c.mode == "controlnet":
             self.pipe.controlnet = apply_adapter_plan(self.controlnet, plans["controlnet"])
             self.controlnet.to(self.accelerator.device)
+            if self.cfg.train.gradient_checkpointing:  # the shared setup does the UNet's
+                self.controlnet.enable_gradient_checkpointing()
             components["controlnet"] = self.controlnet
         else:
             control = add_light_control(
@@ -505,9 +507,10 @@ class ControlNetRecipe(TrainingRecipe):
             down, mid = self.prepared("controlnet")(
                 noisy, timesteps, encoder_hidden_states=hidden, controlnet_cond=condition, return_dict=False
             )
+            dtype = self.pipe.unet.dtype  # float32 residuals of trained parts meet a bf16 / fp16 UNet
             pred = unet(
-                noisy, timesteps, hidden, down_block_additional_residuals=down,
-                mid_block_additional_residual=mid, return_dict=False,
+                noisy, timesteps, hidden, down_block_additional_residuals=[d.to(dtype) for d in down],
+                mid_block_additional_residual=mid.to(dtype), return_dict=False,
             )[0]  # fmt: skip
         target = prediction_target(scheduler, latents, noise, timesteps)
         weights = snr_loss_weights(scheduler, timesteps, cfg.train.snr_gamma) if cfg.train.snr_gamma else None
