@@ -74,7 +74,6 @@ from ..training.args import (
     OptimArgs,
     TrainArgs,
     ValidationArgs,
-    config_to_dict,
 )
 from ..training.card import write_model_card
 from ..training.noise import (
@@ -85,7 +84,7 @@ from ..training.noise import (
     sample_timesteps,
     snr_loss_weights,
 )
-from ..training.recipe import TrainingRecipe
+from ..training.recipe import TrainingRecipe, TrainResult
 from ..training.setup import record_outputs
 
 __all__ = ["CONFIG_CLASS", "ControlNetConfig", "ControlNetRecipe", "TrainResult", "run"]
@@ -277,15 +276,6 @@ class ControlNetConfig:
 
 CONFIG_CLASS = ControlNetConfig
 """The recipe's config class (``boft-diffusion train controlnet`` loads it)."""
-
-
-@dataclass
-class TrainResult:
-    output_dir: Path
-    global_step: int
-    losses: list[float]
-    adapter: dict[str, torch.Tensor]
-    trainable_parameters: int
 
 
 CARD_HYPERPARAMETERS = (
@@ -589,9 +579,7 @@ class ControlNetRecipe(TrainingRecipe):
 
     def save_outputs(self, grid_path: Path | None) -> None:
         cfg, out = self.cfg, Path(self.cfg.train.output_dir)
-        flat = {f"{s}.{k}": v for s, values in config_to_dict(cfg).items() for k, v in values.items()}
-        hyper = {k: v for k, v in flat.items() if k.startswith("boft.")}
-        hyper |= {k: flat[k] for k in CARD_HYPERPARAMETERS}
+        hyper = self.card_hyperparameters(CARD_HYPERPARAMETERS)
         base, mode = self.base_model, cfg.control.mode
         write_model_card(
             out,
@@ -683,8 +671,4 @@ image = sample_with_control(pipe, ["a photo of a red star"], [Image.open("contro
 
 def run(cfg: ControlNetConfig, on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
     """Train a controllable-generation BOFT adapter as ``cfg`` says."""
-    recipe = ControlNetRecipe(cfg)
-    losses = recipe.run_all(on_step)
-    return TrainResult(
-        Path(cfg.train.output_dir), recipe.step, losses, recipe.adapter_tensors(), recipe.trainable_count()
-    )
+    return ControlNetRecipe(cfg).run(on_step)

@@ -56,7 +56,6 @@ from ..training.args import (
     OptimArgs,
     TrainArgs,
     ValidationArgs,
-    config_to_dict,
 )
 from ..training.card import write_model_card
 from ..training.noise import (
@@ -67,7 +66,7 @@ from ..training.noise import (
     sample_timesteps,
     snr_loss_weights,
 )
-from ..training.recipe import TrainingRecipe
+from ..training.recipe import TrainingRecipe, TrainResult
 from ..training.setup import record_outputs
 from ..world import parse_caption
 
@@ -181,17 +180,6 @@ class DreamBoothConfig:
 
 CONFIG_CLASS = DreamBoothConfig
 """The recipe's config class (``boft-diffusion train dreambooth`` loads it)."""
-
-
-@dataclass
-class TrainResult:
-    output_dir: Path
-    global_step: int
-    losses: list[float]
-    """Loss of every optimiser step of this invocation (mean over micro-batches and processes)."""
-    adapter: dict[str, torch.Tensor]
-    """Final trained tensors, ``<component>.<module path>.boft_R`` etc., on the CPU (every process)."""
-    trainable_parameters: int
 
 
 CARD_HYPERPARAMETERS = (
@@ -406,11 +394,7 @@ class DreamBoothRecipe(TrainingRecipe):
     def save_outputs(self, grid: Path | None) -> None:
         """Model card and (if asked) the merged export."""
         cfg, out = self.cfg, Path(self.cfg.train.output_dir)
-        flat = {
-            f"{section}.{k}": v for section, values in config_to_dict(cfg).items() for k, v in values.items()
-        }
-        hyper = {k: v for k, v in flat.items() if k.startswith("boft.")}
-        hyper |= {k: flat[k] for k in CARD_HYPERPARAMETERS}
+        hyper = self.card_hyperparameters(CARD_HYPERPARAMETERS)
         base = self.base_model
         write_model_card(
             out,
@@ -463,8 +447,4 @@ def run(cfg: DreamBoothConfig, on_step: Callable[[int, dict[str, float]], None] 
     Every check (config, data, model, resume, device, folders, sizes) runs before anything is
     written; everything written into output_dir is recorded in its manifest.
     """
-    recipe = DreamBoothRecipe(cfg)
-    losses = recipe.run_all(on_step)
-    return TrainResult(
-        Path(cfg.train.output_dir), recipe.step, losses, recipe.adapter_tensors(), recipe.trainable_count()
-    )
+    return DreamBoothRecipe(cfg).run(on_step)

@@ -20,6 +20,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,7 @@ from .setup import (
 from .tracking import ProgressBar, init_trackers
 from .validation import run_validation, sampling_context
 
-__all__ = ["METRICS_GRID_NAME", "METRICS_NAME", "OnStep", "TrainingRecipe"]
+__all__ = ["METRICS_GRID_NAME", "METRICS_NAME", "OnStep", "TrainResult", "TrainingRecipe"]
 
 METRICS_NAME = "metrics.json"
 METRICS_GRID_NAME = "metrics.png"
@@ -78,6 +79,19 @@ METRICS_GRID_NAME = "metrics.png"
 
 OnStep = Callable[[int, dict[str, float]], None]
 """``on_step(step, logs)``: called after every optimiser step (tests stop runs with it)."""
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`TrainingRecipe.run_all` leaves a caller (every recipe's ``run`` returns one)."""
+
+    output_dir: Path
+    global_step: int
+    losses: list[float]
+    """Loss of every optimiser step of this invocation (mean over micro-batches and processes)."""
+    adapter: dict[str, torch.Tensor]
+    """Final trained tensors, ``<component>.<module path>.boft_R`` etc., on the CPU (every process)."""
+    trainable_parameters: int
 
 
 class TrainingRecipe:
@@ -417,6 +431,18 @@ class TrainingRecipe:
             for comp, module in self.components.items()
             for key, value in adapter_state_dict(module, name).items()
         }
+
+    def card_hyperparameters(self, keys: tuple[str, ...]) -> dict[str, Any]:
+        """The model card's table: every ``boft.*`` key and ``keys`` (dotted), with this run's values."""
+        flat = {f"{s}.{k}": v for s, values in config_to_dict(self.cfg).items() for k, v in values.items()}
+        return {k: v for k, v in flat.items() if k.startswith("boft.")} | {k: flat[k] for k in keys}
+
+    def run(self, on_step: OnStep | None = None) -> TrainResult:
+        """:meth:`run_all`, and what it trained."""
+        losses = self.run_all(on_step)
+        return TrainResult(
+            Path(self.cfg.train.output_dir), self.step, losses, self.adapter_tensors(), self.trainable_count()
+        )
 
     def run_all(self, on_step: OnStep | None = None) -> list[float]:
         """``setup -> train -> save``; returns this invocation's losses."""
