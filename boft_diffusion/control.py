@@ -22,9 +22,12 @@ the original (zero-output) encoder is in effect: the base model.
 
 from __future__ import annotations
 
+import copy
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,9 +47,11 @@ __all__ = [
     "control_tensor",
     "controlnet_pipeline",
     "light_control",
+    "load_light_control",
     "remove_light_control",
     "residuals_in",
     "sample_with_control",
+    "save_light_control",
 ]
 
 CONTROL_COMPONENT = "control_encoder"
@@ -225,6 +230,73 @@ def remove_light_control(pipe: Any) -> None:
     if control is not None:
         control.detach()
         delattr(pipe, CONTROL_COMPONENT)
+
+
+# --- the encoder alone, merged -------------------------------------------------------------------------
+
+LIGHT_CONTROL_CONFIG_NAME = "config.json"
+LIGHT_CONTROL_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+_LIGHT_CONTROL_CLASS = "LightControl"
+
+
+def save_light_control(control: LightControl, folder: str | Path, replace: bool = False) -> Path:
+    """Write the encoder in effect, with no adapter around it, as a folder: ``config.json`` (its
+    :class:`LightControlConfig`) and ``diffusion_pytorch_model.safetensors`` (the stock
+    ``ControlNetConditioningEmbedding`` keys). An encoder trained as an adapter's ``modules_to_save``
+    is written as its trained copy. The folder appears whole or not at all; an existing one is
+    refused unless ``replace``. :func:`load_light_control` reads it back onto any pipeline.
+    """
+    from safetensors.torch import save_file
+
+    from .atomic import staged_dir
+    from .inject import remove_boft
+
+    shell = remove_boft(nn.ModuleDict({"encoder": copy.deepcopy(control.encoder)}), keep_merged=True)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in shell["encoder"].state_dict().items()}
+    config = {"_class_name": _LIGHT_CONTROL_CLASS, **control.config.to_dict()}
+    with staged_dir(folder, replace=replace) as tmp:
+        (tmp / LIGHT_CONTROL_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, str(tmp / LIGHT_CONTROL_WEIGHTS_NAME), metadata={"format": "pt"})
+    return Path(folder)
+
+
+def load_light_control(pipe: Any, folder: str | Path) -> LightControl:
+    """Attach the encoder :func:`save_light_control` wrote in ``folder`` to ``pipe`` (``pipe.control_encoder``).
+
+    Reads safetensors only (no code runs). A missing or malformed folder, weights that do not match
+    the config, or a UNet whose ``conv_in`` width differs is a ``ValueError`` naming the folder; the
+    pipeline is left as it was.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config_path, weights_path = folder / LIGHT_CONTROL_CONFIG_NAME, folder / LIGHT_CONTROL_WEIGHTS_NAME
+    if not config_path.is_file() or not weights_path.is_file():
+        raise ValueError(
+            f"{folder} is not a light control encoder folder (it needs {LIGHT_CONTROL_CONFIG_NAME} and "
+            f"{LIGHT_CONTROL_WEIGHTS_NAME}, as save_light_control writes them)"
+        )
+    try:
+        raw = json.loads(config_path.read_text())
+        if not isinstance(raw, dict) or raw.pop("_class_name", None) != _LIGHT_CONTROL_CLASS:
+            raise ValueError(f"its _class_name is not {_LIGHT_CONTROL_CLASS!r}")
+        config = LightControlConfig.from_dict(raw)
+        tensors = load_file(str(weights_path))
+        control = LightControl(config)
+        control.encoder.load_state_dict(tensors, strict=True)
+    except (ValueError, TypeError, RecursionError, RuntimeError, OSError, SafetensorError) as err:
+        raise ValueError(f"{folder}: invalid light control encoder ({str(err).splitlines()[0]})") from None
+    if light_control(pipe) is not None:
+        raise ValueError("the pipeline already has a light control encoder; remove_light_control(pipe) first")
+    unet = pipe.unet
+    control.to(device=unet.conv_in.weight.device).eval()  # float32: its features are cast to the UNet's dtype
+    try:
+        control.attach(unet)
+    except ValueError as err:
+        raise ValueError(f"{folder}: {err}") from None
+    setattr(pipe, CONTROL_COMPONENT, control)
+    return control
 
 
 # --- conditioned sampling -------------------------------------------------------------------------------

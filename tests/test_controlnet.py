@@ -22,6 +22,7 @@ from boft_diffusion.control import (
     LightControlConfig,
     add_light_control,
     light_control,
+    load_light_control,
     remove_light_control,
     sample_with_control,
 )
@@ -149,9 +150,43 @@ def test_a_light_adapter_reloads_into_a_fresh_stock_pipeline_with_identical_cond
     assert (_samples(fresh) - trained).abs().max() <= 2  # uint8 pixels: float rounding of the merge
 
 
-def test_light_merged_export_writes_a_stock_pipeline_folder(light_run):
+def test_light_merged_export_is_a_stock_pipeline_and_the_encoder_alone_with_the_same_samples(light_run):
+    from diffusers import StableDiffusionPipeline
+
+    recipe, out = light_run
+    pipe = StableDiffusionPipeline.from_pretrained(out / "merged" / "pipeline", safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    control = load_light_control(pipe, out / "merged" / "control_encoder")
+    assert light_control(pipe) is control and control.attached
+    assert (_samples(pipe) - _samples(recipe.pipe)).abs().max() <= 2  # the merge's float rounding
+    with pytest.raises(ValueError, match="already has a light control encoder"):
+        load_light_control(pipe, out / "merged" / "control_encoder")
+
+
+def test_a_bad_light_encoder_folder_is_refused_and_the_pipeline_left_as_it_was(light_run, tmp_path):
     _, out = light_run
-    assert (out / "merged" / "pipeline" / "model_index.json").is_file()
+    source = out / "merged" / "control_encoder"
+    pipe = build_tiny_pipeline()
+    with pytest.raises(ValueError, match="is not a light control encoder folder"):
+        load_light_control(pipe, tmp_path)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(
+        (source / "config.json").read_text().replace('"LightControl"', '"Other"')
+    )
+    (broken / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="invalid light control encoder"):
+        load_light_control(pipe, broken)
+    (broken / "config.json").write_text((source / "config.json").read_text())
+    with pytest.raises(ValueError, match="invalid light control encoder"):
+        load_light_control(pipe, broken)
+    (broken / "diffusion_pytorch_model.safetensors").write_bytes(
+        (source / "diffusion_pytorch_model.safetensors").read_bytes()
+    )
+    pipe.unet.conv_in = torch.nn.Conv2d(4, 16, 3, padding=1)  # a UNet of another width
+    with pytest.raises(ValueError, match="made for another model"):
+        load_light_control(pipe, broken)
+    assert light_control(pipe) is None and not pipe.unet.conv_in._forward_hooks
 
 
 # --- controlnet mode ----------------------------------------------------------------------------------------
@@ -366,11 +401,12 @@ def test_eval_refuses_a_control_adapter_with_a_pointer_to_its_metrics(light_run,
     assert not (tmp_path / "g.png").exists()
 
 
-def test_controlnet_mode_trains_and_measures_under_bf16_with_gradient_checkpointing(tmp_path):
+@pytest.mark.parametrize("mode", ["controlnet", "light"])
+def test_each_mode_trains_and_measures_under_bf16_with_gradient_checkpointing(tmp_path, mode):
     """Float32 trained parts next to a bf16 base: the ControlNet's residuals are cast to the UNet's dtype
-    (they were added as float32 ahead of the UNet's bf16 norms). accelerate keeps one mixed precision per
-    process: the run has a process of its own. (Light mode under bf16 was checked by hand: it never failed.)"""
-    mode = "controlnet"
+    (they were added as float32 ahead of the UNet's bf16 norms), the light encoder's features to conv_in's.
+    accelerate keeps one mixed precision per process: each run has a process of its own. (fp16 needs a
+    GPU: on a CPU it is refused before training, as tests/test_run_safety.py checks.)"""
     from safetensors.torch import load_file
 
     out = tmp_path / "run"
@@ -382,3 +418,49 @@ def test_controlnet_mode_trains_and_measures_under_bf16_with_gradient_checkpoint
     assert done.returncode == 0, done.stderr[-2000:]
     assert all(t.dtype == torch.float32 for t in load_file(out / "boft_weights.safetensors").values())
     assert json.loads((out / "metrics.json").read_text())["after"]["control_edge_f1"] is not None
+
+
+def test_inspect_says_what_control_an_adapter_has(light_run, controlnet_run):
+    from boft_diffusion.commands.inspect import format_report, inspect_adapter
+
+    light = inspect_adapter(light_run[1])
+    assert light["control"]["mode"] == "light" and light["control"]["downsample"] == 4
+    assert "Control: light encoder" in format_report(light) and "--control IMAGE" in format_report(light)
+    net = inspect_adapter(controlnet_run[1])
+    assert net["control"]["controlnet"] == "from_unet"
+    assert "ControlNetModel initialised from the UNet" in format_report(net)
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [{"control": "not json"}, {"control": '{"mode": "sketch"}'}, {"control": '{"mode": "light"}'},
+     {"control": '{"mode": "light"}', "light_control": '{"embedding_channels": 0}'}],
+)  # fmt: skip
+def test_inspect_refuses_malformed_control_metadata(metadata):
+    from boft_diffusion.commands.inspect import control_info
+    from boft_diffusion.io import AdapterFormatError
+
+    assert control_info({}, "a.safetensors") is None
+    with pytest.raises(AdapterFormatError, match="a.safetensors: invalid control metadata"):
+        control_info(metadata, "a.safetensors")
+
+
+def test_the_comparison_script_trains_a_peft_lora_row_at_a_matched_budget(tmp_path):
+    """scripts/compare_control.py's LoRA row: the same recipe with PEFT LoRA on the ControlNet projections,
+    at the rank whose factors come closest to the budget; its factors and the full parts train."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_control", REPO / "scripts" / "compare_control.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    row = script.train_one(
+        script.LORA, [*QUICK, "train.max_train_steps=2"], tmp_path / "lora", lora_budget=9_664
+    )
+    assert row["method"] == "LoRA (PEFT) r=4" and row["adapter_parameters"] == 9_728  # 4 * sum(in + out)
+    assert row["after"]["control_edge_f1"] is not None
+    boft = script.train_one(
+        "BOFT", [*QUICK, "train.max_train_steps=2", "boft.block_size=8", "boft.block_num=0"], tmp_path / "b"
+    )
+    assert (
+        boft["adapter_parameters"] == 9_664
+    )  # the budget above: full parts (frozen originals aside) excluded

@@ -12,6 +12,10 @@ scales and any trained biases or modules); file size; and per layer:
   ``0°`` is the identity (an untrained adapter); ``180°`` is the Cayley transform's limit;
 - the range of the output scale ``s``.
 
+An adapter trained for controllable generation also says what its control is: a light encoder (its
+widths and the size it works at) or a ControlNet (rebuilt from the UNet or loaded from where), and how
+to sample with it.
+
 A broken adapter is refused, not reported: a tensor holding NaN or inf, or ``boft_config`` metadata
 that does not parse (malformed, wrongly typed, nested too deeply), is one ``error:`` line naming the
 file (and the first non-finite tensor) with exit code 2, since its statistics would mean nothing.
@@ -157,8 +161,49 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
         "trainable_parameters": sum(c["trainable_parameters"] for c in components.values()),
         "max_orthogonality_error": worst[0],
         "max_orthogonality_error_layer": worst[1],
+        "control": control_info(adapter.metadata, adapter.source),
         "components": components,
     }
+
+
+def control_info(metadata: dict[str, str], source: str) -> dict[str, Any] | None:
+    """What the adapter's control metadata says (``None``: not a control adapter); malformed is an error."""
+    from ..control import CONTROL_METADATA, LIGHT_CONTROL_METADATA, LightControlConfig
+    from ..io import AdapterFormatError
+
+    if CONTROL_METADATA not in metadata and LIGHT_CONTROL_METADATA not in metadata:
+        return None
+    try:
+        info = json.loads(metadata.get(CONTROL_METADATA, '{"mode": "light"}'))
+        if not isinstance(info, dict) or info.get("mode") not in ("light", "controlnet"):
+            raise ValueError(f"{CONTROL_METADATA!r} must be an object with mode light or controlnet")
+        if info["mode"] == "light":
+            raw = metadata.get(LIGHT_CONTROL_METADATA)
+            if raw is None:
+                raise ValueError(f"no {LIGHT_CONTROL_METADATA!r} metadata describes its encoder")
+            config = LightControlConfig.from_dict(json.loads(raw))
+            info = {**info, "encoder": config.to_dict(), "downsample": config.downsample}
+    except (ValueError, TypeError, RecursionError) as err:
+        raise AdapterFormatError(f"{source}: invalid control metadata ({err})") from None
+    return info
+
+
+def _control_line(info: dict[str, Any]) -> str:
+    if info["mode"] == "light":
+        enc = info["encoder"]
+        what = (
+            f"light encoder (ControlNetConditioningEmbedding, widths {enc['block_out_channels']}, "
+            f"{enc['conditioning_channels']}-channel control image at {info['downsample']}x the latent size, "
+            f"adds {enc['embedding_channels']} channels to the UNet's conv_in output)"
+        )
+    else:
+        source = info.get("controlnet", "from_unet")
+        made = "initialised from the UNet" if source == "from_unet" else f"from {source}"
+        what = (
+            f"ControlNetModel {made}, condition embedding widths "
+            f"{info.get('conditioning_embedding_out_channels')}, conditioning scale {info.get('conditioning_scale', 1.0)}"
+        )
+    return f"Control: {what}; sample with `boft-diffusion sample --control IMAGE`"
 
 
 def _size(num_bytes: int) -> str:
@@ -189,6 +234,8 @@ def format_report(report: dict[str, Any]) -> str:
             f"{info['trainable_parameters']:,d} trainable parameters"
             + (f" ({stored:,d} stored in the file)" if stored != info["trainable_parameters"] else "")
         )
+    if report.get("control"):
+        lines.append(_control_line(report["control"]))
     lines.append(f"Total trainable parameters: {report['trainable_parameters']:,d}")
     lines.append(
         f"Largest orthogonality error max|R R^T - I|: {report['max_orthogonality_error']:.2e}"

@@ -43,6 +43,7 @@ from ..control import (
     LightControl,
     add_light_control,
     sample_with_control,
+    save_light_control,
 )
 from ..data import (
     ControlColumns,
@@ -267,7 +268,7 @@ class ControlNetConfig:
     optim: OptimArgs = field(default_factory=lambda: OptimArgs(learning_rate=1e-3))
     train: TrainArgs = field(
         default_factory=lambda: TrainArgs(
-            output_dir="outputs/controlnet-tiny", train_batch_size=4, max_train_steps=500
+            output_dir="outputs/controlnet-tiny", train_batch_size=4, max_train_steps=500, snr_gamma=1.0
         )
     )
     validation: ControlValidationArgs = field(default_factory=ControlValidationArgs)
@@ -599,7 +600,8 @@ class ControlNetRecipe(TrainingRecipe):
 
     def _export_merged(self, folder: Path) -> None:
         """Merged, stock folders: ``merged/controlnet`` (controlnet mode: the ControlNet with BOFT folded in,
-        for ``ControlNetModel.from_pretrained``) and ``merged/pipeline`` (when the UNet was adapted)."""
+        for ``ControlNetModel.from_pretrained``) and ``merged/pipeline`` (when the UNet was adapted); light
+        mode adds ``merged/control_encoder``, the trained encoder alone (``load_light_control``)."""
         from ..atomic import staged_dir
         from ..export import export_merged
         from ..inject import merge_adapters, remove_boft
@@ -612,6 +614,8 @@ class ControlNetRecipe(TrainingRecipe):
                 merged.save_pretrained(tmp)
         if "unet" in self.components:
             export_merged(self.pipe, folder / "pipeline")
+        if self.cfg.control.mode == "light":
+            save_light_control(self.pipe.control_encoder, folder / "control_encoder")
 
 
 def _check_controlnet_source(source: str) -> None:

@@ -449,7 +449,7 @@ class TrainingRecipe:
         self.setup()
         accelerator = self.accelerator
         accelerator.print(
-            f"Training {self.trainable_count():,d} BOFT parameters for {self.plan.max_train_steps} steps"
+            f"Training {self.trainable_count():,d} parameters for {self.plan.max_train_steps} steps"
         )
         start = time.perf_counter()
         self.measure_run("before")
