@@ -139,7 +139,7 @@ def test_gradients_flow_through_structured_path():
     assert packed.grad is not None and torch.isfinite(packed.grad).all() and packed.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("rows", [5, 30])
+@pytest.mark.parametrize("rows", [5, 12])
 @pytest.mark.parametrize(("dim", "b", "m"), [(16, 4, 1), (16, 4, 2), (32, 4, 3), (24, 2, 3), (48, 6, 2)])
 @pytest.mark.parametrize("transpose", [False, True])
 def test_rotation_gradients_match_finite_differences(dim, b, m, transpose, rows):
