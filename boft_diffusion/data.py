@@ -14,7 +14,7 @@ import json
 import os
 import random
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -261,11 +261,16 @@ def tokenize_prompts(tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
     ).input_ids
 
 
-def collate_dreambooth(examples: list[dict[str, Any]], tokenizer: Any = None) -> dict[str, Any]:
+def collate_dreambooth(
+    examples: list[dict[str, Any]],
+    tokenizer: Any = None,
+    tokenize: Callable[[list[str]], dict[str, torch.Tensor]] | None = None,
+) -> dict[str, Any]:
     """One batch: ``pixel_values`` ``(B, 3, R, R)`` and ``prompts``, instance items first.
 
     With class images the batch is ``2B`` long: the first half instance, the second half class
-    (the loss splits it the same way). With a tokenizer, ``input_ids`` ``(B, L)`` too.
+    (the loss splits it the same way). With a tokenizer, ``input_ids`` ``(B, L)`` too; with
+    ``tokenize`` (a model family's, e.g. two tokenizers for SDXL), every entry it returns.
     """
     pixels = [e["instance_pixel_values"] for e in examples]
     prompts = [e["instance_prompt"] for e in examples]
@@ -275,6 +280,8 @@ def collate_dreambooth(examples: list[dict[str, Any]], tokenizer: Any = None) ->
     batch = {"pixel_values": torch.stack(pixels).contiguous(), "prompts": prompts}
     if tokenizer is not None:
         batch["input_ids"] = tokenize_prompts(tokenizer, prompts)
+    if tokenize is not None:
+        batch.update(tokenize(prompts))
     return batch
 
 

@@ -18,6 +18,11 @@ the package (``weights/tiny_world.safetensors``, ~3.5 MB), made by ``scripts/pre
 seed on two CPU cores. Prompted with a world caption ("a photo of a small red circle on a striped blue
 background"), it draws that scene. ``weights="random"`` builds the same architecture randomly
 initialised from a seed, for tests that only need shapes.
+
+Other families. :func:`build_tiny_sdxl_pipeline`, :func:`build_tiny_sd3_pipeline` and
+:func:`build_tiny_flux_pipeline` build stock ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``
+and ``FluxPipeline`` objects with tiny configs and random weights from a seed (no pretrained weights),
+the T5 encoders of SD3 and Flux with the T5-style Unigram tokenizer of :func:`build_tiny_t5_tokenizer`.
 """
 
 from __future__ import annotations
@@ -36,12 +41,27 @@ from diffusers import (
     AutoencoderKL,
     ControlNetModel,
     DDIMScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
 
 from .atomic import atomic_file, staged_dir
 
@@ -50,7 +70,11 @@ __all__ = [
     "TINY_INSTANCE_PROMPT",
     "TINY_RESOLUTION",
     "build_tiny_controlnet",
+    "build_tiny_flux_pipeline",
     "build_tiny_pipeline",
+    "build_tiny_sd3_pipeline",
+    "build_tiny_sdxl_pipeline",
+    "build_tiny_t5_tokenizer",
     "build_tiny_tokenizer",
     "load_world_weights",
     "make_instance_images",
@@ -504,3 +528,316 @@ def make_instance_images(
             Image.fromarray(render(scene, resolution)[0], mode="RGB").save(tmp, format="PNG")
         paths.append(path)
     return paths
+
+
+# --- Other model families: SDXL, SD3 and Flux, as stock diffusers pipelines with tiny random weights ---
+#
+# Shapes at the native TINY_RESOLUTION (64 px), all VAEs downsampling by 4 (three stages):
+#
+#   SDXL  latents (B, 4, 16, 16);  UNet cross-attention on CLIP-1 (32) ++ CLIP-2 (64) = (B, 77, 96),
+#         added conditioning: CLIP-2 pooled projection (B, 64) ++ 6 time ids x 8 = 112 features
+#   SD3   latents (B, 16, 16, 16) -> 2x2 patches (B, 64, 64);  joint attention with context
+#         [CLIP-1 ++ CLIP-2 (96) zero-padded to T5's 128 (B, 77, 128) ; T5 (B, S, 128)],
+#         pooled CLIP-1 ++ CLIP-2 projections (B, 96)
+#   Flux  latents (B, 16, 16, 16) packed 2x2 -> (B, 64, 64);  joint attention with T5 (B, S, 128),
+#         pooled CLIP-1 (B, 32), guidance embedding
+#
+# S is the pipeline's ``max_sequence_length`` (T5 has relative positions, so any length works).
+
+TINY_T5_MAX_TOKENS = 64
+"""``model_max_length`` of the T5-style tokenizer (pipelines pad to their ``max_sequence_length``)."""
+T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
+_T5_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"()-_/&+"
+
+TINY_TEXT_CONFIG_2: dict = dict(
+    hidden_size=64,
+    intermediate_size=64,
+    projection_dim=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=MAX_TOKENS,
+)
+"""The second, wider CLIP text encoder (SDXL's and SD3's ``text_encoder_2``, the OpenCLIP-G slot)."""
+
+TINY_T5_CONFIG: dict = dict(
+    d_model=128,
+    d_kv=32,
+    d_ff=128,
+    num_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=32,
+    feed_forward_proj="gated-gelu",  # T5 v1.1, as the T5-XXL encoder of SD3 and Flux
+    dropout_rate=0.0,
+)
+"""The tiny ``T5Config`` shape (vocabulary and special tokens come from the T5-style tokenizer)."""
+
+TINY_SDXL_UNET_CONFIG: dict = dict(
+    sample_size=TINY_RESOLUTION // 4,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    # SDXL's layout: no attention in the first (widest-resolution) block, more transformer layers deeper.
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2),
+    attention_head_dim=(2, 4),  # diffusers' name for the number of heads: 16-channel heads at width 64
+    use_linear_projection=True,
+    cross_attention_dim=TINY_TEXT_CONFIG["hidden_size"] + TINY_TEXT_CONFIG_2["hidden_size"],
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=TINY_TEXT_CONFIG_2["projection_dim"] + 6 * 8,
+    norm_num_groups=8,
+)
+"""The tiny SDXL-shaped ``UNet2DConditionModel`` config."""
+
+TINY_SD3_TRANSFORMER_CONFIG: dict = dict(
+    sample_size=TINY_RESOLUTION // 4,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=4,
+    caption_projection_dim=64,  # must equal num_attention_heads * attention_head_dim
+    joint_attention_dim=TINY_T5_CONFIG["d_model"],
+    pooled_projection_dim=TINY_TEXT_CONFIG["projection_dim"] + TINY_TEXT_CONFIG_2["projection_dim"],
+    pos_embed_max_size=32,  # latents up to 64 x 64, images up to 256 px
+)
+"""The tiny ``SD3Transformer2DModel`` config."""
+
+TINY_FLUX_TRANSFORMER_CONFIG: dict = dict(
+    patch_size=1,
+    in_channels=4 * 16,  # 16 latent channels packed 2x2
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=4,
+    joint_attention_dim=TINY_T5_CONFIG["d_model"],
+    pooled_projection_dim=TINY_TEXT_CONFIG["hidden_size"],  # CLIPTextModel's pooler output
+    guidance_embeds=True,
+    axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+)
+"""The tiny ``FluxTransformer2DModel`` config."""
+
+
+def _t5_vocab() -> list[tuple[str, float]]:
+    """Unigram pieces in T5's order (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2), scored by log frequency.
+
+    Every corpus word is one ``▁word`` piece; ``▁`` and single characters (score -20, below any word)
+    spell out the rest.
+    """
+    import math
+
+    words = Counter(re.findall(r"[a-z]+", _CORPUS.lower()))
+    total = sum(words.values())
+    pieces = [(T5_PAD, 0.0), (T5_EOS, 0.0), (T5_UNK, 0.0), ("▁", -10.0)]
+    pieces += [
+        ("▁" + w, math.log(c / total)) for w, c in sorted(words.items(), key=lambda wc: (-wc[1], wc[0]))
+    ]
+    pieces += [(ch, -20.0) for ch in _T5_CHARS]
+    return pieces
+
+
+def build_tiny_t5_tokenizer() -> T5Tokenizer:
+    """A T5-style Unigram tokenizer (~300 pieces) built from code: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2.
+
+    Like T5's SentencePiece tokenizer it splits on whitespace with ``▁`` word-start markers and appends
+    ``</s>``; corpus words are single pieces, other words are spelled by characters. ``tok(prompts,
+    padding="max_length", max_length=S, truncation=True)`` gives ids of shape ``(B, S)``: pieces,
+    ``</s>``, then ``<pad>`` (0). No sentinel ``<extra_id_*>`` tokens (only the encoder is used).
+    """
+    return T5Tokenizer(
+        vocab=_t5_vocab(),
+        eos_token=T5_EOS,
+        unk_token=T5_UNK,
+        pad_token=T5_PAD,
+        extra_ids=0,
+        model_max_length=TINY_T5_MAX_TOKENS,
+    )
+
+
+def _tiny_clip(tokenizer: CLIPTokenizer, shape: dict, with_projection: bool) -> CLIPTextModel:
+    """A CLIP text encoder of ``shape``: ids (B, 77) -> hidden states (B, 77, hidden_size), SDPA attention;
+    ``with_projection`` gives ``CLIPTextModelWithProjection`` (pooled ``text_embeds`` (B, projection_dim)).
+    """
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        **shape,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        attn_implementation="sdpa",
+    )
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def _tiny_t5(tokenizer: T5Tokenizer) -> T5EncoderModel:
+    """Two-layer T5 v1.1 encoder: ids (B, S) -> last hidden state (B, S, 128)."""
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        **TINY_T5_CONFIG,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    return T5EncoderModel(config)
+
+
+def _tiny_flow_vae(scaling_factor: float, shift_factor: float) -> AutoencoderKL:
+    """SD3/Flux-style VAE, 16 latent channels and no quant convs: images (B, 3, H, W) <-> (B, 16, H/4, W/4).
+
+    Both pipelines decode ``latents / scaling_factor + shift_factor``; the factors are the real models'.
+    """
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=8,
+        sample_size=TINY_RESOLUTION,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def _seeded(seed: int, make):
+    """``make()`` under a forked CPU RNG seeded with ``seed``; the global RNG is left untouched."""
+    with _SEEDED_INIT, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make()
+
+
+def _finish(pipe, *modules):
+    """Put ``modules`` in eval mode (as ``from_pretrained`` returns them) and silence the progress bar."""
+    for module in modules:
+        module.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """A tiny randomly initialised Stable Diffusion XL pipeline, deterministic from ``seed``.
+
+    Components as SDXL: an SDXL-shaped UNet (``addition_embed_type="text_time"``), ``CLIPTextModel`` (32)
+    and ``CLIPTextModelWithProjection`` (64) with the tiny CLIP tokenizer each, the tiny SD VAE
+    (latents (B, 4, H/4, W/4)), Euler with SD's beta schedule. Text: (B, 77, 32) ++ (B, 77, 64) ->
+    cross-attention states (B, 77, 96); pooled (B, 64) ++ 6 time ids x 8 -> the added embedding (112).
+    The global torch RNG is left untouched; native size ``TINY_RESOLUTION``, any multiple of 8 px works.
+    """
+    tokenizer, tokenizer_2 = build_tiny_tokenizer(), build_tiny_tokenizer()
+    unet, vae, text_encoder, text_encoder_2 = _seeded(
+        seed,
+        lambda: (
+            UNet2DConditionModel(**TINY_SDXL_UNET_CONFIG),
+            _tiny_vae(),
+            _tiny_clip(tokenizer, TINY_TEXT_CONFIG, with_projection=False),
+            _tiny_clip(tokenizer_2, TINY_TEXT_CONFIG_2, with_projection=True),
+        ),
+    )
+    unet.set_attn_processor(AttnProcessor2_0())
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+    return _finish(pipe, unet, vae, text_encoder, text_encoder_2)
+
+
+def build_tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
+    """A tiny randomly initialised Stable Diffusion 3 pipeline, deterministic from ``seed``.
+
+    Components as SD3: an MMDiT ``SD3Transformer2DModel`` (2 joint blocks, 4 heads of 16, 2x2 patches),
+    two ``CLIPTextModelWithProjection`` (32 and 64) with the tiny CLIP tokenizer, a T5 v1.1 encoder (128)
+    with the T5-style tokenizer, a 16-channel VAE (latents (B, 16, H/4, W/4), SD3's scaling and shift),
+    flow-matching Euler with SD3's shift 3. The context is CLIP (B, 77, 96) zero-padded to (B, 77, 128)
+    followed by T5 (B, max_sequence_length, 128); the pooled vector is (B, 32 + 64).
+    The global torch RNG is left untouched; image sides must be multiples of 8 px (VAE 4 x patch 2).
+    """
+    tokenizer, tokenizer_2, tokenizer_3 = (
+        build_tiny_tokenizer(),
+        build_tiny_tokenizer(),
+        build_tiny_t5_tokenizer(),
+    )
+    transformer, vae, text_encoder, text_encoder_2, text_encoder_3 = _seeded(
+        seed,
+        lambda: (
+            SD3Transformer2DModel(**TINY_SD3_TRANSFORMER_CONFIG),
+            _tiny_flow_vae(scaling_factor=1.5305, shift_factor=0.0609),
+            _tiny_clip(tokenizer, TINY_TEXT_CONFIG, with_projection=True),
+            _tiny_clip(tokenizer_2, TINY_TEXT_CONFIG_2, with_projection=True),
+            _tiny_t5(tokenizer_3),
+        ),
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+    return _finish(pipe, transformer, vae, text_encoder, text_encoder_2, text_encoder_3)
+
+
+def build_tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
+    """A tiny randomly initialised Flux pipeline (guidance-distilled, like FLUX.1-dev), deterministic from ``seed``.
+
+    Components as Flux: a ``FluxTransformer2DModel`` (1 double + 1 single block, 4 heads of 16, RoPE axes
+    4 + 6 + 6), ``CLIPTextModel`` (32, pooled output only) with the tiny CLIP tokenizer, a T5 v1.1 encoder
+    (128) with the T5-style tokenizer, a 16-channel VAE (latents (B, 16, H/4, W/4), Flux's scaling and
+    shift) whose latents the pipeline packs 2x2 into tokens (B, H/8 * W/8, 64), flow-matching Euler with
+    Flux's resolution-dependent shift. The global torch RNG is left untouched; image sides must be
+    multiples of 8 px.
+    """
+    tokenizer, tokenizer_2 = build_tiny_tokenizer(), build_tiny_t5_tokenizer()
+    transformer, vae, text_encoder, text_encoder_2 = _seeded(
+        seed,
+        lambda: (
+            FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER_CONFIG),
+            _tiny_flow_vae(scaling_factor=0.3611, shift_factor=0.1159),
+            _tiny_clip(tokenizer, TINY_TEXT_CONFIG, with_projection=False),
+            _tiny_t5(tokenizer_2),
+        ),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    return _finish(pipe, transformer, vae, text_encoder, text_encoder_2)

@@ -27,6 +27,7 @@ from ..control import (
     light_control,
     remove_light_control,
 )
+from ..families import UnsupportedFamilyError, family_of, get_family
 from ..inject import AdapterPlan, adapter_configs, adapter_state_dict, check_adapter_state_dict, plan_adapter
 from ..pipeline import apply_adapter_plans, pipeline_components
 from .format import AdapterFile, AdapterFormatError, write_adapter
@@ -94,6 +95,7 @@ def load_boft_weights(
     """
     adapter = read_adapter(path_or_state_dict)
     name = adapter_name or adapter.adapter_name
+    _check_family(pipe, adapter)
     control = _new_light_control(pipe, adapter)
     controlnet = _new_controlnet(pipe, adapter)
     extra = {CONTROL_COMPONENT: control} if control is not None else {}
@@ -113,6 +115,31 @@ def load_boft_weights(
             delattr(pipe, "controlnet")
         raise
     return name
+
+
+FAMILY_METADATA = "family"
+"""Adapter metadata key: the model family (:mod:`boft_diffusion.families`) the adapter was trained on."""
+
+
+def _check_family(pipe: Any, adapter: AdapterFile) -> None:
+    """An adapter that records its family loads only into a pipeline of that family (files without the key,
+    older or from PEFT, are checked by their components and shapes alone)."""
+    recorded = adapter.metadata.get(FAMILY_METADATA)
+    if not recorded:
+        return
+    try:
+        trained_on = get_family(recorded)
+    except UnsupportedFamilyError as err:
+        raise AdapterFormatError(f"{adapter.source}: {err}") from None
+    try:
+        pipe_family = family_of(pipe)
+    except UnsupportedFamilyError:
+        return  # a bare {component: module} mapping: its components and shapes are checked below
+    if trained_on is not pipe_family:
+        raise AdapterFormatError(
+            f"{adapter.source}: the adapter was trained on a {trained_on.title} ({trained_on.name}) pipeline; "
+            f"this pipeline ({type(pipe).__name__}) is {pipe_family.title} ({pipe_family.name})"
+        )
 
 
 def _new_controlnet(pipe: Any, adapter: AdapterFile) -> torch.nn.Module | None:

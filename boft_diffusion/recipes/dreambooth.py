@@ -329,17 +329,18 @@ class DreamBoothRecipe(TrainingRecipe):
 
     def _plan_adapters(self) -> dict[str, Any]:
         """The BOFT adapter of each trained component, checked against it (nothing is changed yet)."""
-        boft, pipe = self.cfg.boft, self.pipe
-        targets = {"unet": boft.unet_target_modules}
-        if boft.train_text_encoder:
-            targets["text_encoder"] = boft.text_encoder_target_modules
+        boft, pipe, family = self.cfg.boft, self.pipe, self.family
+        targets = {family.denoiser: boft.unet_target_modules}
+        if boft.train_text_encoder:  # every text encoder of the family (SDXL: both CLIPs)
+            targets |= {name: boft.text_encoder_target_modules for name in family.text_encoders}
         plans = {}
         for name, modules in targets.items():
             try:
                 plans[name] = plan_adapter(getattr(pipe, name), boft.to_config(modules), boft.adapter_name)
             except ValueError as err:  # a layout that does not fit a targeted layer: bad input, not a bug
+                key = "unet" if name == family.denoiser else "text_encoder"
                 raise ConfigError(
-                    f"boft.{name}_target_modules on the {name}: {err}. Choose boft.block_num / "
+                    f"boft.{key}_target_modules on the {name}: {err}. Choose boft.block_num / "
                     "boft.block_size to fit every targeted layer's input width, or target fewer modules"
                 ) from None
         return plans
@@ -360,11 +361,18 @@ class DreamBoothRecipe(TrainingRecipe):
             dataset,
             batch_size=t.train_batch_size,
             sampler=sampler,
-            collate_fn=partial(collate_dreambooth, tokenizer=self.pipe.tokenizer),
+            collate_fn=partial(
+                collate_dreambooth, tokenize=partial(self.family.tokenize, self._tokenizers())
+            ),
             num_workers=t.dataloader_num_workers,
             generator=torch.Generator().manual_seed(t.seed),  # keeps loader seeding off the global RNG
         )
         return loader, [sampler, dataset]
+
+    def _tokenizers(self) -> dict[str, Any]:
+        """The family's tokenizers by component name (what the data loader's workers need, not the pipeline)."""
+        names = [n.replace("text_encoder", "tokenizer") for n in self.family.text_encoders]
+        return {n: getattr(self.pipe, n) for n in names}
 
     # --- train -----------------------------------------------------------------------------------
     def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -375,12 +383,14 @@ class DreamBoothRecipe(TrainingRecipe):
         noise = sample_noise(latents, cfg.train.noise_offset)
         timesteps = sample_timesteps(scheduler, latents.shape[0], latents.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        text_encoder = (
-            self.prepared("text_encoder") if cfg.boft.train_text_encoder else self.pipe.text_encoder
-        )
+        family = self.family
+        encoders = {
+            name: self.prepared(name) if name in self.components else getattr(self.pipe, name)
+            for name in family.text_encoders
+        }
         with torch.set_grad_enabled(cfg.boft.train_text_encoder):
-            hidden = text_encoder(batch["input_ids"].to(latents.device), return_dict=False)[0]
-        pred = self.prepared("unet")(noisy, timesteps, hidden, return_dict=False)[0]
+            conditioning = family.encode_prompt(encoders, batch, latents.device)
+        pred = family.denoise(self.prepared(family.denoiser), noisy, timesteps, conditioning)
         target = prediction_target(scheduler, latents, noise, timesteps)
         weights = snr_loss_weights(scheduler, timesteps, cfg.train.snr_gamma) if cfg.train.snr_gamma else None
         if not cfg.data.with_prior_preservation:

@@ -78,7 +78,8 @@ class ModelArgs:
     """The base pipeline to finetune."""
 
     pretrained_model_name_or_path: str | None = None
-    """Local diffusers folder or hub id of a Stable Diffusion 1.x/2.x pipeline; null: the embedded tiny pipeline."""
+    """Local diffusers folder or hub id of a pipeline of a supported family (SD 1.x/2.x, SDXL); null: the embedded
+    tiny pipeline."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of the base model."""
     variant: str | None = None
@@ -90,9 +91,20 @@ class ModelArgs:
     the procedural world, shipped in the package) or random (initialised from tiny_seed; learns nothing real)."""
     tiny_seed: int = 0
     """Seed of the random tiny pipeline (tiny_weights=random) and of the generated instance images."""
+    tiny_family: Literal["sd", "sdxl"] = "sd"
+    """Model family of the embedded tiny pipeline: sd (Stable Diffusion 1.x shape; world or random weights) or
+    sdxl (SDXL shape: two text encoders, text-time conditioning; random weights only)."""
 
     def __post_init__(self) -> None:
         _check_seed("model.tiny_seed", self.tiny_seed)
+        _require(self.tiny_family in ("sd", "sdxl"), "model.tiny_family", "sd or sdxl", self.tiny_family)
+        if self.pretrained_model_name_or_path is None and self.tiny_family != "sd":
+            _require(
+                self.tiny_weights == "random",
+                "model.tiny_weights",
+                f"random for model.tiny_family={self.tiny_family} (only the sd-shaped tiny pipeline has world weights)",
+                self.tiny_weights,
+            )
         _require(
             self.tiny_weights in ("world", "random"),
             "model.tiny_weights",
@@ -115,7 +127,8 @@ class ModelArgs:
             return self.pretrained_model_name_or_path
         if self.tiny_weights == "world":
             return "boft_diffusion.tiny (world)"
-        return f"boft_diffusion.tiny (random, seed {self.tiny_seed})"
+        family = "" if self.tiny_family == "sd" else f"{self.tiny_family}, "
+        return f"boft_diffusion.tiny ({family}random, seed {self.tiny_seed})"
 
 
 @dataclass

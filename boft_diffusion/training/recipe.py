@@ -31,6 +31,7 @@ from diffusers import DDPMScheduler
 from torch import nn
 
 from ..atomic import atomic_file, atomic_write_text
+from ..families import Family, family_of
 from ..inject import adapter_state_dict, count_parameters, set_enabled
 from ..io import ADAPTER_WEIGHTS_NAME, save_boft_weights
 from ..metrics import Measurement, before_after_rows, format_metrics, grid
@@ -217,14 +218,17 @@ class TrainingRecipe:
         """Frozen base in the compute dtype, the recipe's build, optimiser and schedule; resume."""
         cfg, accelerator, t = self.cfg, self.accelerator, self.cfg.train
         dtype = weight_dtype(accelerator)
-        base = [m for m in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder) if m is not None]
+        family = self.family
+        names = (family.denoiser, "vae", *family.text_encoders)
+        base = [m for m in (getattr(self.pipe, n, None) for n in names) if m is not None]
         for module in base:
             module.requires_grad_(False).eval()  # frozen parts never use dropout
         self.base_fingerprint = base_fingerprint(self.pipe)  # as loaded (float32), as eval loads it
         cast_frozen_weights(base, dtype, accelerator.device)
         self.build()
         cast_frozen_weights(self.components.values(), dtype, accelerator.device)  # trained: float32
-        enable_memory_savers(t, self.pipe.unet, self.components.get("text_encoder"))
+        trained_encoders = [self.components[n] for n in family.text_encoders if n in self.components]
+        enable_memory_savers(t, getattr(self.pipe, family.denoiser), *trained_encoders)
         for module in self.components.values():
             module.train()
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
@@ -251,6 +255,11 @@ class TrainingRecipe:
         if self.resume is not None:
             accelerator.print(f"Resuming from {self.resume}")
             load_checkpoint(accelerator, self.resume, self.state)
+
+    @property
+    def family(self) -> Family:
+        """The model family of the loaded pipeline (what its components are and how they are called)."""
+        return family_of(self.pipe)
 
     def prepared(self, name: str) -> nn.Module:
         """The adapted component ``name`` as accelerate prepared it (what the loop must call)."""
@@ -413,6 +422,7 @@ class TrainingRecipe:
                 metadata={
                     "base_model": self.base_model,
                     "base_fingerprint": self.base_fingerprint or "",
+                    "family": self.family.name,
                     **self.adapter_metadata(),
                 },
             )

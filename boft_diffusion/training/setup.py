@@ -233,47 +233,73 @@ def check_resolution(pipe: Any, resolution: int | None, key: str) -> None:
 
 
 def load_pipeline(model: ModelArgs, torch_dtype: torch.dtype | None = None) -> Any:
-    """The base ``StableDiffusionPipeline`` (the embedded tiny one without a model path).
+    """The base pipeline of a supported family (the embedded tiny one without a model path).
 
-    Failures (missing hub access, a folder of another pipeline type) raise :class:`ConfigError`.
+    Failures (missing hub access, a folder of an unsupported pipeline type) raise :class:`ConfigError`.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
+
+    from ..families import UnsupportedFamilyError, family_of
 
     if model.pretrained_model_name_or_path is None:
-        from ..tiny import build_tiny_pipeline
+        from .. import tiny
 
-        pipe = build_tiny_pipeline(
-            model.tiny_seed, prediction_type=model.prediction_type or "epsilon", weights=model.tiny_weights
-        )
+        if model.tiny_family == "sdxl":
+            pipe = tiny.build_tiny_sdxl_pipeline(model.tiny_seed)
+            if model.prediction_type is not None:
+                pipe.scheduler.register_to_config(prediction_type=model.prediction_type)
+        else:
+            pipe = tiny.build_tiny_pipeline(
+                model.tiny_seed,
+                prediction_type=model.prediction_type or "epsilon",
+                weights=model.tiny_weights,
+            )
     else:
         check_model_source(model.pretrained_model_name_or_path)
+        source = model.pretrained_model_name_or_path
+        local = Path(source).expanduser()
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                str(Path(model.pretrained_model_name_or_path).expanduser())
-                if Path(model.pretrained_model_name_or_path).expanduser().exists()
-                else model.pretrained_model_name_or_path,
+            pipe = DiffusionPipeline.from_pretrained(
+                str(local) if local.exists() else source,
                 revision=model.revision,
                 variant=model.variant,
                 torch_dtype=torch_dtype,
-                safety_checker=None,
-                requires_safety_checker=False,
+                **_no_safety_checker(str(local) if local.exists() else None),
             )
         except Exception as err:
-            raise ConfigError(
-                f"Could not load a Stable Diffusion pipeline from {model.pretrained_model_name_or_path!r}: {err}"
-            ) from err
+            raise ConfigError(f"Could not load a Stable Diffusion pipeline from {source!r}: {err}") from err
+        try:
+            family_of(pipe)
+        except UnsupportedFamilyError as err:
+            raise ConfigError(f"model.pretrained_model_name_or_path={source!r}: {err}") from None
         if model.prediction_type is not None:
             pipe.scheduler.register_to_config(prediction_type=model.prediction_type)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def enable_memory_savers(train: TrainArgs, unet: nn.Module, text_encoder: nn.Module | None = None) -> None:
-    """Gradient checkpointing, xformers attention and TF32, as ``train`` asks."""
+def _no_safety_checker(folder: str | None) -> dict[str, Any]:
+    """``safety_checker=None`` for pipelines that have one (SD 1.x/2.x), nothing for those that do not."""
+    if folder is not None:
+        index = Path(folder) / "model_index.json"
+        try:
+            if "safety_checker" not in json.loads(index.read_text()):
+                return {}
+        except (OSError, ValueError):
+            pass
+    return {"safety_checker": None, "requires_safety_checker": False}
+
+
+def enable_memory_savers(train: TrainArgs, unet: nn.Module, *text_encoders: nn.Module | None) -> None:
+    """Gradient checkpointing (the denoiser and the trained text encoders), xformers attention and TF32,
+    as ``train`` asks."""
     if train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if text_encoder is not None:
-            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for text_encoder in text_encoders:
+            if text_encoder is not None:
+                text_encoder.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                )
     if train.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     if train.allow_tf32 and torch.cuda.is_available():

@@ -1,0 +1,48 @@
+"""Model families: what differs between kinds of text-to-image pipeline, one module per family.
+
+A :class:`~boft_diffusion.families.base.Family` says, for its pipelines, which components there are
+and which of them BOFT targets by default, how prompts become token ids and then the denoiser's
+conditioning, how the denoiser is called, what it is trained to predict, and which stock pipeline
+class samples from it. Recipes, the pipeline verbs and the adapter file ask the family
+(:func:`family_of`); nothing else branches on the kind of model. Adding a family is one module here
+and one line in :data:`FAMILIES`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Family, UnsupportedFamilyError
+from .sd import SD
+from .sdxl import SDXL
+
+__all__ = ["FAMILIES", "SD", "SDXL", "Family", "UnsupportedFamilyError", "family_of", "get_family"]
+
+FAMILIES: dict[str, Family] = {family.name: family for family in (SD, SDXL)}
+"""Every supported family by name, in the order :func:`family_of` tries them."""
+
+
+def _supported() -> str:
+    return ", ".join(f"{f.name} ({f.title}: {', '.join(f.pipeline_classes)})" for f in FAMILIES.values())
+
+
+def get_family(name: str) -> Family:
+    """The family called ``name``; an unknown name is an :class:`UnsupportedFamilyError` listing them."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise UnsupportedFamilyError(f"unknown model family {name!r}; supported: {_supported()}") from None
+
+
+def family_of(pipe: Any) -> Family:
+    """The family of a pipeline (or of a ``{component: module}`` mapping), from its components.
+
+    A pipeline of no supported family is an :class:`UnsupportedFamilyError` naming its class and
+    listing the supported families with their pipeline classes.
+    """
+    for family in reversed(FAMILIES.values()):  # the most specific first: SDXL pipelines are also SD-like
+        if family.matches(pipe):
+            return family
+    raise UnsupportedFamilyError(
+        f"{type(pipe).__name__} is not a pipeline of a supported model family; supported: {_supported()}"
+    )

@@ -1,0 +1,130 @@
+"""The family layer: which family a pipeline is, how each encodes prompts and calls its denoiser, and
+DreamBooth, adapter files, merge and export on every family through it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from boft_diffusion.config import BOFTConfig
+from boft_diffusion.families import FAMILIES, SD, SDXL, UnsupportedFamilyError, family_of, get_family
+from boft_diffusion.io import AdapterFormatError, load_boft_weights, read_adapter, save_boft_weights
+from boft_diffusion.pipeline import add_boft_to_pipeline, merge_boft
+from boft_diffusion.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
+
+QUICK = [
+    "train.max_train_steps=2",
+    "train.checkpointing_steps=0",
+    "validation.validation_steps=0",
+    "validation.num_inference_steps=2",
+    "validation.num_images_per_prompt=1",
+    "data.num_generated_images=2",
+    "data.with_prior_preservation=false",
+    "metrics.scorer=none",
+    "train.report_to=none",
+]
+
+
+def _images(pipe, prompt="a photo of sks toy", seed=0) -> np.ndarray:
+    return pipe(
+        [prompt], num_inference_steps=2, generator=torch.Generator().manual_seed(seed), height=64, width=64,
+        output_type="np",
+    ).images  # fmt: skip
+
+
+def test_each_tiny_pipeline_is_of_its_family_and_unknown_ones_are_named():
+    assert family_of(build_tiny_pipeline(weights="random")) is SD
+    assert family_of(build_tiny_sdxl_pipeline()) is SDXL
+    assert get_family("sdxl") is SDXL and set(FAMILIES) >= {"sd", "sdxl"}
+    with pytest.raises(
+        UnsupportedFamilyError, match=r"object is not a pipeline .* sd \(Stable Diffusion 1.x/2.x"
+    ):
+        family_of(object())
+    with pytest.raises(UnsupportedFamilyError, match="unknown model family 'flux3'; supported: sd"):
+        get_family("flux3")
+
+
+def test_sd_conditioning_and_denoiser_call_are_the_pipelines():
+    pipe = build_tiny_pipeline(weights="random")
+    batch = SD.tokenize(pipe, ["a photo of sks toy"])
+    cond = SD.encode_prompt({"text_encoder": pipe.text_encoder}, batch, "cpu")
+    expected = pipe.encode_prompt("a photo of sks toy", "cpu", 1, False)[0]
+    torch.testing.assert_close(cond["encoder_hidden_states"], expected, rtol=0, atol=0)
+    latents, t = torch.randn(1, 4, 16, 16), torch.tensor([10])
+    direct = pipe.unet(latents, t, expected).sample
+    torch.testing.assert_close(SD.denoise(pipe.unet, latents, t, cond), direct, rtol=0, atol=0)
+
+
+def test_sdxl_conditioning_is_the_stock_pipelines():
+    """Two encoders' penultimate states concatenated, the second's pooled projection, the size time ids:
+    what StableDiffusionXLPipeline.encode_prompt and _get_add_time_ids give."""
+    pipe = build_tiny_sdxl_pipeline()
+    batch = {**SDXL.tokenize(pipe, ["a photo of sks toy"]), "pixel_values": torch.zeros(1, 3, 64, 64)}
+    encoders = {"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+    cond = SDXL.encode_prompt(encoders, batch, "cpu")
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        "a photo of sks toy", device="cpu", do_classifier_free_guidance=False
+    )
+    torch.testing.assert_close(cond["encoder_hidden_states"], embeds, rtol=0, atol=0)
+    torch.testing.assert_close(cond["added_cond_kwargs"]["text_embeds"], pooled, rtol=0, atol=0)
+    projection_dim = pipe.text_encoder_2.config.projection_dim
+    stock = pipe._get_add_time_ids((64, 64), (0, 0), (64, 64), torch.float32, projection_dim)
+    torch.testing.assert_close(cond["added_cond_kwargs"]["time_ids"], stock, rtol=0, atol=0)
+
+
+def test_an_adapter_of_one_family_is_refused_by_another_naming_both(tmp_path):
+    sd = build_tiny_pipeline(weights="random")
+    add_boft_to_pipeline(sd, {"unet": BOFTConfig(boft_block_size=0, boft_block_num=4, target_modules=["to_q"])})
+    save_boft_weights(sd, tmp_path / "a", metadata={"family": "sd"})
+    sdxl = build_tiny_sdxl_pipeline()
+    before = {k: v.clone() for k, v in sdxl.unet.state_dict().items()}
+    with pytest.raises(
+        AdapterFormatError,
+        match=r"trained on a Stable Diffusion 1.x/2.x \(sd\).*Stable Diffusion XL \(sdxl\)",
+    ):
+        load_boft_weights(sdxl, tmp_path / "a")
+    assert all(torch.equal(v, sdxl.unet.state_dict()[k]) for k, v in before.items())
+    save_boft_weights(sd, tmp_path / "b", metadata={"family": "flux3"})
+    with pytest.raises(AdapterFormatError, match="unknown model family 'flux3'"):
+        load_boft_weights(build_tiny_pipeline(weights="random"), tmp_path / "b")
+
+
+def test_dreambooth_on_tiny_sdxl_trains_saves_reloads_merges_and_exports(tmp_path):
+    """From the CLI: BOFT on the UNet and both text encoders; the adapter records its family, loads into a
+    fresh stock SDXL pipeline with identical samples, merges, and the merged export opens in stock diffusers."""
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "dreambooth",
+        f"train.output_dir={out}",
+        "model.tiny_family=sdxl",
+        "model.tiny_weights=random",
+    ]
+    args += [*QUICK, "train.export_merged=true", "boft.train_text_encoder=true"]
+    done = subprocess.run(
+        [sys.executable, "-m", "boft_diffusion.cli", *args], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    adapter = read_adapter(out)
+    assert adapter.metadata["family"] == "sdxl"
+    assert set(adapter.configs) == {"unet", "text_encoder", "text_encoder_2"}
+    trained = build_tiny_sdxl_pipeline()
+    base = _images(trained)
+    load_boft_weights(trained, out)
+    after = _images(trained)
+    assert not np.array_equal(after, base)
+    fresh = build_tiny_sdxl_pipeline()
+    load_boft_weights(fresh, out)
+    assert np.array_equal(_images(fresh), after)
+    merge_boft(fresh)
+    assert np.abs(_images(fresh) - after).max() < 1e-2
+    from diffusers import StableDiffusionXLPipeline
+
+    exported = StableDiffusionXLPipeline.from_pretrained(Path(out) / "merged")
+    exported.set_progress_bar_config(disable=True)
+    assert np.abs(_images(exported) - after).max() < 1e-2
