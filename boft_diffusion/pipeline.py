@@ -47,7 +47,9 @@ __all__ = [
     "unmerge_boft",
 ]
 
-BOFT_LOADABLE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "controlnet", "control_encoder")
+BOFT_LOADABLE_COMPONENTS = (
+    "unet", "text_encoder", "text_encoder_2", "controlnet", "control_encoder", "transformer", "text_encoder_3",
+)  # fmt: skip
 """Pipeline attributes the BOFT verbs work on (``control_encoder``: :mod:`boft_diffusion.control`'s light encoder)."""
 
 

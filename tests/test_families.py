@@ -3,19 +3,32 @@ DreamBooth, adapter files, merge and export on every family through it."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from boft_diffusion import cli
 from boft_diffusion.config import BOFTConfig
-from boft_diffusion.families import FAMILIES, SD, SDXL, UnsupportedFamilyError, family_of, get_family
+from boft_diffusion.families import (
+    FAMILIES,
+    FLUX,
+    SD,
+    SD3,
+    SDXL,
+    UnsupportedFamilyError,
+    family_of,
+    get_family,
+)
 from boft_diffusion.io import AdapterFormatError, load_boft_weights, read_adapter, save_boft_weights
 from boft_diffusion.pipeline import add_boft_to_pipeline, merge_boft
-from boft_diffusion.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
+from boft_diffusion.tiny import (
+    build_tiny_flux_pipeline,
+    build_tiny_pipeline,
+    build_tiny_sd3_pipeline,
+    build_tiny_sdxl_pipeline,
+)
 
 QUICK = [
     "train.max_train_steps=2",
@@ -40,6 +53,9 @@ def _images(pipe, prompt="a photo of sks toy", seed=0) -> np.ndarray:
 def test_each_tiny_pipeline_is_of_its_family_and_unknown_ones_are_named():
     assert family_of(build_tiny_pipeline(weights="random")) is SD
     assert family_of(build_tiny_sdxl_pipeline()) is SDXL
+    assert family_of(build_tiny_sd3_pipeline()) is SD3 and family_of(build_tiny_flux_pipeline()) is FLUX
+    flux = build_tiny_flux_pipeline()
+    assert family_of({n: getattr(flux, n) for n in FLUX.components}) is FLUX  # a bare component mapping
     assert get_family("sdxl") is SDXL and set(FAMILIES) >= {"sd", "sdxl"}
     with pytest.raises(
         UnsupportedFamilyError, match=r"object is not a pipeline .* sd \(Stable Diffusion 1.x/2.x"
@@ -77,9 +93,73 @@ def test_sdxl_conditioning_is_the_stock_pipelines():
     torch.testing.assert_close(cond["added_cond_kwargs"]["time_ids"], stock, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_transformer_families_condition_and_call_their_denoiser_as_the_stock_pipelines(family):
+    """SD3: both CLIPs' penultimate states padded to T5's width, then T5, pooled CLIP projections; Flux: CLIP
+    pooled, T5 states, packed latents, timestep / 1000 and the guidance embedding, as the pipeline calls it."""
+    build, fam, key = {
+        "sd3": (build_tiny_sd3_pipeline, SD3, "input_ids_3"), "flux": (build_tiny_flux_pipeline, FLUX, "input_ids_2"),
+    }[family]  # fmt: skip
+    pipe = build()
+    batch = fam.tokenize(pipe, ["a photo of sks toy"])
+    cond = fam.encode_prompt({n: getattr(pipe, n) for n in fam.text_encoders}, batch, "cpu")
+    length = batch[key].shape[1]
+    if fam is SD3:
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            "a photo of sks toy", None, None, device="cpu", do_classifier_free_guidance=False,
+            max_sequence_length=length,
+        )  # fmt: skip
+    else:
+        embeds, pooled, _ = pipe.encode_prompt(
+            "a photo of sks toy", None, device="cpu", max_sequence_length=length
+        )
+    torch.testing.assert_close(cond["encoder_hidden_states"], embeds, rtol=0, atol=0)
+    torch.testing.assert_close(cond["pooled_projections"], pooled, rtol=0, atol=0)
+    channels = pipe.transformer.config.in_channels // (4 if fam is FLUX else 1)
+    latents, t = torch.randn(2, channels, 16, 16), torch.tensor([500.0, 20.0])
+    cond2 = {k: v.expand(2, *v.shape[1:]) for k, v in cond.items()}
+    pred = fam.denoise(pipe.transformer, latents, t, cond2, guidance_scale=3.5)
+    assert pred.shape == latents.shape
+    if fam is FLUX:  # the pipeline's own call, packed
+        packed = pipe._pack_latents(latents, 2, channels, 16, 16)
+        ids = pipe._prepare_latent_image_ids(2, 8, 8, "cpu", latents.dtype)
+        stock = pipe.transformer(
+            hidden_states=packed, timestep=t / 1000, guidance=torch.full((2,), 3.5),
+            pooled_projections=cond2["pooled_projections"], encoder_hidden_states=cond2["encoder_hidden_states"],
+            txt_ids=torch.zeros(length, 3), img_ids=ids, return_dict=False,
+        )[0]  # fmt: skip
+        torch.testing.assert_close(
+            pred, pipe._unpack_latents(stock, 64, 64, pipe.vae_scale_factor), rtol=0, atol=0
+        )
+
+
+def test_a_config_key_of_another_family_is_refused_before_anything_is_written(tmp_path, capsys):
+    cases = [
+        (
+            ["model.tiny_family=sd3", "model.tiny_weights=random", "train.snr_gamma=5"],
+            "train.snr_gamma is for DDPM",
+        ),
+        (
+            ["model.tiny_weights=random", "train.weighting_scheme=logit_normal"],
+            "is for flow-matching families",
+        ),
+        (
+            ["model.tiny_weights=random", "boft.transformer_target_modules=[to_q]"],
+            "is for transformer families",
+        ),
+    ]
+    for overrides, message in cases:
+        out = tmp_path / "run"
+        assert cli.main(["train", "dreambooth", f"train.output_dir={out}", *QUICK, *overrides]) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+
+
 def test_an_adapter_of_one_family_is_refused_by_another_naming_both(tmp_path):
     sd = build_tiny_pipeline(weights="random")
-    add_boft_to_pipeline(sd, {"unet": BOFTConfig(boft_block_size=0, boft_block_num=4, target_modules=["to_q"])})
+    add_boft_to_pipeline(
+        sd, {"unet": BOFTConfig(boft_block_size=0, boft_block_num=4, target_modules=["to_q"])}
+    )
     save_boft_weights(sd, tmp_path / "a", metadata={"family": "sd"})
     sdxl = build_tiny_sdxl_pipeline()
     before = {k: v.clone() for k, v in sdxl.unet.state_dict().items()}
@@ -94,37 +174,46 @@ def test_an_adapter_of_one_family_is_refused_by_another_naming_both(tmp_path):
         load_boft_weights(build_tiny_pipeline(weights="random"), tmp_path / "b")
 
 
-def test_dreambooth_on_tiny_sdxl_trains_saves_reloads_merges_and_exports(tmp_path):
-    """From the CLI: BOFT on the UNet and both text encoders; the adapter records its family, loads into a
-    fresh stock SDXL pipeline with identical samples, merges, and the merged export opens in stock diffusers."""
+FAMILY_RUNS = {
+    # family: (build, stock pipeline class, components the adapter holds, extra overrides)
+    "sdxl": (build_tiny_sdxl_pipeline, "StableDiffusionXLPipeline", {"unet", "text_encoder", "text_encoder_2"}, []),
+    "sd3": (build_tiny_sd3_pipeline, "StableDiffusion3Pipeline", {"transformer", "text_encoder", "text_encoder_2"},
+            ["train.weighting_scheme=logit_normal"]),
+    "flux": (build_tiny_flux_pipeline, "FluxPipeline", {"transformer", "text_encoder"}, []),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", list(FAMILY_RUNS))
+def test_dreambooth_on_each_tiny_family_trains_saves_reloads_merges_and_exports(tmp_path, family):
+    """From the CLI: BOFT on the denoiser and the family's trainable text encoders (T5 stays frozen); the
+    adapter records its family, loads into a fresh stock pipeline with identical samples, merges, and the
+    merged export opens in stock diffusers."""
+    import diffusers
+
+    build, pipeline_class, components, extra = FAMILY_RUNS[family]
     out = tmp_path / "run"
     args = [
         "train",
         "dreambooth",
         f"train.output_dir={out}",
-        "model.tiny_family=sdxl",
+        f"model.tiny_family={family}",
         "model.tiny_weights=random",
     ]
-    args += [*QUICK, "train.export_merged=true", "boft.train_text_encoder=true"]
-    done = subprocess.run(
-        [sys.executable, "-m", "boft_diffusion.cli", *args], capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    args += [*QUICK, *extra, "train.export_merged=true", "boft.train_text_encoder=true"]
+    assert cli.main(args) == 0  # the CLI in-process (a subprocess per family would double the time)
     adapter = read_adapter(out)
-    assert adapter.metadata["family"] == "sdxl"
-    assert set(adapter.configs) == {"unet", "text_encoder", "text_encoder_2"}
-    trained = build_tiny_sdxl_pipeline()
+    assert adapter.metadata["family"] == family
+    assert set(adapter.configs) == components
+    trained = build()
     base = _images(trained)
     load_boft_weights(trained, out)
     after = _images(trained)
     assert not np.array_equal(after, base)
-    fresh = build_tiny_sdxl_pipeline()
+    fresh = build()
     load_boft_weights(fresh, out)
     assert np.array_equal(_images(fresh), after)
     merge_boft(fresh)
     assert np.abs(_images(fresh) - after).max() < 1e-2
-    from diffusers import StableDiffusionXLPipeline
-
-    exported = StableDiffusionXLPipeline.from_pretrained(Path(out) / "merged")
+    exported = getattr(diffusers, pipeline_class).from_pretrained(Path(out) / "merged")
     exported.set_progress_bar_config(disable=True)
     assert np.abs(_images(exported) - after).max() < 1e-2

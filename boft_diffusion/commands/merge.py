@@ -34,7 +34,8 @@ EXAMPLE = """examples:
   boft-diffusion merge --base ./sd15 --adapter ./out/toy-boft --out toy.safetensors --format single-file
 
 single-file output: a path ending in .safetensors is the file itself; any other path becomes a folder
-with model.safetensors (load it with StableDiffusionPipeline.from_single_file(file, config=BASE))."""
+with model.safetensors (load it with StableDiffusionPipeline.from_single_file(file, config=BASE), or
+StableDiffusionXLPipeline.from_single_file for an SDXL base)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,13 +1,16 @@
-"""Merged checkpoints: a stock diffusers folder, or one ``.safetensors`` file in the original SD layout.
+"""Merged checkpoints: a stock diffusers folder, or one ``.safetensors`` file in the original SD / SDXL layout.
 
 ``export_merged`` folds the active BOFT adapters (with their strengths) into the weights and writes a
 checkpoint that opens with no project code:
 
-- ``format="diffusers"``: ``StableDiffusionPipeline.from_pretrained(out_dir)`` (safetensors; with
-  ``dtype`` the weights are cast, with ``variant`` the files are named ``*.<variant>.safetensors``).
+- ``format="diffusers"``: the family's stock pipeline class opens it with ``from_pretrained(out_dir)``
+  (every family: SD, SDXL, SD3, Flux; safetensors; with ``dtype`` the weights are cast, with ``variant`` the
+  files are named ``*.<variant>.safetensors``).
 - ``format="single_file"``: one file with the original Stable Diffusion keys (``model.diffusion_model.*``,
   ``first_stage_model.*``, ``cond_stage_model.transformer.text_model.*``) that ComfyUI, AUTOMATIC1111 and
-  ``StableDiffusionPipeline.from_single_file(path, config=<diffusers folder of the base>)`` read.
+  ``StableDiffusionPipeline.from_single_file(path, config=<diffusers folder of the base>)`` read; for SDXL
+  the sgm layout (``conditioner.embedders.0.transformer.*``, ``conditioner.embedders.1.model.*`` in
+  OpenCLIP form, ``label_emb``) that ``StableDiffusionXLPipeline.from_single_file`` reads.
 
 The caller's pipeline is never modified (nor its modules' train/eval mode): merged weights
 ``W' = (W M^T) ⊙ s`` and biases are computed per layer into new tensors, deterministically (dropout is
@@ -21,6 +24,7 @@ One module per concern:
 - :mod:`.merged`      merged weights, computed without touching the pipeline
 - :mod:`.provenance`  what an export holds (metadata and ``boft_provenance.json``)
 - :mod:`.sd_keys`     diffusers -> original Stable Diffusion single-file key map
+- :mod:`.sdxl_keys`   diffusers -> original SDXL (sgm) single-file key map
 - :mod:`.write`       the two output formats and ``export_merged``
 """
 

@@ -11,17 +11,20 @@ import json
 import os
 import shutil
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..atomic import atomic_file, staged_dir
+from ..families import FAMILIES, UnsupportedFamilyError, family_of
 from ..pipeline import pipeline_components
 from .merged import merged_pipeline, merged_state_dict
 from .provenance import PROVENANCE_NAME, provenance, provenance_json, safetensors_metadata
 from .sd_keys import to_original_layout
+from .sdxl_keys import to_sdxl_original_layout
 
 __all__ = ["SINGLE_FILE_NAME", "export_merged", "parse_dtype"]
 
@@ -71,24 +74,77 @@ def _export_diffusers(
     (folder / PROVENANCE_NAME).write_text(provenance_json(prov))
 
 
-def _export_single_file(pipe: Any, file: Path, dtype: torch.dtype | None, prov: dict) -> None:
-    from safetensors.torch import save_file
-
-    components = pipeline_components(pipe)
-    extra = sorted(c for c in components if c not in ("unet", "text_encoder"))
-    if extra or getattr(pipe, "vae", None) is None or "text_encoder" not in components:
-        raise ValueError(
-            "single_file export writes Stable Diffusion 1.x/2.x checkpoints (unet, vae, text_encoder); "
-            f"this pipeline has {sorted(components)}{' with ' + str(extra) if extra else ''}: "
-            "use format='diffusers'"
-        )
-    state = to_original_layout(
+def _sd_state(pipe: Any, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    return to_original_layout(
         merged_state_dict(pipe.unet, dtype),
         merged_state_dict(pipe.vae, dtype),
         merged_state_dict(pipe.text_encoder, dtype),
         pipe.unet.config,
         pipe.vae.config,
     )
+
+
+def _sdxl_state(pipe: Any, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    return to_sdxl_original_layout(
+        merged_state_dict(pipe.unet, dtype),
+        merged_state_dict(pipe.vae, dtype),
+        merged_state_dict(pipe.text_encoder, dtype),
+        merged_state_dict(pipe.text_encoder_2, dtype),
+        pipe.unet.config,
+        pipe.vae.config,
+    )
+
+
+@dataclass(frozen=True)
+class _SingleFileLayout:
+    """How one family's pipelines become one original-layout state dict."""
+
+    components: tuple[str, ...]
+    """Exactly the components the file holds (``vae`` included)."""
+    state: Callable[[Any, torch.dtype | None], dict[str, torch.Tensor]]
+    """``(pipe, dtype) -> {original key: merged tensor}``."""
+
+
+_SINGLE_FILE_LAYOUTS: dict[str, _SingleFileLayout] = {
+    "sd": _SingleFileLayout(("unet", "vae", "text_encoder"), _sd_state),
+    "sdxl": _SingleFileLayout(("unet", "vae", "text_encoder", "text_encoder_2"), _sdxl_state),
+}
+"""The families ``single_file`` writes, by :func:`~boft_diffusion.families.family_of` name."""
+
+
+def _single_file_layout(pipe: Any) -> _SingleFileLayout:
+    """The layout of ``pipe``'s family; a pipeline none can write is a ``ValueError`` naming the families."""
+    try:
+        layout = _SINGLE_FILE_LAYOUTS.get(family_of(pipe).name)
+    except UnsupportedFamilyError:
+        layout = None
+    components = pipeline_components(pipe)
+    known = (
+        layout.components if layout else {c for lay in _SINGLE_FILE_LAYOUTS.values() for c in lay.components}
+    )
+    extra = sorted(c for c in components if c not in known)
+    if (
+        layout is None
+        or extra
+        or getattr(pipe, "vae", None) is None
+        or any(c not in components for c in layout.components if c != "vae")
+    ):
+        supported = " and ".join(
+            f"{FAMILIES[name].title} checkpoints ({', '.join(lay.components)})"
+            for name, lay in _SINGLE_FILE_LAYOUTS.items()
+        )
+        raise ValueError(
+            f"single_file export writes {supported}; "
+            f"this pipeline has {sorted(components)}{' with ' + str(extra) if extra else ''}: "
+            "use format='diffusers'"
+        )
+    return layout
+
+
+def _export_single_file(pipe: Any, file: Path, dtype: torch.dtype | None, prov: dict) -> None:
+    from safetensors.torch import save_file
+
+    state = _single_file_layout(pipe).state(pipe, dtype)
     save_file(
         {k: t.contiguous() for k, t in state.items()},
         file,
@@ -109,8 +165,10 @@ def export_merged(
     """Write the pipeline with its active adapters merged; returns the written path.
 
     ``format="diffusers"``: a diffusers folder at ``out_dir``. ``format="single_file"``: one original-layout
-    ``.safetensors`` file; ``out_dir`` ending in ``.safetensors`` names the file itself, any other path is a
-    new folder holding ``model.safetensors`` and ``boft_provenance.json``. ``dtype`` (``"fp16"``,
+    ``.safetensors`` file (SD 1.x/2.x: CompVis/LDM keys, :mod:`.sd_keys`; SDXL: Stability ``sgm`` keys,
+    :mod:`.sdxl_keys`; other families are refused, naming these); ``out_dir`` ending in ``.safetensors``
+    names the file itself, any other path is a new folder holding ``model.safetensors`` and
+    ``boft_provenance.json``. ``dtype`` (``"fp16"``,
     ``"bf16"``, ``"fp32"`` or a ``torch.dtype``) casts the floating weights; ``variant`` names diffusers
     files ``*.<variant>.safetensors``. ``base_model`` and ``extra_provenance`` go into the provenance.
 

@@ -13,12 +13,24 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Family, UnsupportedFamilyError
+from .flux import FLUX
 from .sd import SD
+from .sd3 import SD3
 from .sdxl import SDXL
 
-__all__ = ["FAMILIES", "SD", "SDXL", "Family", "UnsupportedFamilyError", "family_of", "get_family"]
+__all__ = [
+    "FAMILIES",
+    "FLUX",
+    "SD",
+    "SD3",
+    "SDXL",
+    "Family",
+    "UnsupportedFamilyError",
+    "family_of",
+    "get_family",
+]
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (SD, SDXL)}
+FAMILIES: dict[str, Family] = {family.name: family for family in (SD, SDXL, SD3, FLUX)}
 """Every supported family by name, in the order :func:`family_of` tries them."""
 
 
@@ -40,7 +52,7 @@ def family_of(pipe: Any) -> Family:
     A pipeline of no supported family is an :class:`UnsupportedFamilyError` naming its class and
     listing the supported families with their pipeline classes.
     """
-    for family in reversed(FAMILIES.values()):  # the most specific first: SDXL pipelines are also SD-like
+    for family in FAMILIES.values():
         if family.matches(pipe):
             return family
     raise UnsupportedFamilyError(

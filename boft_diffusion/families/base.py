@@ -37,26 +37,50 @@ class Family:
     """The stock diffusers pipeline classes of this family; the first samples and validates."""
     denoiser: str
     """The denoiser's component name (``unet`` or ``transformer``)."""
+    denoiser_classes: tuple[str, ...]
+    """The denoiser's diffusers class names."""
     text_encoders: tuple[str, ...]
     """Text-encoder component names, each with the tokenizer of the same suffix."""
     default_targets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     """Default BOFT target-module suffixes per component."""
     objective: str = "ddpm"
     """What the denoiser is trained on: ``ddpm`` (noise schedule; epsilon or v) or ``flow`` (flow matching)."""
+    trainable_text_encoders: tuple[str, ...] | None = None
+    """The text encoders ``boft.train_text_encoder`` adapts (``None``: all; SD3 and Flux leave T5 frozen, as
+    diffusers' DreamBooth scripts do)."""
+    max_sequence_length: int | None = None
+    """Token length for T5 encoders (diffusers' DreamBooth default for the family), capped by the tokenizer's."""
 
     # --- what a pipeline is ---------------------------------------------------------------------
     def matches(self, pipe: Any) -> bool:
-        """Whether ``pipe`` (a pipeline or a component mapping) is of this family."""
+        """Whether ``pipe`` (a pipeline, or a component mapping) is of this family: its class is one of the
+        family's pipeline classes, or its denoiser is of the family's class and every text encoder is there."""
         if type(pipe).__name__ in self.pipeline_classes:
             return True
-        return component(pipe, self.denoiser) is not None and all(
-            component(pipe, name) is not None for name in self.text_encoders
+        denoiser = component(pipe, self.denoiser)
+        return (
+            type(denoiser).__name__ in self.denoiser_classes
+            and self.denoiser_fits(denoiser)
+            and all(component(pipe, name) is not None for name in self.text_encoders)
         )
+
+    def denoiser_fits(self, denoiser: nn.Module) -> bool:
+        """A finer check of the denoiser's config (SDXL's UNet has text-time conditioning, SD's has not)."""
+        return True
 
     @property
     def components(self) -> tuple[str, ...]:
-        """The trainable components, denoiser first."""
+        """The adaptable components, denoiser first."""
         return (self.denoiser, *self.text_encoders)
+
+    @property
+    def trained_text_encoders(self) -> tuple[str, ...]:
+        """The text encoders text-encoder training adapts."""
+        return self.text_encoders if self.trainable_text_encoders is None else self.trainable_text_encoders
+
+    def token_key(self, encoder: str) -> str:
+        """The batch key of ``encoder``'s token ids (``input_ids``, ``input_ids_2``, ...)."""
+        return "input_ids" + encoder.removeprefix("text_encoder")
 
     def tokenizers(self, pipe: Any) -> list[Any]:
         """The tokenizer of each text encoder, in order."""
@@ -73,11 +97,13 @@ class Family:
         """Token ids ``{"input_ids": (B, L), "input_ids_2": ...}``, one entry per text encoder, each
         padded to its tokenizer's ``model_max_length`` and truncated."""
         ids = {}
-        for i, tokenizer in enumerate(self.tokenizers(pipe)):
-            ids["input_ids" if i == 0 else f"input_ids_{i + 1}"] = tokenizer(
-                list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
-                truncation=True, return_tensors="pt",
-            ).input_ids  # fmt: skip
+        for name, tokenizer in zip(self.text_encoders, self.tokenizers(pipe)):
+            length = tokenizer.model_max_length
+            if self.max_sequence_length and "T5" in type(tokenizer).__name__:
+                length = min(length, self.max_sequence_length)
+            ids[self.token_key(name)] = tokenizer(
+                list(prompts), padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+            ).input_ids
         return ids
 
     def encode_prompt(
@@ -95,8 +121,10 @@ class Family:
         noisy: torch.Tensor,
         timesteps: torch.Tensor,
         conditioning: Mapping[str, Any],
+        guidance_scale: float | None = None,
     ) -> torch.Tensor:
-        """The denoiser's prediction for ``noisy`` latents at ``timesteps`` under ``conditioning``."""
+        """The denoiser's prediction for ``noisy`` latents ``(B, C, h, w)`` at ``timesteps`` under
+        ``conditioning``, shaped like ``noisy`` (``guidance_scale``: for guidance-distilled denoisers)."""
         states = conditioning["encoder_hidden_states"]
         extra = {k: v for k, v in conditioning.items() if k != "encoder_hidden_states"}
         return denoiser(noisy, timesteps, states, return_dict=False, **extra)[0]

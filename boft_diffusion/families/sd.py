@@ -14,6 +14,9 @@ __all__ = ["SD"]
 
 
 class _SD(Family):
+    def denoiser_fits(self, denoiser: nn.Module) -> bool:
+        return getattr(denoiser.config, "addition_embed_type", None) != "text_time"
+
     def encode_prompt(
         self, encoders: Mapping[str, nn.Module], batch: Mapping[str, Any], device: Any
     ) -> dict[str, Any]:
@@ -31,6 +34,7 @@ SD = _SD(
         "StableDiffusionControlNetPipeline",
     ),  # fmt: skip
     denoiser="unet",
+    denoiser_classes=("UNet2DConditionModel",),
     text_encoders=("text_encoder",),
     default_targets={"unet": tuple(UNET_ATTENTION_TARGETS), "text_encoder": tuple(TEXT_ENCODER_TARGETS)},
 )

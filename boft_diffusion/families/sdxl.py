@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..inject import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS
-from .base import Family, component
+from .base import Family
 
 __all__ = ["SDXL", "time_ids"]
 
@@ -23,10 +23,8 @@ def time_ids(
 
 
 class _SDXL(Family):
-    def matches(self, pipe: Any) -> bool:
-        unet = component(pipe, "unet")
-        added = getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time"
-        return type(pipe).__name__ in self.pipeline_classes or (added and super().matches(pipe))
+    def denoiser_fits(self, denoiser: nn.Module) -> bool:
+        return getattr(denoiser.config, "addition_embed_type", None) == "text_time"
 
     def encode_prompt(
         self, encoders: Mapping[str, nn.Module], batch: Mapping[str, Any], device: Any
@@ -57,6 +55,7 @@ SDXL = _SDXL(
     title="Stable Diffusion XL",
     pipeline_classes=("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"),
     denoiser="unet",
+    denoiser_classes=("UNet2DConditionModel",),
     text_encoders=("text_encoder", "text_encoder_2"),
     default_targets={
         "unet": tuple(UNET_ATTENTION_TARGETS),

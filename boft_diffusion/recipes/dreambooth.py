@@ -61,10 +61,7 @@ from ..training.card import write_model_card
 from ..training.noise import (
     diffusion_loss,
     encode_latents,
-    prediction_target,
-    sample_noise,
-    sample_timesteps,
-    snr_loss_weights,
+    noise_latents,
 )
 from ..training.recipe import TrainingRecipe, TrainResult
 from ..training.setup import record_outputs
@@ -330,15 +327,20 @@ class DreamBoothRecipe(TrainingRecipe):
     def _plan_adapters(self) -> dict[str, Any]:
         """The BOFT adapter of each trained component, checked against it (nothing is changed yet)."""
         boft, pipe, family = self.cfg.boft, self.pipe, self.family
-        targets = {family.denoiser: boft.unet_target_modules}
-        if boft.train_text_encoder:  # every text encoder of the family (SDXL: both CLIPs)
-            targets |= {name: boft.text_encoder_target_modules for name in family.text_encoders}
+        denoiser_targets = (
+            boft.unet_target_modules if family.denoiser == "unet" else boft.transformer_target_modules
+        )
+        targets = {family.denoiser: denoiser_targets or list(family.default_targets[family.denoiser])}
+        if (
+            boft.train_text_encoder
+        ):  # the family's trainable text encoders (SDXL: both CLIPs; SD3, Flux: no T5)
+            targets |= {name: boft.text_encoder_target_modules for name in family.trained_text_encoders}
         plans = {}
         for name, modules in targets.items():
             try:
                 plans[name] = plan_adapter(getattr(pipe, name), boft.to_config(modules), boft.adapter_name)
             except ValueError as err:  # a layout that does not fit a targeted layer: bad input, not a bug
-                key = "unet" if name == family.denoiser else "text_encoder"
+                key = family.denoiser if name == family.denoiser else "text_encoder"
                 raise ConfigError(
                     f"boft.{key}_target_modules on the {name}: {err}. Choose boft.block_num / "
                     "boft.block_size to fit every targeted layer's input width, or target fewer modules"
@@ -380,19 +382,22 @@ class DreamBoothRecipe(TrainingRecipe):
         cfg, scheduler = self.cfg, self.noise_scheduler
         with torch.no_grad():
             latents = encode_latents(self.pipe.vae, batch["pixel_values"])
-        noise = sample_noise(latents, cfg.train.noise_offset)
-        timesteps = sample_timesteps(scheduler, latents.shape[0], latents.device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
         family = self.family
+        noised = noise_latents(family.objective, scheduler, latents, cfg.train)
         encoders = {
             name: self.prepared(name) if name in self.components else getattr(self.pipe, name)
             for name in family.text_encoders
         }
         with torch.set_grad_enabled(cfg.boft.train_text_encoder):
             conditioning = family.encode_prompt(encoders, batch, latents.device)
-        pred = family.denoise(self.prepared(family.denoiser), noisy, timesteps, conditioning)
-        target = prediction_target(scheduler, latents, noise, timesteps)
-        weights = snr_loss_weights(scheduler, timesteps, cfg.train.snr_gamma) if cfg.train.snr_gamma else None
+        pred = family.denoise(
+            self.prepared(family.denoiser),
+            noised.noisy,
+            noised.timesteps,
+            conditioning,
+            cfg.train.guidance_scale,
+        )
+        target, weights = noised.target, noised.weights
         if not cfg.data.with_prior_preservation:
             return diffusion_loss(pred, target, weights)
         n = pred.shape[0] // 2

@@ -91,13 +91,16 @@ class ModelArgs:
     the procedural world, shipped in the package) or random (initialised from tiny_seed; learns nothing real)."""
     tiny_seed: int = 0
     """Seed of the random tiny pipeline (tiny_weights=random) and of the generated instance images."""
-    tiny_family: Literal["sd", "sdxl"] = "sd"
-    """Model family of the embedded tiny pipeline: sd (Stable Diffusion 1.x shape; world or random weights) or
-    sdxl (SDXL shape: two text encoders, text-time conditioning; random weights only)."""
+    tiny_family: Literal["sd", "sdxl", "sd3", "flux"] = "sd"
+    """Model family of the embedded tiny pipeline: sd (Stable Diffusion 1.x shape; world or random weights), sdxl,
+    sd3 or flux (random weights only; stock component classes in tiny configs, boft_diffusion.tiny)."""
 
     def __post_init__(self) -> None:
         _check_seed("model.tiny_seed", self.tiny_seed)
-        _require(self.tiny_family in ("sd", "sdxl"), "model.tiny_family", "sd or sdxl", self.tiny_family)
+        _require(
+            self.tiny_family in ("sd", "sdxl", "sd3", "flux"), "model.tiny_family", "sd, sdxl, sd3 or flux",
+            self.tiny_family,
+        )  # fmt: skip
         if self.pretrained_model_name_or_path is None and self.tiny_family != "sd":
             _require(
                 self.tiny_weights == "random",
@@ -147,6 +150,9 @@ class BOFTArgs:
     """Biases that train: none, all, or boft_only (those of the adapted layers)."""
     unet_target_modules: list[str] = field(default_factory=lambda: list(UNET_ATTENTION_TARGETS))
     """UNet module-name suffixes to adapt."""
+    transformer_target_modules: list[str] | None = None
+    """Transformer module-name suffixes to adapt (SD3, Flux); null: the family's preset, every attention's
+    image and text projections (to_q/k/v, to_out.0, add_q/k/v_proj, to_add_out)."""
     train_text_encoder: bool = True
     """Also adapt the text encoder (its BOFT parameters train with the UNet's)."""
     text_encoder_target_modules: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_TARGETS))
@@ -247,7 +253,18 @@ class TrainArgs:
     allow_tf32: bool = False
     """Allow TF32 matmuls on Ampere+ GPUs."""
     snr_gamma: float | None = None
-    """Min-SNR loss weighting gamma (5.0 is the paper's value; null: plain MSE)."""
+    """Min-SNR loss weighting gamma (5.0 is the paper's value; null: plain MSE). DDPM families (SD, SDXL) only."""
+    weighting_scheme: Literal["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"] = "none"
+    """Flow-matching families (SD3, Flux): how training timesteps are drawn (none: uniform; logit_normal, mode)
+    or the loss weighted (sigma_sqrt, cosmap), as in diffusers' training_utils."""
+    logit_mean: float = 0.0
+    """Mean of the logit-normal timestep density (weighting_scheme=logit_normal)."""
+    logit_std: float = 1.0
+    """Standard deviation of the logit-normal timestep density."""
+    mode_scale: float = 1.29
+    """Scale of the mode timestep density (weighting_scheme=mode)."""
+    guidance_scale: float = 3.5
+    """Guidance value fed to guidance-distilled denoisers while training (FLUX.1-dev's guidance embedding)."""
     noise_offset: float = 0.0
     """Offset noise scale (e.g. 0.1) for darker/brighter images."""
     dataloader_num_workers: int = 0

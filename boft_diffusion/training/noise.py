@@ -1,19 +1,27 @@
 """The denoising objective: latents, noise, timesteps, prediction targets and (Min-SNR) loss.
 
-With ``x0`` the VAE latents, ``eps ~ N(0, I)`` and ``t ~ U{0..T-1}``, the scheduler gives
-``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``; the model predicts ``eps`` (epsilon), or
+DDPM families (SD, SDXL): with ``x0`` the VAE latents, ``eps ~ N(0, I)`` and ``t ~ U{0..T-1}``, the
+scheduler gives ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``; the model predicts ``eps`` (epsilon), or
 ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0`` (v_prediction). ``SNR(t) = abar_t / (1 - abar_t)``.
+
+Flow-matching families (SD3, Flux): ``x_s = (1 - s) x0 + s eps`` at the schedule's sigma ``s`` of a
+timestep drawn by a density (uniform, logit-normal, mode, cosmap: diffusers' ``training_utils``); the model
+predicts the velocity ``eps - x0``, and the loss may be weighted by sigma (``compute_loss_weighting_for_sd3``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "Noised",
     "diffusion_loss",
+    "noise_latents",
+    "training_scheduler",
     "encode_latents",
     "prediction_target",
     "sample_noise",
@@ -86,3 +94,49 @@ def diffusion_loss(
         return F.mse_loss(pred.float(), target.float(), reduction="mean")
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
     return (per_sample * weights.float()).mean()
+
+
+@dataclass
+class Noised:
+    """One batch's training inputs: the noised latents, their timesteps, what the model should predict,
+    and per-sample loss weights (``None``: plain mean)."""
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+    weights: torch.Tensor | None
+
+
+def training_scheduler(objective: str, scheduler: Any) -> Any:
+    """The noise scheduler training draws from: DDPM for ``ddpm`` families, flow-matching Euler for ``flow``
+    ones (each from the pipeline scheduler's config, so shifts and prediction types carry over)."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    kind = FlowMatchEulerDiscreteScheduler if objective == "flow" else DDPMScheduler
+    return kind.from_config(scheduler.config)
+
+
+def noise_latents(objective: str, scheduler: Any, latents: torch.Tensor, train: Any) -> Noised:
+    """Noise ``latents`` for one training step as the family's objective does (``train``: ``noise_offset``,
+    ``snr_gamma`` for DDPM; ``weighting_scheme``, ``logit_mean``, ``logit_std``, ``mode_scale`` for flow)."""
+    noise = sample_noise(latents, train.noise_offset)
+    if objective != "flow":
+        timesteps = sample_timesteps(scheduler, latents.shape[0], latents.device)
+        weights = snr_loss_weights(scheduler, timesteps, train.snr_gamma) if train.snr_gamma else None
+        return Noised(
+            scheduler.add_noise(latents, noise, timesteps), timesteps,
+            prediction_target(scheduler, latents, noise, timesteps), weights,
+        )  # fmt: skip
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    u = compute_density_for_timestep_sampling(
+        train.weighting_scheme, latents.shape[0], train.logit_mean, train.logit_std, train.mode_scale
+    )
+    indices = (u * scheduler.config.num_train_timesteps).long().clamp(max=len(scheduler.timesteps) - 1)
+    timesteps = scheduler.timesteps[indices].to(latents.device)
+    sigmas = scheduler.sigmas[indices].to(device=latents.device, dtype=latents.dtype).view(-1, 1, 1, 1)
+    noisy = (1.0 - sigmas) * latents + sigmas * noise
+    weights = None
+    if train.weighting_scheme in ("sigma_sqrt", "cosmap"):
+        weights = compute_loss_weighting_for_sd3(train.weighting_scheme, sigmas).flatten()
+    return Noised(noisy, timesteps, noise - latents, weights)

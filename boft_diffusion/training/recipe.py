@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers import DDPMScheduler
 from torch import nn
 
 from ..atomic import atomic_file, atomic_write_text
@@ -51,12 +50,14 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .loop import LossMeter, StepPlan, check_finite_loss, check_finite_parameters, epoch_batches, is_due
+from .noise import training_scheduler
 from .optim import make_lr_scheduler, make_optimizer, trainable_parameters
 from .setup import (
     RUN_CONFIG_NAME,
     cast_frozen_weights,
     check_device,
     check_environment,
+    check_family_keys,
     check_model_source,
     check_output_dir,
     check_resolution,
@@ -117,7 +118,8 @@ class TrainingRecipe:
         """The adapted models, unwrapped (``{"unet": ..., "text_encoder": ...}``)."""
         self.trained: list[nn.Module] = []
         """The adapted models as prepared by accelerate (what the loop calls and accumulates over)."""
-        self.noise_scheduler: DDPMScheduler
+        self.noise_scheduler: Any = None
+        """DDPM, or flow-matching Euler for flow families (noise.training_scheduler)."""
         self.dataloader: Any = None
         self.epoch_aware: list[Any] = []
         self.optimizer: torch.optim.Optimizer
@@ -200,6 +202,7 @@ class TrainingRecipe:
         self.accelerator = make_accelerator(cfg.train)
         check_device(self.accelerator, cfg.train)
         self.pipe = load_pipeline(cfg.model)  # the last checks: a hub id may not load, a size may not fit
+        check_family_keys(cfg, self.family)
         check_resolution(self.pipe, cfg.data.resolution, "data.resolution")
         check_resolution(self.pipe, cfg.validation.resolution, "validation.resolution")
         self.check_pipeline()
@@ -231,7 +234,7 @@ class TrainingRecipe:
         enable_memory_savers(t, getattr(self.pipe, family.denoiser), *trained_encoders)
         for module in self.components.values():
             module.train()
-        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.noise_scheduler = training_scheduler(family.objective, self.pipe.scheduler)
         self.params = trainable_parameters(self.components.values())
         n = accelerator.num_processes
         lr = cfg.optim.learning_rate * (

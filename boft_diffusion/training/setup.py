@@ -244,8 +244,12 @@ def load_pipeline(model: ModelArgs, torch_dtype: torch.dtype | None = None) -> A
     if model.pretrained_model_name_or_path is None:
         from .. import tiny
 
-        if model.tiny_family == "sdxl":
-            pipe = tiny.build_tiny_sdxl_pipeline(model.tiny_seed)
+        builds = {
+            "sdxl": tiny.build_tiny_sdxl_pipeline, "sd3": tiny.build_tiny_sd3_pipeline,
+            "flux": tiny.build_tiny_flux_pipeline,
+        }  # fmt: skip
+        if model.tiny_family in builds:
+            pipe = builds[model.tiny_family](model.tiny_seed)
             if model.prediction_type is not None:
                 pipe.scheduler.register_to_config(prediction_type=model.prediction_type)
         else:
@@ -276,6 +280,27 @@ def load_pipeline(model: ModelArgs, torch_dtype: torch.dtype | None = None) -> A
             pipe.scheduler.register_to_config(prediction_type=model.prediction_type)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def check_family_keys(cfg: Any, family: Any) -> None:
+    """Refuse a config key that belongs to another model family than the loaded pipeline's."""
+    t, boft = cfg.train, getattr(cfg, "boft", None)
+    flow = family.objective == "flow"
+    if flow and t.snr_gamma:
+        raise ConfigError(
+            f"train.snr_gamma is for DDPM families (sd, sdxl); {family.title} trains by flow matching: use "
+            "train.weighting_scheme (logit_normal, mode, sigma_sqrt, cosmap) instead"
+        )
+    if not flow and t.weighting_scheme != "none":
+        raise ConfigError(
+            f"train.weighting_scheme={t.weighting_scheme} is for flow-matching families (sd3, flux); "
+            f"{family.title} is a DDPM model: use train.snr_gamma instead"
+        )
+    if family.denoiser == "unet" and getattr(boft, "transformer_target_modules", None):
+        raise ConfigError(
+            f"boft.transformer_target_modules is for transformer families (sd3, flux); {family.title} has a UNet: "
+            "use boft.unet_target_modules"
+        )
 
 
 def _no_safety_checker(folder: str | None) -> dict[str, Any]:

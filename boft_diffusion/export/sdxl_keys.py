@@ -1,0 +1,135 @@
+"""Diffusers -> original (Stability ``sgm``) Stable Diffusion XL single-file key layout.
+
+The inverse of diffusers' single-file converters for SDXL (``convert_ldm_unet_checkpoint``,
+``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint`` and ``convert_open_clip_checkpoint``
+with the ``conditioner.embedders.1.model.`` prefix): ``to_sdxl_original_layout`` maps the UNet, VAE
+and both text-encoder state dicts of an SDXL pipeline to the one state dict that ComfyUI,
+AUTOMATIC1111 and ``StableDiffusionXLPipeline.from_single_file`` read. Pure key (and shape)
+bookkeeping: no file, no pipeline.
+
+- UNet: the LDM ``UNetModel`` names of :mod:`.sd_keys` under ``model.diffusion_model.``, plus the
+  added text-time embedding ``add_embedding.linear_{1,2}`` as ``label_emb.0.{0,2}``.
+- VAE: as SD, under ``first_stage_model.``.
+- First text encoder (CLIP ViT-L, a transformers ``CLIPTextModel``): its own names under
+  ``conditioner.embedders.0.transformer.text_model.``.
+- Second text encoder (OpenCLIP ViT-bigG, a ``CLIPTextModelWithProjection``): the open_clip names under
+  ``conditioner.embedders.1.model.`` -- ``token_embedding.weight``, ``positional_embedding``,
+  ``transformer.resblocks.N.{ln_1, ln_2, attn.in_proj_*, attn.out_proj, mlp.c_fc, mlp.c_proj}``
+  (``in_proj`` is q, k and v stacked in that order), ``ln_final`` and ``text_projection`` (stored as
+  open_clip multiplies by it, ``x @ P``: the transpose of the ``nn.Linear`` weight).
+
+Not written: open_clip's ``logit_scale`` (no part of text conditioning; diffusers has no such tensor,
+and ComfyUI, AUTOMATIC1111 and diffusers load without it) and ``position_ids`` buffers of the second
+encoder (open_clip has none).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .sd_keys import to_original_layout
+
+__all__ = ["CLIP_G_PREFIX", "CLIP_L_PREFIX", "to_sdxl_original_layout"]
+
+CLIP_L_PREFIX = "conditioner.embedders.0.transformer.text_model."
+"""Where the first (CLIP ViT-L) text encoder's transformers keys go."""
+CLIP_G_PREFIX = "conditioner.embedders.1.model."
+"""Where the second (OpenCLIP ViT-bigG) text encoder's open_clip keys go."""
+
+_ADD_EMBEDDING = {"add_embedding.linear_1.": "label_emb.0.0.", "add_embedding.linear_2.": "label_emb.0.2."}
+_CLIP_L_ROOTS = ("embeddings.", "encoder.", "final_layer_norm.")
+_CLIP_G_TOP = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+_CLIP_G_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "self_attn.out_proj": "attn.out_proj",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def _no_place(component: str, key: str) -> ValueError:
+    return ValueError(f"{component} key {key!r} has no place in the original Stable Diffusion XL layout")
+
+
+def _clip_l(text_encoder: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``CLIPTextModel`` keys (with or without transformers' ``text_model.`` wrapper) -> ``CLIP_L_PREFIX``."""
+    out = {}
+    for key, tensor in text_encoder.items():
+        name = key.removeprefix("text_model.")
+        if not name.startswith(_CLIP_L_ROOTS):
+            raise _no_place("text_encoder", key)
+        out[CLIP_L_PREFIX + name] = tensor
+    return out
+
+
+def _clip_g(text_encoder_2: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``CLIPTextModelWithProjection`` keys -> open_clip keys under ``CLIP_G_PREFIX`` (q/k/v fused)."""
+    out, qkv = {}, {}
+    for key, tensor in text_encoder_2.items():
+        name = key.removeprefix("text_model.")
+        if name == "embeddings.position_ids":
+            continue  # a transformers buffer (older versions); open_clip has none
+        if name in _CLIP_G_TOP:
+            out[CLIP_G_PREFIX + _CLIP_G_TOP[name]] = tensor
+            continue
+        if name == "text_projection.weight":
+            out[CLIP_G_PREFIX + "text_projection"] = tensor.T
+            continue
+        parts = name.split(".")  # encoder.layers.N.<module...>.<weight|bias>
+        if len(parts) < 5 or parts[:2] != ["encoder", "layers"] or parts[-1] not in ("weight", "bias"):
+            raise _no_place("text_encoder_2", key)
+        layer, module, kind = parts[2], ".".join(parts[3:-1]), parts[-1]
+        block = f"{CLIP_G_PREFIX}transformer.resblocks.{layer}."
+        if module in _CLIP_G_LAYER:
+            out[f"{block}{_CLIP_G_LAYER[module]}.{kind}"] = tensor
+        elif module.startswith("self_attn.") and module.removeprefix("self_attn.") in _QKV:
+            qkv.setdefault(f"{block}attn.in_proj_{kind}", {})[module.removeprefix("self_attn.")] = tensor
+        else:
+            raise _no_place("text_encoder_2", key)
+    for fused, parts in qkv.items():
+        missing = [p for p in _QKV if p not in parts]
+        if missing:
+            raise ValueError(f"text_encoder_2: {fused} needs q, k and v projections; {missing} missing")
+        out[fused] = torch.cat([parts[p] for p in _QKV])
+    return out
+
+
+def to_sdxl_original_layout(
+    unet: Mapping[str, torch.Tensor],
+    vae: Mapping[str, torch.Tensor],
+    text_encoder: Mapping[str, torch.Tensor],
+    text_encoder_2: Mapping[str, torch.Tensor],
+    unet_config: Mapping[str, Any],
+    vae_config: Mapping[str, Any],
+) -> dict[str, torch.Tensor]:
+    """Diffusers state dicts of an SDXL pipeline -> one original (``sgm``) SDXL state dict.
+
+    UNet and VAE as :func:`~boft_diffusion.export.sd_keys.to_original_layout` (``model.diffusion_model.``,
+    ``first_stage_model.``) with the added text-time embedding as ``label_emb.0.{0,2}``; the first CLIP
+    under ``conditioner.embedders.0.transformer.text_model.``, the second in open_clip layout under
+    ``conditioner.embedders.1.model.``. Renames share the input tensors; the fused ``in_proj`` tensors
+    are new (concatenated) and ``text_projection`` is a transposed view. A key with no place in the
+    layout is a ``ValueError`` naming it.
+    """
+    rest, added = {}, {}
+    for key, tensor in unet.items():
+        new = next((new for new in _ADD_EMBEDDING if key.startswith(new)), None)
+        if new is None:
+            rest[key] = tensor
+        else:
+            added[f"model.diffusion_model.{_ADD_EMBEDDING[new]}{key[len(new) :]}"] = tensor
+    out = to_original_layout(rest, vae, {}, unet_config, vae_config)
+    out.update(added)
+    out.update(_clip_l(text_encoder))
+    out.update(_clip_g(text_encoder_2))
+    return out
