@@ -23,6 +23,9 @@ def test_the_expected_configs_exist():
         "tiny_prior_text_encoder.yaml",
         "sd15.yaml",
         "sd21.yaml",
+        "sdxl.yaml",
+        "sd35_medium.yaml",
+        "flux_dev.yaml",
     }
 
 
@@ -140,3 +143,27 @@ def test_malformed_sources(tmp_path):
     (tmp_path / "broken.yaml").write_text("optim: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(DreamBoothConfig, tmp_path / "broken.yaml")
+
+
+FAMILY_WIDTHS = {
+    # config: (denoiser input widths of the targets, trainable text-encoder widths)
+    "sdxl.yaml": ([640, 1280, 2048], [768, 1280]),  # attention widths, text width; CLIP-L, CLIP-G
+    "sd35_medium.yaml": ([1536], [768, 1280]),  # MMDiT width (image and text streams); CLIP-L, CLIP-G
+    "flux_dev.yaml": ([3072], [768]),  # MMDiT width; CLIP-L (T5 stays frozen)
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_WIDTHS))
+def test_family_configs_carry_the_paper_adapter_and_fit_every_adapted_width(name):
+    config = load_config(DreamBoothConfig, REPO / "configs/dreambooth" / name)
+    boft = config.boft
+    assert (boft.block_num, boft.block_size, boft.n_butterfly_factor, boft.dropout, boft.bias) == (
+        8, 0, 2, 0.1, "boft_only",
+    )  # fmt: skip
+    assert config.model.pretrained_model_name_or_path and config.optim.learning_rate == 1e-4
+    denoiser, text = FAMILY_WIDTHS[name]
+    layout = boft.to_config(boft.unet_target_modules)
+    for dim in [*denoiser, *text]:
+        assert layout.resolve_blocks(dim).block_size * 8 == dim
+    flow = name != "sdxl.yaml"
+    assert (config.train.snr_gamma is None) and (boft.transformer_target_modules is not None) == flow
