@@ -309,22 +309,36 @@ def control_tensor(images: list[Image.Image], size: int) -> torch.Tensor:
 
 
 def controlnet_pipeline(pipe: Any, controlnet: nn.Module | None = None) -> Any:
-    """A stock ``StableDiffusionControlNetPipeline`` sharing ``pipe``'s modules (nothing copied).
+    """The stock ControlNet pipeline of ``pipe``'s family sharing its modules (nothing copied):
+    ``StableDiffusionControlNetPipeline`` (SD 1.x/2.x) or ``StableDiffusionXLControlNetPipeline`` (SDXL).
 
     ``controlnet`` defaults to ``pipe.controlnet``; ``pipe`` may already be such a pipeline.
     """
-    from diffusers import StableDiffusionControlNetPipeline
+    import diffusers
+
+    from .families import SD, SDXL, family_of
 
     controlnet = controlnet if controlnet is not None else getattr(pipe, "controlnet", None)
     if controlnet is None:
         raise ValueError("the pipeline has no ControlNet: pass one or train with control.mode=controlnet")
-    if isinstance(pipe, StableDiffusionControlNetPipeline) and pipe.controlnet is controlnet:
+    family = family_of(pipe)
+    kinds = {SD.name: "StableDiffusionControlNetPipeline", SDXL.name: "StableDiffusionXLControlNetPipeline"}
+    if family.name not in kinds:
+        raise ValueError(f"ControlNet sampling supports sd and sdxl pipelines, not {family.title}")
+    kind = getattr(diffusers, kinds[family.name])
+    if isinstance(pipe, kind) and pipe.controlnet is controlnet:
         return pipe
-    wrapped = StableDiffusionControlNetPipeline(
-        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
-        controlnet=controlnet, scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )  # fmt: skip
+    modules = {name: getattr(pipe, name) for name in ("vae", "unet", "scheduler", *family.text_encoders)}
+    modules |= {
+        name: getattr(pipe, name)
+        for name in (n.replace("text_encoder", "tokenizer") for n in family.text_encoders)
+    }
+    extra = (
+        {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+        if family is SD
+        else {"add_watermarker": False}
+    )
+    wrapped = kind(**modules, controlnet=controlnet, **extra)
     wrapped.set_progress_bar_config(disable=True)
     return wrapped
 

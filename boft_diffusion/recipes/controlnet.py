@@ -80,10 +80,7 @@ from ..training.card import write_model_card
 from ..training.noise import (
     diffusion_loss,
     encode_latents,
-    prediction_target,
-    sample_noise,
-    sample_timesteps,
-    snr_loss_weights,
+    noise_latents,
 )
 from ..training.recipe import TrainingRecipe, TrainResult
 from ..training.setup import record_outputs
@@ -371,7 +368,18 @@ class ControlNetRecipe(TrainingRecipe):
     def input_paths(self) -> list[str | Path]:
         return [p for p in (self.cfg.data.train_data_dir,) if p is not None]
 
+    def _tokenizers(self) -> dict[str, Any]:
+        """The family's tokenizers by component name (what the data loader's workers need, not the pipeline)."""
+        names = [n.replace("text_encoder", "tokenizer") for n in self.family.text_encoders]
+        return {n: getattr(self.pipe, n) for n in names}
+
     def check_pipeline(self) -> None:
+        family = self.family
+        if family.denoiser != "unet":
+            raise ConfigError(
+                f"controllable generation trains UNet families (sd, sdxl); {family.title} has a transformer "
+                "denoiser, not supported yet"
+            )
         if self.cfg.control.mode == "controlnet":
             self.controlnet = self._load_controlnet()
         self._plan_adapters()
@@ -437,7 +445,7 @@ class ControlNetRecipe(TrainingRecipe):
             dataset,
             batch_size=t.train_batch_size,
             sampler=sampler,
-            collate_fn=partial(collate_control, tokenizer=self.pipe.tokenizer),
+            collate_fn=partial(_collate, tokenize=partial(self.family.tokenize, self._tokenizers())),
             num_workers=t.dataloader_num_workers,
             generator=torch.Generator().manual_seed(t.seed),
         )
@@ -480,32 +488,32 @@ class ControlNetRecipe(TrainingRecipe):
 
     # --- train -----------------------------------------------------------------------------------
     def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        cfg, scheduler = self.cfg, self.noise_scheduler
+        cfg, family = self.cfg, self.family
         with torch.no_grad():
             latents = encode_latents(self.pipe.vae, batch["pixel_values"])
-            hidden = self.pipe.text_encoder(batch["input_ids"].to(latents.device), return_dict=False)[0]
-        noise = sample_noise(latents, cfg.train.noise_offset)
-        timesteps = sample_timesteps(scheduler, latents.shape[0], latents.device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
+            encoders = {name: getattr(self.pipe, name) for name in family.text_encoders}
+            conditioning = family.encode_prompt(encoders, batch, latents.device)
+        noised = noise_latents(family.objective, self.noise_scheduler, latents, cfg.train)
+        noisy, timesteps = noised.noisy, noised.timesteps
         condition = batch["conditioning_pixel_values"].to(latents.device)
         unet = self.prepared("unet") if "unet" in self.components else self.pipe.unet
         if cfg.control.mode == "light":
             control: LightControl = self.pipe.control_encoder
             features = self.prepared(CONTROL_COMPONENT)(condition)
             with control.adding(features):
-                pred = unet(noisy, timesteps, hidden, return_dict=False)[0]
+                pred = family.denoise(unet, noisy, timesteps, conditioning)
         else:
             down, mid = self.prepared("controlnet")(
-                noisy, timesteps, encoder_hidden_states=hidden, controlnet_cond=condition, return_dict=False
-            )
+                noisy, timesteps, encoder_hidden_states=conditioning["encoder_hidden_states"],
+                controlnet_cond=condition, added_cond_kwargs=conditioning.get("added_cond_kwargs"), return_dict=False,
+            )  # fmt: skip
             dtype = self.pipe.unet.dtype  # float32 residuals of trained parts meet a bf16 / fp16 UNet
-            pred = unet(
-                noisy, timesteps, hidden, down_block_additional_residuals=[d.to(dtype) for d in down],
-                mid_block_additional_residual=mid.to(dtype), return_dict=False,
-            )[0]  # fmt: skip
-        target = prediction_target(scheduler, latents, noise, timesteps)
-        weights = snr_loss_weights(scheduler, timesteps, cfg.train.snr_gamma) if cfg.train.snr_gamma else None
-        return diffusion_loss(pred, target, weights)
+            residuals = {
+                "down_block_additional_residuals": [d.to(dtype) for d in down],
+                "mid_block_additional_residual": mid.to(dtype),
+            }
+            pred = family.denoise(unet, noisy, timesteps, {**conditioning, **residuals})
+        return diffusion_loss(pred, noised.target, noised.weights)
 
     # --- sample, measure, validate ---------------------------------------------------------------
     def sample(
@@ -616,6 +624,13 @@ class ControlNetRecipe(TrainingRecipe):
             export_merged(self.pipe, folder / "pipeline")
         if self.cfg.control.mode == "light":
             save_light_control(self.pipe.control_encoder, folder / "control_encoder")
+
+
+def _collate(examples: list[Any], tokenize: Any) -> dict[str, Any]:
+    """:func:`collate_control`, with the family's token ids of the captions (one entry per text encoder)."""
+    batch = collate_control(examples)
+    batch.update(tokenize(batch["prompts"]))
+    return batch
 
 
 def _check_controlnet_source(source: str) -> None:
