@@ -1,24 +1,28 @@
 """Benchmark: BOFT against PEFT's LoRA and BOFT, and against the no-adapter floor.
 
     python scripts/benchmark.py --preset sd15 --json bench-sd15.json    # about 10-15 min on 2 CPU cores
+    python scripts/benchmark.py --preset sdxl --json bench-sdxl.json    # SDXL-shaped UNet, full width
+    python scripts/benchmark.py --preset flux --json bench-flux.json    # Flux-shaped transformer slice
     python scripts/benchmark.py --preset tiny                           # under a minute
     boft-diffusion bench --preset sd15                                  # same, through the CLI
 
-For one model preset (the SD-1.5-shaped UNet with random weights, or the tiny one) each method runs
-in its own worker process (``python -m boft_diffusion.benchmark --worker ...``), so its peak memory
+For one model preset (an SD-1.5-, SDXL- or Flux-shaped model with random weights, or the tiny UNet;
+see :data:`PRESETS`) each method runs in its own worker process (``python -m boft_diffusion.benchmark --worker ...``), so its peak memory
 is its own; repeats are interleaved round-robin across methods so that machine noise hits every
 method alike, and the table shows medians. Per method a worker measures:
 
-- training step time: UNet forward on noisy latents, MSE against a random target, backward, AdamW
+- training step time: model forward on noisy latents, MSE against a random target, backward, AdamW
   step on the trainable parameters (base frozen). The latents require grad in every method, so
   every method back-propagates through all activations and the no-adapter run is a true floor.
   Each worker alternates its steps with no-adapter steps (adapter switched off), so the ratios to
   the floor are paired within one process and cancel drifts in machine speed between workers;
 - peak memory of the training phase (``ru_maxrss`` of the worker; ``max_memory_allocated`` on CUDA);
-- unmerged inference (one UNet forward, adapters live) and merged inference (adapters folded in);
-- merge time of every adapter of the pipeline (the UNet plus a CLIP text encoder of the preset's shape);
-- trainable parameter count (of the UNet adapter).
+- unmerged inference (one model forward, adapters live) and merged inference (adapters folded in);
+- merge time of every adapter: the model's, plus a CLIP text encoder's where the preset has one;
+- trainable parameter count (of the model's adapter).
 
+What differs between model kinds (which class, how its inputs are made and how it is called, which
+layers are adapted) is one :class:`Family` per kind; the measurements are the same code for all.
 On CUDA everything runs under bf16 autocast; the table is the same.
 """
 
@@ -51,13 +55,18 @@ from .atomic import atomic_write_text
 from .inject import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS
 
 __all__ = [
+    "FAMILIES",
     "METHODS",
     "PRESETS",
+    "Family",
     "Method",
+    "ModelInputs",
     "Preset",
     "add_arguments",
+    "build_model",
     "format_table",
     "main",
+    "make_inputs",
     "measure",
     "run",
     "run_benchmark",
@@ -70,17 +79,22 @@ class Preset:
     """A model shape and how long to measure it."""
 
     name: str
-    unet: dict[str, Any]
-    """``UNet2DConditionModel`` config."""
-    text_encoder: dict[str, Any]
-    """``CLIPTextConfig`` kwargs (its hidden size is the UNet's cross-attention dim)."""
+    family: str
+    """Key of :data:`FAMILIES`: the model class, how it is fed and called, which layers are adapted."""
+    model: dict[str, Any]
+    """The family's model config (``UNet2DConditionModel`` or ``FluxTransformer2DModel`` kwargs)."""
+    text_encoder: dict[str, Any] | None
+    """``CLIPTextConfig`` kwargs of a text encoder whose adapter is merged with the model's (or none)."""
     latent_size: int
+    """Side of the latent grid: UNet latents are ``latent_size²``, Flux's packed image tokens too."""
     warmup_steps: int
     timed_steps: int
     forward_repeats: int
     merge_repeats: int
     rounds: int
     """Default number of interleaved rounds (each method runs once per round)."""
+    text_tokens: int = 77
+    """Length of the text sequence the model attends to."""
 
 
 SD15_UNET = dict(
@@ -98,6 +112,37 @@ SD15_UNET = dict(
     flip_sin_to_cos=True,
     freq_shift=0,
 )
+SDXL_UNET = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 1, 1),  # SDXL: (1, 2, 10), and 10 in the mid block
+    attention_head_dim=(5, 10, 20),  # diffusers' name for the number of heads: 64-channel heads
+    use_linear_projection=True,
+    cross_attention_dim=2048,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,  # pooled text embeds (1280) + 6 time ids x 256
+    norm_num_groups=32,
+)
+"""SDXL's UNet config at full width, with one transformer layer per attention block (see ``sdxl``)."""
+FLUX_TRANSFORMER = dict(
+    patch_size=1,
+    in_channels=64,  # 16 latent channels packed 2x2
+    num_layers=1,  # FLUX.1: 19 double-stream blocks
+    num_single_layers=1,  # FLUX.1: 38 single-stream blocks
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+"""FLUX.1-dev's transformer config at full width (3072), one block of each kind (see ``flux``)."""
 CLIP_L_TEXT = dict(
     vocab_size=49408,
     hidden_size=768,
@@ -113,14 +158,49 @@ CLIP_L_TEXT = dict(
 def _tiny_preset() -> Preset:
     from .tiny import TINY_TEXT_CONFIG, TINY_UNET_CONFIG  # (imports diffusers: only when measured)
 
-    return Preset("tiny", TINY_UNET_CONFIG, {"vocab_size": 49408, **TINY_TEXT_CONFIG}, 16, 2, 3, 3, 2, 1)
+    return Preset(
+        "tiny", "unet", TINY_UNET_CONFIG, {"vocab_size": 49408, **TINY_TEXT_CONFIG}, 16, 2, 3, 3, 2, 1
+    )
+
+
+def _sd15_preset() -> Preset:
+    """SD 1.5's UNet (860M parameters) and CLIP-L text encoder, 32×32 latents, batch 1."""
+    return Preset("sd15", "unet", SD15_UNET, CLIP_L_TEXT, 32, 2, 3, 3, 3, 2)
+
+
+def _sdxl_preset() -> Preset:
+    """SDXL's UNet at full width, fewer transformer layers: 641M parameters (SDXL: 2.57B).
+
+    Kept from SDXL: block widths (320, 640, 1280), two resnets per down block (three per up block),
+    no attention in the first block, 64-channel heads, linear projections, cross-attention on
+    2048-wide text states, the ``text_time`` added conditioning (pooled text embeds (B, 1280) and 6
+    time ids embedded at 256 = 2816 features). Reduced: ``transformer_layers_per_block`` from
+    (1, 2, 10) to (1, 1, 1), and the mid block's from 10 to 1, i.e. 11 transformer blocks instead
+    of 70; every attention projection of SDXL's shapes is still there. Inputs: 32×32 latents, batch
+    1, 77 text tokens. Merge time includes a CLIP-L text encoder (SDXL's first; not OpenCLIP-bigG).
+    """
+    return Preset("sdxl", "unet", SDXL_UNET, CLIP_L_TEXT, 32, 1, 3, 2, 2, 1)
+
+
+def _flux_preset() -> Preset:
+    """A FLUX.1-dev transformer slice at full width: 546M parameters (FLUX.1: 11.9B).
+
+    Kept from FLUX.1-dev: width 3072 (24 heads of 128), rotary axes (16, 56, 56), T5-XXL-wide text
+    states (4096), CLIP-L pooled projections (768), packed 64-channel latents, guidance embedding.
+    Reduced: one double-stream block (FLUX.1: 19) and one single-stream block (FLUX.1: 38).
+    Inputs: 256 image tokens (32×32 latents packed 2×2: a 256-px image), 64 text tokens, batch 1.
+    Merge time is the transformer's alone (Flux's text encoders are usually not adapted).
+    """
+    return Preset("flux", "flux", FLUX_TRANSFORMER, None, 16, 1, 3, 2, 2, 1, text_tokens=64)
 
 
 class _Presets(Mapping[str, Preset]):
     """Presets by name, built on first use (so ``--help`` lists them without importing diffusers)."""
 
     _builders: dict[str, Callable[[], Preset]] = {
-        "sd15": lambda: Preset("sd15", SD15_UNET, CLIP_L_TEXT, 32, 2, 3, 3, 3, 2),
+        "sd15": _sd15_preset,
+        "sdxl": _sdxl_preset,
+        "flux": _flux_preset,
         "tiny": _tiny_preset,
     }
 
@@ -135,7 +215,9 @@ class _Presets(Mapping[str, Preset]):
 
 
 PRESETS = _Presets()
-"""The model shapes: ``sd15`` (SD-1.5 UNet, CLIP-L) and ``tiny`` (the embedded tiny pipeline's)."""
+"""The model shapes: ``sd15`` (SD-1.5 UNet, CLIP-L), ``sdxl`` (SDXL UNet at full width, fewer
+transformer layers), ``flux`` (Flux transformer at full width, one block of each kind) and ``tiny``
+(the embedded tiny pipeline's UNet)."""
 
 
 @dataclass(frozen=True)
@@ -187,36 +269,135 @@ def _cheap_init(model: nn.Module, seed: int) -> None:
             chunk.copy_(src * bound)
 
 
-def build_unet(preset: Preset, device: torch.device, seed: int = 0) -> nn.Module:
-    """The preset's ``UNet2DConditionModel``, built on the meta device and filled by :func:`_cheap_init`."""
-    from diffusers import UNet2DConditionModel
+@dataclass
+class ModelInputs:
+    """One batch for one model: the main input, the rest of the call, and a regression target."""
+
+    sample_arg: str
+    """Keyword of the main input in the model's call (``sample`` for a UNet, ``hidden_states`` for Flux)."""
+    sample: torch.Tensor
+    """The main input (noisy latents); training steps pass a grad-enabled copy of it."""
+    cond: dict[str, Any]
+    """Every other keyword argument: timestep, text states, added conditioning, position ids..."""
+    target: torch.Tensor
+    """Random target of the output's shape (the training loss is the MSE to it)."""
+
+    def __call__(self, model: nn.Module, sample: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's output on ``sample`` (default: :attr:`sample`) and the rest of the batch."""
+        sample = self.sample if sample is None else sample
+        return model(**{self.sample_arg: sample}, **self.cond, return_dict=False)[0]
+
+
+Randn = Callable[..., torch.Tensor]
+
+
+def _unet_inputs(preset: Preset, randn: Randn, device: torch.device) -> ModelInputs:
+    """``UNet2DConditionModel`` batch: latents, timestep, text states; SDXL's ``added_cond_kwargs``."""
+    config, size = preset.model, preset.latent_size
+    sample = randn(1, config.get("in_channels", 4), size, size)
+    cond: dict[str, Any] = {
+        "timestep": torch.tensor([500], device=device),
+        "encoder_hidden_states": randn(1, preset.text_tokens, config["cross_attention_dim"]),
+    }
+    if config.get("addition_embed_type") == "text_time":  # SDXL: pooled text embeds ++ embedded time ids
+        time_ids = 6
+        pooled = (
+            config["projection_class_embeddings_input_dim"] - time_ids * config["addition_time_embed_dim"]
+        )
+        pixels = 8 * size  # original size, crop top-left, target size (in pixels)
+        cond["added_cond_kwargs"] = {
+            "text_embeds": randn(1, pooled),
+            "time_ids": torch.tensor(
+                [[pixels, pixels, 0, 0, pixels, pixels]], dtype=torch.float32, device=device
+            ),
+        }
+    target = randn(1, config.get("out_channels", 4), size, size)
+    return ModelInputs("sample", sample, cond, target)
+
+
+def _flux_inputs(preset: Preset, randn: Randn, device: torch.device) -> ModelInputs:
+    """``FluxTransformer2DModel`` batch: ``latent_size²`` packed image tokens, text states, pooled
+    projections, timestep in [0, 1], guidance, and the rotary position ids of text and image tokens."""
+    config, side, text = preset.model, preset.latent_size, preset.text_tokens
+    tokens = side * side
+    out_channels = (config.get("out_channels") or config["in_channels"]) * config.get("patch_size", 1) ** 2
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(tokens, 3)
+    sample = randn(1, tokens, config["in_channels"])
+    cond = {
+        "encoder_hidden_states": randn(1, text, config["joint_attention_dim"]),
+        "pooled_projections": randn(1, config["pooled_projection_dim"]),
+        "timestep": torch.tensor([0.5], device=device),
+        "img_ids": img_ids.to(device, torch.float32),
+        "txt_ids": torch.zeros(text, 3, device=device),
+        "guidance": torch.tensor([3.5], device=device) if config.get("guidance_embeds") else None,
+    }
+    return ModelInputs("hidden_states", sample, cond, randn(1, tokens, out_channels))
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the benchmark needs to know about one kind of model; everything else is shared."""
+
+    model_class: str
+    """The ``diffusers`` model class."""
+    targets: tuple[str, ...]
+    """Module-name suffixes that every method adapts (those the model has)."""
+    make_inputs: Callable[[Preset, Randn, torch.device], ModelInputs]
+    """Builds one batch from a seeded ``randn(*shape)`` that returns tensors on the device."""
+
+
+FAMILIES = {
+    "unet": Family("UNet2DConditionModel", tuple(UNET_ATTENTION_TARGETS), _unet_inputs),
+    "flux": Family(
+        "FluxTransformer2DModel",
+        (*UNET_ATTENTION_TARGETS, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
+        _flux_inputs,
+    ),
+}
+"""Model kinds by :attr:`Preset.family`."""
+
+
+def build_model(preset: Preset, device: torch.device, seed: int = 0) -> nn.Module:
+    """The preset's model, built on the meta device and filled by :func:`_cheap_init`, frozen.
+
+    Only one copy of the weights is ever allocated (none on ``device="meta"``, to check shapes).
+    """
+    import diffusers
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**preset.unet)
-    if next(unet.buffers(), None) is not None:  # buffers would need their real values
-        raise RuntimeError("UNet with buffers: meta-device construction does not apply")
-    unet.to_empty(device=device)
-    _cheap_init(unet, seed)
-    return unet.requires_grad_(False)
+        model = getattr(diffusers, FAMILIES[preset.family].model_class)(**preset.model)
+    if device.type == "meta":
+        return model.requires_grad_(False)
+    if next(model.buffers(), None) is not None:  # buffers would need their real values
+        raise RuntimeError(f"{type(model).__name__} with buffers: meta-device construction does not apply")
+    model.to_empty(device=device)
+    _cheap_init(model, seed)
+    return model.requires_grad_(False)
+
+
+def present_targets(model: nn.Module, targets: tuple[str, ...] | list[str]) -> list[str]:
+    """The ``targets`` that name at least one module of ``model`` (by suffix, as adapters match them)."""
+    names = [name for name, _ in model.named_modules()]
+    return [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
 
 
 def build_text_encoder(preset: Preset, device: torch.device) -> nn.Module:
-    """A CLIP text encoder of the preset's shape (standard init: it is small next to the UNet)."""
+    """A CLIP text encoder of the preset's shape (standard init: it is small next to the model)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    assert preset.text_encoder is not None
     return CLIPTextModel(CLIPTextConfig(**preset.text_encoder)).to(device).requires_grad_(False)
 
 
-def make_inputs(preset: Preset, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+def make_inputs(preset: Preset, device: torch.device, seed: int = 0) -> ModelInputs:
+    """One seeded batch of the preset's shape, through its family's hook."""
     g = torch.Generator().manual_seed(seed)
-    size = preset.latent_size
-    width = preset.unet["cross_attention_dim"]
-    return {
-        "sample": torch.randn(1, 4, size, size, generator=g).to(device),
-        "timestep": torch.tensor([500], device=device),
-        "encoder_hidden_states": torch.randn(1, 77, width, generator=g).to(device),
-        "target": torch.randn(1, 4, size, size, generator=g).to(device),
-    }
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(device)
+
+    return FAMILIES[preset.family].make_inputs(preset, randn, device)
 
 
 # --- adapters -----------------------------------------------------------------------------------
@@ -331,27 +512,23 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def _unet_forward(unet: nn.Module, inputs: dict[str, torch.Tensor], sample: torch.Tensor) -> torch.Tensor:
-    return unet(sample, inputs["timestep"], inputs["encoder_hidden_states"]).sample
-
-
 def time_training(
-    unet: nn.Module, adapter: Adapter, inputs: dict[str, torch.Tensor], preset: Preset, clock: Clock
+    model: nn.Module, adapter: Adapter, inputs: ModelInputs, preset: Preset, clock: Clock
 ) -> dict[str, list[float]]:
     """Training step times, and as many no-adapter steps (adapter off) timed in alternation.
 
     ``warmup_steps`` untimed steps first. The no-adapter steps give each worker its own floor, so
     the ratio of the two cancels whatever the machine's speed was while this worker ran.
     """
-    params = [p for p in unet.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
-    sample = inputs["sample"].clone().requires_grad_(True)
-    unet.train()
+    sample = inputs.sample.clone().requires_grad_(True)
+    model.train()
 
     def step(adapted: bool) -> None:
         with clock.autocast():
-            out = _unet_forward(unet, inputs, sample)
-        loss = F.mse_loss(out.float(), inputs["target"])
+            out = inputs(model, sample)
+        loss = F.mse_loss(out.float(), inputs.target)
         loss.backward()
         if adapted and optimizer is not None:
             optimizer.step()
@@ -375,18 +552,18 @@ def time_training(
 
 @torch.no_grad()
 def time_inference(
-    unet: nn.Module, adapter: Adapter, inputs: dict[str, torch.Tensor], repeats: int, clock: Clock
+    model: nn.Module, adapter: Adapter, inputs: ModelInputs, repeats: int, clock: Clock
 ) -> dict[str, list[float]]:
     """Forward times of the base model (adapter off), the unmerged adapter and the merged one.
 
     The three are interleaved in one process, so each ratio to the base compares like with like
     (same memory state, same machine load); every forward is preceded by an untimed one.
     """
-    unet.eval()
+    model.eval()
 
-    def forward() -> float:
+    def forward() -> None:
         with clock.autocast():
-            _unet_forward(unet, inputs, inputs["sample"])
+            inputs(model)
 
     def timed() -> float:
         forward()
@@ -410,21 +587,23 @@ def measure(method: Method, preset: Preset, device: torch.device | str = "cpu") 
     clock = Clock(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    unet = build_unet(preset, device)
-    unet_adapter = Adapter(method, unet, UNET_ATTENTION_TARGETS)
-    trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    model = build_model(preset, device)  # the only copy of the weights
+    adapter = Adapter(method, model, present_targets(model, FAMILIES[preset.family].targets))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     inputs = make_inputs(preset, device)
-    steps = time_training(unet, unet_adapter, inputs, preset, clock)
+    steps = time_training(model, adapter, inputs, preset, clock)
     peak = peak_memory_bytes(device)  # training peak: measured before anything else is built
-    forward = time_inference(unet, unet_adapter, inputs, preset.forward_repeats, clock)
+    forward = time_inference(model, adapter, inputs, preset.forward_repeats, clock)
 
-    text_encoder = build_text_encoder(preset, device)
-    text_adapter = Adapter(method, text_encoder, TEXT_ENCODER_TARGETS)
+    adapters = [adapter]
+    if preset.text_encoder is not None:
+        text_encoder = build_text_encoder(preset, device)
+        adapters.append(Adapter(method, text_encoder, TEXT_ENCODER_TARGETS))
     merge_times = []
     for _ in range(preset.merge_repeats):
-        merge_times.append(clock.time(lambda: (unet_adapter.merge(), text_adapter.merge())))
-        unet_adapter.unmerge()
-        text_adapter.unmerge()
+        merge_times.append(clock.time(lambda: [a.merge() for a in adapters]))
+        for a in adapters:
+            a.unmerge()
     return {
         "method": method.key,
         "trainable_params": trainable,
