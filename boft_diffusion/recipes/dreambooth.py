@@ -12,8 +12,12 @@ module supplies the data, the adapters, the loss and the model card.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
-from collections.abc import Callable
+import re
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -26,14 +30,21 @@ from torch.utils.data import DataLoader
 from ..atomic import folder_write_problem
 from ..data import (
     IMAGE_EXTENSIONS,
+    PROMPT_EMBEDDINGS_NAME,
     DataError,
     DreamBoothDataset,
     EpochSampler,
     collate_dreambooth,
+    dreambooth_prompts,
     generate_class_images,
     list_images,
+    load_prompt_embeddings,
     load_rgb,
+    read_prompt_embeddings_metadata,
+    save_prompt_embeddings,
 )
+from ..families import Family
+from ..families.sdxl import time_ids
 from ..inject import apply_adapter_plan, plan_adapter
 from ..metrics import (
     EVAL_GUIDANCE,
@@ -48,6 +59,7 @@ from ..metrics import (
     measure_dreambooth,
     world_dreambooth_probe,
 )
+from ..pipeline import base_fingerprint
 from ..tiny import TINY_CLASS_PROMPT, TINY_INSTANCE_PROMPT, TINY_RESOLUTION, make_instance_images
 from ..training.args import (
     BOFTArgs,
@@ -110,6 +122,8 @@ class DreamBoothDataArgs:
     """Center-crop to the resolution (false: random crop)."""
     random_flip: bool = False
     """Flip images horizontally at random."""
+    cache_prompt_embeddings: bool = False
+    """Encode every training prompt (instance prompt, caption files, class prompt) once before training with the frozen text encoders, for large ones such as T5-XXL. The embeddings are kept on the CPU and written to prompt_embeddings.safetensors in data.class_data_dir (with prior preservation) or train.output_dir; a later run reuses that file when it was made by the same model family, text-encoder weights and prompts, and refuses one that was not (delete it to recompute). The encoders are then freed from training: never called by the loss, and on an accelerator moved to CPU memory (validation and metrics sampling move them back for their time). Needs boft.train_text_encoder=false."""
 
     def __post_init__(self) -> None:
         if self.with_prior_preservation and not self.class_prompt:
@@ -174,6 +188,13 @@ class DreamBoothConfig:
     validation: ValidationArgs = field(default_factory=ValidationArgs)
     metrics: DreamBoothMetricsArgs = field(default_factory=DreamBoothMetricsArgs)
 
+    def __post_init__(self) -> None:
+        if self.data.cache_prompt_embeddings and self.boft.train_text_encoder:
+            raise ConfigError(
+                "data.cache_prompt_embeddings=true needs boft.train_text_encoder=false: embeddings of text "
+                "encoders that train change every step and cannot be computed once"
+            )
+
 
 CONFIG_CLASS = DreamBoothConfig
 """The recipe's config class (``boft-diffusion train dreambooth`` loads it)."""
@@ -201,6 +222,14 @@ class DreamBoothRecipe(TrainingRecipe):
         self.probe: DreamBoothProbe | None = None
         self.references: list[Path] = []
         """The instance images subject fidelity compares samples with (set by ``build``)."""
+        self.prompt_cache: dict[str, dict[str, torch.Tensor]] | None = None
+        """``data.cache_prompt_embeddings``: each prompt's conditioning (flattened keys, batch of 1, CPU)."""
+        self.prompt_cache_info: dict[str, str] = {}
+        """What a prompt-embedding file must have been made by (family, text-encoder fingerprint)."""
+        self.reuse_prompt_cache = False
+        """Whether the prompt-embedding file found by ``check_pipeline`` is this run's (else it is computed)."""
+        self.encoders_offloaded = False
+        """Whether the text encoders wait in CPU memory (cached prompts on an accelerator)."""
 
     # --- check -----------------------------------------------------------------------------------
     def class_folder(self) -> Path:
@@ -272,6 +301,10 @@ class DreamBoothRecipe(TrainingRecipe):
 
     def planned_outputs(self) -> list[str]:
         generated = ["instance_images"] if self.cfg.data.instance_data_dir is None else []
+        if self.cfg.data.cache_prompt_embeddings and self.prompt_cache_path().parent == Path(
+            self.cfg.train.output_dir
+        ):
+            generated.append(PROMPT_EMBEDDINGS_NAME)
         return super().planned_outputs() + generated
 
     def input_paths(self) -> list[str | Path]:
@@ -285,6 +318,8 @@ class DreamBoothRecipe(TrainingRecipe):
         self.references = instance
         classes = self._class_images()
         self.components = self._add_adapters()
+        if self.cfg.data.cache_prompt_embeddings:
+            self._build_prompt_cache(instance)
         self.dataloader, self.epoch_aware = self._dataloader(instance, classes)
 
     def _instance_images(self) -> list[Path]:
@@ -302,10 +337,17 @@ class DreamBoothRecipe(TrainingRecipe):
 
     def _class_images(self) -> list[Path] | None:
         """Class images, generated where missing; those generated inside output_dir are recorded as ours."""
-        data, out, accelerator = self.cfg.data, Path(self.cfg.train.output_dir), self.accelerator
-        if not data.with_prior_preservation:
+        if not self.cfg.data.with_prior_preservation:
             return None
         folder = self.class_folder()
+        with warnings.catch_warnings():  # the prompt-embedding cache beside the class images is no image
+            warnings.filterwarnings(
+                "ignore", f"Skipping .*{re.escape(PROMPT_EMBEDDINGS_NAME)}: not a readable image"
+            )
+            return self._fill_class_folder(folder)
+
+    def _fill_class_folder(self, folder: Path) -> list[Path]:
+        data, out, accelerator = self.cfg.data, Path(self.cfg.train.output_dir), self.accelerator
         if accelerator.is_main_process:
             inside = folder.resolve().is_relative_to(out.resolve())
             before = set(folder.iterdir()) if folder.is_dir() else None
@@ -323,6 +365,153 @@ class DreamBoothRecipe(TrainingRecipe):
 
     def check_pipeline(self) -> None:
         self._plan_adapters()
+        if self.cfg.data.cache_prompt_embeddings:
+            self._check_prompt_cache()
+
+    # --- prompt-embedding cache (data.cache_prompt_embeddings) -------------------------------------
+    def prompt_cache_path(self) -> Path:
+        """``prompt_embeddings.safetensors`` in data.class_data_dir (with prior preservation), else output_dir."""
+        data = self.cfg.data
+        if data.with_prior_preservation and data.class_data_dir:
+            return Path(data.class_data_dir).expanduser() / PROMPT_EMBEDDINGS_NAME
+        return Path(self.cfg.train.output_dir) / PROMPT_EMBEDDINGS_NAME
+
+    def training_prompts(self, instance: list[Path] | None = None) -> list[str]:
+        """Every distinct prompt the dataset gives (``instance``: its images; default: the user's, if any)."""
+        data = self.cfg.data
+        images = instance if instance is not None else (self.instance_images or [])
+        class_prompt = data.class_prompt if data.with_prior_preservation else None
+        return dreambooth_prompts(images, data.instance_prompt, data.caption_extension, class_prompt)
+
+    def _overwritten(self, path: Path) -> bool:
+        """Whether ``train.overwrite_output_dir`` sets ``path`` aside as an earlier run's output."""
+        out = Path(self.cfg.train.output_dir).resolve()
+        if not self.cfg.train.overwrite_output_dir or not path.resolve().is_relative_to(out):
+            return False
+        kept = [Path(p).expanduser().resolve() for p in self.input_paths()]
+        return not any(path.resolve().is_relative_to(k) for k in kept)
+
+    def _check_prompt_cache(self) -> None:
+        """A prompt-embedding file already there must be of this family, these encoders and prompts (else a
+        ConfigError saying which differs); a missing one must be writable. Nothing is written."""
+        family, path = self.family, self.prompt_cache_path()
+        self.prompt_cache_info = {
+            "family": family.name,
+            "text_encoder_fingerprint": base_fingerprint(self.pipe, components=list(family.text_encoders)),
+        }
+        self.reuse_prompt_cache = path.exists() and not self._overwritten(path)
+        if not self.reuse_prompt_cache:
+            problem = folder_write_problem(path.parent)
+            if problem:
+                raise ConfigError(f"data.cache_prompt_embeddings: the folder {path.parent} {problem}")
+            return
+        meta = read_prompt_embeddings_metadata(path)
+        stored, now = set(meta["prompts"]), set(self.training_prompts())
+        problems = []
+        if meta.get("family") != family.name:
+            problems.append(f"another model family ({meta.get('family')!r} there, {family.name!r} now)")
+        elif meta.get("text_encoder_fingerprint") != self.prompt_cache_info["text_encoder_fingerprint"]:
+            problems.append(
+                "other text-encoder weights (fingerprint "
+                f"{meta.get('text_encoder_fingerprint')} there, {self.prompt_cache_info['text_encoder_fingerprint']} "
+                "now: another model, seed or revision)"
+            )
+        if stored != now:
+            missing, extra = sorted(now - stored), sorted(stored - now)
+            detail = "; ".join(
+                part
+                for part in (
+                    f"not there: {json.dumps(missing)}" if missing else "",
+                    f"not used now: {json.dumps(extra)}" if extra else "",
+                )
+                if part
+            )
+            problems.append(f"other prompts ({detail})")
+        if problems:
+            raise ConfigError(
+                f"data.cache_prompt_embeddings: {path} holds prompt embeddings of {' and of '.join(problems)}; "
+                "delete that file to compute them anew, or use another "
+                + (
+                    "data.class_data_dir"
+                    if path.parent != Path(self.cfg.train.output_dir)
+                    else "train.output_dir"
+                )
+            )
+
+    def _build_prompt_cache(self, instance: list[Path]) -> None:
+        """Each prompt's conditioning, loaded from the checked file or encoded once and written; then the text
+        encoders are freed from training (moved to the CPU on an accelerator)."""
+        accelerator, path, family = self.accelerator, self.prompt_cache_path(), self.family
+        prompts = self.training_prompts(instance)
+        encoders = {name: getattr(self.pipe, name) for name in family.text_encoders}
+        dtype = next(encoders[family.text_encoders[0]].parameters()).dtype
+        if self.reuse_prompt_cache:
+            cache, meta = load_prompt_embeddings(path)
+            missing = [p for p in prompts if p not in cache]
+            if missing:  # the instance folder's captions changed since the check
+                raise ConfigError(f"data.cache_prompt_embeddings: {path} holds no embedding of {missing}")
+            self.prompt_cache = {
+                p: {k: v.to(dtype) if v.is_floating_point() else v for k, v in cache[p].items()}
+                for p in prompts
+            }
+        else:
+            self.prompt_cache = encode_prompts(
+                family, encoders, self._tokenizers(), prompts, accelerator.device, self.cfg.data.resolution
+            )
+            if accelerator.is_main_process:
+                out = Path(self.cfg.train.output_dir)
+                if path.resolve().is_relative_to(out.resolve()):
+                    record_outputs(out, path)
+                meta = {**self.prompt_cache_info, "dtype": str(dtype).removeprefix("torch.")}
+                save_prompt_embeddings(path, self.prompt_cache, meta)
+            accelerator.wait_for_everyone()
+        if accelerator.device.type != "cpu":
+            for module in encoders.values():
+                module.to("cpu")
+            self.encoders_offloaded = True
+            if accelerator.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    @contextlib.contextmanager
+    def text_encoders_on_device(self) -> Iterator[None]:
+        """The offloaded text encoders back on the accelerator for the block (sampling calls the pipeline)."""
+        if not self.encoders_offloaded:
+            yield
+            return
+        encoders = [getattr(self.pipe, name) for name in self.family.text_encoders]
+        for module in encoders:
+            module.to(self.accelerator.device)
+        try:
+            yield
+        finally:
+            for module in encoders:
+                module.to("cpu")
+            if self.accelerator.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def validate(self, name: str, tag: str = "validation") -> Path | None:
+        with self.text_encoders_on_device():
+            return super().validate(name, tag)
+
+    def measure_run(self, stage: str) -> dict[str, Any] | None:
+        with self.text_encoders_on_device():
+            return super().measure_run(stage)
+
+    def cached_conditioning(self, batch: Mapping[str, Any], device: Any) -> dict[str, Any]:
+        """The conditioning ``family.encode_prompt`` gives ``batch``, from the cache: each sample's prompt's
+        tensors, stacked; SDXL's ``time_ids`` from the batch's image size as ``encode_prompt`` computes them."""
+        rows = [self.prompt_cache[prompt] for prompt in batch["prompts"]]
+        flat = {key: torch.cat([row[key] for row in rows]).to(device) for key in rows[0]}
+        conditioning = _unflatten(flat)
+        added = conditioning.get("added_cond_kwargs")
+        if added is not None and "text_embeds" in added and "time_ids" not in added:
+            size = tuple(batch["pixel_values"].shape[-2:])
+            n = len(rows)
+            original = batch.get("original_sizes", torch.tensor([size] * n))
+            crops = batch.get("crop_top_lefts", torch.zeros(n, 2, dtype=torch.long))
+            ids = time_ids(torch.as_tensor(original), torch.as_tensor(crops), size)
+            added["time_ids"] = ids.to(device, added["text_embeds"].dtype)
+        return conditioning
 
     def _plan_adapters(self) -> dict[str, Any]:
         """The BOFT adapter of each trained component, checked against it (nothing is changed yet)."""
@@ -359,13 +548,14 @@ class DreamBoothRecipe(TrainingRecipe):
             classes, data.class_prompt, data.caption_extension, t.seed,
         )  # fmt: skip
         sampler = EpochSampler(len(dataset), t.seed)
+        tokenize = (
+            None if self.prompt_cache is not None else partial(self.family.tokenize, self._tokenizers())
+        )
         loader = DataLoader(
             dataset,
             batch_size=t.train_batch_size,
             sampler=sampler,
-            collate_fn=partial(
-                collate_dreambooth, tokenize=partial(self.family.tokenize, self._tokenizers())
-            ),
+            collate_fn=partial(collate_dreambooth, tokenize=tokenize),
             num_workers=t.dataloader_num_workers,
             generator=torch.Generator().manual_seed(t.seed),  # keeps loader seeding off the global RNG
         )
@@ -384,12 +574,15 @@ class DreamBoothRecipe(TrainingRecipe):
             latents = encode_latents(self.pipe.vae, batch["pixel_values"])
         family = self.family
         noised = noise_latents(family.objective, scheduler, latents, cfg.train)
-        encoders = {
-            name: self.prepared(name) if name in self.components else getattr(self.pipe, name)
-            for name in family.text_encoders
-        }
-        with torch.set_grad_enabled(cfg.boft.train_text_encoder):
-            conditioning = family.encode_prompt(encoders, batch, latents.device)
+        if self.prompt_cache is not None:
+            conditioning = self.cached_conditioning(batch, latents.device)
+        else:
+            encoders = {
+                name: self.prepared(name) if name in self.components else getattr(self.pipe, name)
+                for name in family.text_encoders
+            }
+            with torch.set_grad_enabled(cfg.boft.train_text_encoder):
+                conditioning = family.encode_prompt(encoders, batch, latents.device)
         pred = family.denoise(
             self.prepared(family.denoiser),
             noised.noisy,
@@ -428,7 +621,67 @@ class DreamBoothRecipe(TrainingRecipe):
         if cfg.train.export_merged:
             from ..export import export_merged
 
-            export_merged(self.pipe, out / "merged")
+            with self.text_encoders_on_device():
+                export_merged(self.pipe, out / "merged")
+
+
+PER_BATCH_CONDITIONING = ("added_cond_kwargs.time_ids",)
+"""Conditioning that depends on the batch's images, not its prompts (SDXL's size / crop ids): never cached."""
+
+
+@torch.no_grad()
+def encode_prompts(
+    family: Family,
+    encoders: Mapping[str, nn.Module],
+    tokenizers: Mapping[str, Any],
+    prompts: list[str],
+    device: Any,
+    resolution: int,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """``{prompt: conditioning}``: ``family.encode_prompt`` of each prompt alone (batch of 1) with the frozen
+    ``encoders`` in eval mode, nested keys flattened (``added_cond_kwargs.text_embeds``), on the CPU, less
+    :data:`PER_BATCH_CONDITIONING`."""
+    modes = {name: module.training for name, module in encoders.items()}
+    for module in encoders.values():
+        module.eval()
+    try:
+        cache = {}
+        for prompt in prompts:
+            batch = dict(family.tokenize(tokenizers, [prompt]))
+            batch["pixel_values"] = torch.zeros(()).expand(1, 3, resolution, resolution)  # its size only
+            conditioning = family.encode_prompt(encoders, batch, device)
+            cache[prompt] = {
+                key: value.detach().cpu()
+                for key, value in _flatten(conditioning).items()
+                if key not in PER_BATCH_CONDITIONING
+            }
+        return cache
+    finally:
+        for name, module in encoders.items():
+            module.train(modes[name])
+
+
+def _flatten(conditioning: Mapping[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
+    flat = {}
+    for key, value in conditioning.items():
+        if isinstance(value, Mapping):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        elif isinstance(value, torch.Tensor):
+            flat[f"{prefix}{key}"] = value
+        else:
+            raise TypeError(f"conditioning {prefix}{key} is a {type(value).__name__}, not a tensor")
+    return flat
+
+
+def _unflatten(flat: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return nested
 
 
 def _usage(cfg: DreamBoothConfig) -> str:
