@@ -401,23 +401,26 @@ def test_eval_refuses_a_control_adapter_with_a_pointer_to_its_metrics(light_run,
     assert not (tmp_path / "g.png").exists()
 
 
-@pytest.mark.parametrize("mode", ["controlnet", "light"])
-def test_each_mode_trains_and_measures_under_bf16_with_gradient_checkpointing(tmp_path, mode):
+def test_each_mode_trains_and_measures_under_bf16_with_gradient_checkpointing(tmp_path):
     """Float32 trained parts next to a bf16 base: the ControlNet's residuals are cast to the UNet's dtype
     (they were added as float32 ahead of the UNet's bf16 norms), the light encoder's features to conv_in's.
-    accelerate keeps one mixed precision per process: each run has a process of its own. (fp16 needs a
-    GPU: on a CPU it is refused before training, as tests/test_run_safety.py checks.)"""
+    accelerate keeps one mixed precision per process: both bf16 runs share one process of their own, through
+    the CLI's entry point. (fp16 needs a GPU: on a CPU it is refused before training, as
+    tests/test_run_safety.py checks.)"""
     from safetensors.torch import load_file
 
-    out = tmp_path / "run"
-    args = ["train", "controlnet", f"control.mode={mode}", f"train.output_dir={out}", *QUICK]
-    args += ["train.mixed_precision=bf16", "train.gradient_checkpointing=true"]
-    done = subprocess.run(
-        [sys.executable, "-m", "boft_diffusion.cli", *args], capture_output=True, text=True, timeout=300
-    )
+    runs = {mode: tmp_path / mode for mode in ("controlnet", "light")}
+    calls = [
+        ["train", "controlnet", f"control.mode={mode}", f"train.output_dir={out}", *QUICK,
+         "train.mixed_precision=bf16", "train.gradient_checkpointing=true"]
+        for mode, out in runs.items()
+    ]  # fmt: skip
+    script = f"import sys; from boft_diffusion import cli; sys.exit(max(cli.main(a) for a in {calls!r}))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert all(t.dtype == torch.float32 for t in load_file(out / "boft_weights.safetensors").values())
-    assert json.loads((out / "metrics.json").read_text())["after"]["control_edge_f1"] is not None
+    for out in runs.values():
+        assert all(t.dtype == torch.float32 for t in load_file(out / "boft_weights.safetensors").values())
+        assert json.loads((out / "metrics.json").read_text())["after"]["control_edge_f1"] is not None
 
 
 def test_inspect_says_what_control_an_adapter_has(light_run, controlnet_run):

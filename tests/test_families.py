@@ -219,11 +219,12 @@ def test_dreambooth_on_each_tiny_family_trains_saves_reloads_merges_and_exports(
     assert np.abs(_images(exported) - after).max() < 1e-2
 
 
-@pytest.mark.parametrize("mode", ["controlnet", "light"])
-def test_controllable_generation_on_tiny_sdxl(tmp_path, mode):
-    """SDXL's ControlNetModel (from its UNet, text-time conditioning included) or the light encoder: trains
-    from the CLI, reloads into a fresh stock SDXL pipeline with identical conditioned samples (through the
-    stock StableDiffusionXLControlNetPipeline for a ControlNet), and merges."""
+def test_controllable_generation_on_tiny_sdxl(tmp_path):
+    """SDXL's ControlNetModel (from its UNet, text-time conditioning included): trains from the CLI, reloads
+    into a fresh stock SDXL pipeline with identical conditioned samples (through the stock
+    StableDiffusionXLControlNetPipeline), and merges. (Light mode shares this path but for the encoder's
+    hook on conv_in, which does not depend on the family; one mode keeps the suite short.)"""
+    mode = "controlnet"
     from boft_diffusion.control import sample_with_control
     from boft_diffusion.metrics import world_control_cases
 
@@ -260,5 +261,4 @@ def test_controllable_generation_on_tiny_sdxl(tmp_path, mode):
     assert np.array_equal(samples(again), first)
     merge_boft(fresh)
     assert np.abs(samples(fresh) - first).max() <= 2  # uint8 pixels: the merge's float rounding
-    merged = out / "merged" / ("controlnet" if mode == "controlnet" else "control_encoder")
-    assert (merged / "config.json").is_file()
+    assert (out / "merged" / "controlnet" / "config.json").is_file()
