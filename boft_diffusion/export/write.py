@@ -21,6 +21,7 @@ import torch
 from ..atomic import atomic_file, staged_dir
 from ..families import FAMILIES, UnsupportedFamilyError, family_of
 from ..pipeline import pipeline_components
+from .flux_keys import flux_single_file_state
 from .merged import merged_pipeline, merged_state_dict
 from .provenance import PROVENANCE_NAME, provenance, provenance_json, safetensors_metadata
 from .sd_keys import to_original_layout
@@ -103,11 +104,20 @@ class _SingleFileLayout:
     """Exactly the components the file holds (``vae`` included)."""
     state: Callable[[Any, torch.dtype | None], dict[str, torch.Tensor]]
     """``(pipe, dtype) -> {original key: merged tensor}``."""
+    holds: tuple[str, ...] | None = None
+    """What the file holds when that is less than ``components`` (Flux: the transformer only)."""
 
 
 _SINGLE_FILE_LAYOUTS: dict[str, _SingleFileLayout] = {
     "sd": _SingleFileLayout(("unet", "vae", "text_encoder"), _sd_state),
     "sdxl": _SingleFileLayout(("unet", "vae", "text_encoder", "text_encoder_2"), _sdxl_state),
+    # BFL's transformer-only file; the VAE and text encoders must be present but are not written
+    # (flux_single_file_state refuses adapters on them)
+    "flux": _SingleFileLayout(
+        ("transformer", "vae", "text_encoder", "text_encoder_2"),
+        flux_single_file_state,
+        holds=("transformer",),
+    ),
 }
 """The families ``single_file`` writes, by :func:`~boft_diffusion.families.family_of` name."""
 
@@ -129,8 +139,8 @@ def _single_file_layout(pipe: Any) -> _SingleFileLayout:
         or getattr(pipe, "vae", None) is None
         or any(c not in components for c in layout.components if c != "vae")
     ):
-        supported = " and ".join(
-            f"{FAMILIES[name].title} checkpoints ({', '.join(lay.components)})"
+        supported = ", ".join(
+            f"{FAMILIES[name].title} checkpoints ({', '.join(lay.holds or lay.components)})"
             for name, lay in _SINGLE_FILE_LAYOUTS.items()
         )
         raise ValueError(
