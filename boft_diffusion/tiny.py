@@ -250,18 +250,24 @@ def _tiny_unet() -> UNet2DConditionModel:
     return UNet2DConditionModel(**TINY_UNET_CONFIG)
 
 
+_TINY_VAE_SHAPE: dict = dict(
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_size=TINY_RESOLUTION,
+)
+"""The tiny VAEs' shape: three stages, two downsamplings (latent channels and factors per family)."""
+
+
 def _tiny_vae() -> AutoencoderKL:
     """Three-stage VAE (two downsamplings): images (B, 3, H, W) <-> latents (B, 4, H/4, W/4)."""
     return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 64, 64),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        layers_per_block=1,
+        **_TINY_VAE_SHAPE,
         latent_channels=4,
-        norm_num_groups=8,
-        sample_size=TINY_RESOLUTION,
         scaling_factor=0.18215,  # explicit, so that the world weights' measured factor is never "a default"
     )
 
@@ -691,15 +697,8 @@ def _tiny_flow_vae(scaling_factor: float, shift_factor: float) -> AutoencoderKL:
     Both pipelines decode ``latents / scaling_factor + shift_factor``; the factors are the real models'.
     """
     return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 64, 64),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        layers_per_block=1,
+        **_TINY_VAE_SHAPE,
         latent_channels=16,
-        norm_num_groups=8,
-        sample_size=TINY_RESOLUTION,
         scaling_factor=scaling_factor,
         shift_factor=shift_factor,
         use_quant_conv=False,

@@ -82,9 +82,11 @@ class Family:
         """The batch key of ``encoder``'s token ids (``input_ids``, ``input_ids_2``, ...)."""
         return "input_ids" + encoder.removeprefix("text_encoder")
 
-    def tokenizers(self, pipe: Any) -> list[Any]:
-        """The tokenizer of each text encoder, in order."""
-        return [component(pipe, name.replace("text_encoder", "tokenizer")) for name in self.text_encoders]
+    def tokenizers(self, pipe: Any) -> dict[str, Any]:
+        """The tokenizer of each text encoder by component name (``tokenizer``, ``tokenizer_2``, ...), in order:
+        what :meth:`tokenize` needs, and all a data loader's workers need of the pipeline."""
+        names = (name.replace("text_encoder", "tokenizer") for name in self.text_encoders)
+        return {name: component(pipe, name) for name in names}
 
     def pipeline_class(self) -> type:
         """The stock pipeline class that samples from this family."""
@@ -97,7 +99,7 @@ class Family:
         """Token ids ``{"input_ids": (B, L), "input_ids_2": ...}``, one entry per text encoder, each
         padded to its tokenizer's ``model_max_length`` and truncated."""
         ids = {}
-        for name, tokenizer in zip(self.text_encoders, self.tokenizers(pipe)):
+        for name, tokenizer in zip(self.text_encoders, self.tokenizers(pipe).values()):
             length = tokenizer.model_max_length
             if self.max_sequence_length and "T5" in type(tokenizer).__name__:
                 length = min(length, self.max_sequence_length)

@@ -368,11 +368,6 @@ class ControlNetRecipe(TrainingRecipe):
     def input_paths(self) -> list[str | Path]:
         return [p for p in (self.cfg.data.train_data_dir,) if p is not None]
 
-    def _tokenizers(self) -> dict[str, Any]:
-        """The family's tokenizers by component name (what the data loader's workers need, not the pipeline)."""
-        names = [n.replace("text_encoder", "tokenizer") for n in self.family.text_encoders]
-        return {n: getattr(self.pipe, n) for n in names}
-
     def check_pipeline(self) -> None:
         family = self.family
         if family.denoiser != "unet":
@@ -445,7 +440,9 @@ class ControlNetRecipe(TrainingRecipe):
             dataset,
             batch_size=t.train_batch_size,
             sampler=sampler,
-            collate_fn=partial(_collate, tokenize=partial(self.family.tokenize, self._tokenizers())),
+            collate_fn=partial(
+                _collate, tokenize=partial(self.family.tokenize, self.family.tokenizers(self.pipe))
+            ),
             num_workers=t.dataloader_num_workers,
             generator=torch.Generator().manual_seed(t.seed),
         )

@@ -456,7 +456,12 @@ class DreamBoothRecipe(TrainingRecipe):
             }
         else:
             self.prompt_cache = encode_prompts(
-                family, encoders, self._tokenizers(), prompts, accelerator.device, self.cfg.data.resolution
+                family,
+                encoders,
+                self.family.tokenizers(self.pipe),
+                prompts,
+                accelerator.device,
+                self.cfg.data.resolution,
             )
             if accelerator.is_main_process:
                 out = Path(self.cfg.train.output_dir)
@@ -549,7 +554,9 @@ class DreamBoothRecipe(TrainingRecipe):
         )  # fmt: skip
         sampler = EpochSampler(len(dataset), t.seed)
         tokenize = (
-            None if self.prompt_cache is not None else partial(self.family.tokenize, self._tokenizers())
+            None
+            if self.prompt_cache is not None
+            else partial(self.family.tokenize, self.family.tokenizers(self.pipe))
         )
         loader = DataLoader(
             dataset,
@@ -560,11 +567,6 @@ class DreamBoothRecipe(TrainingRecipe):
             generator=torch.Generator().manual_seed(t.seed),  # keeps loader seeding off the global RNG
         )
         return loader, [sampler, dataset]
-
-    def _tokenizers(self) -> dict[str, Any]:
-        """The family's tokenizers by component name (what the data loader's workers need, not the pipeline)."""
-        names = [n.replace("text_encoder", "tokenizer") for n in self.family.text_encoders]
-        return {n: getattr(self.pipe, n) for n in names}
 
     # --- train -----------------------------------------------------------------------------------
     def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:

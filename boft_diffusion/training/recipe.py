@@ -33,6 +33,7 @@ from ..atomic import atomic_file, atomic_write_text
 from ..families import Family, family_of
 from ..inject import adapter_state_dict, count_parameters, set_enabled
 from ..io import ADAPTER_WEIGHTS_NAME, save_boft_weights
+from ..io.load import FAMILY_METADATA
 from ..metrics import Measurement, before_after_rows, format_metrics, grid
 from ..pipeline import base_fingerprint
 from .args import config_to_dict, config_to_yaml
@@ -425,7 +426,7 @@ class TrainingRecipe:
                 metadata={
                     "base_model": self.base_model,
                     "base_fingerprint": self.base_fingerprint or "",
-                    "family": self.family.name,
+                    FAMILY_METADATA: self.family.name,
                     **self.adapter_metadata(),
                 },
             )
