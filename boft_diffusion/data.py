@@ -421,7 +421,7 @@ def generate_class_images(
             chunk = indices[start : start + batch_size]
             generators = [torch.Generator().manual_seed(seed + k) for k in chunk]
             images = pipe(
-                [class_prompt] * len(chunk),
+                prompt=[class_prompt] * len(chunk),
                 num_inference_steps=num_inference_steps,
                 generator=generators,
                 height=resolution,

@@ -39,10 +39,13 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLFlux2,
     ControlNetModel,
     DDIMScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
     SD3Transformer2DModel,
@@ -58,6 +61,9 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Qwen2Tokenizer,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -70,8 +76,10 @@ __all__ = [
     "TINY_INSTANCE_PROMPT",
     "TINY_RESOLUTION",
     "build_tiny_controlnet",
+    "build_tiny_flux2_pipeline",
     "build_tiny_flux_pipeline",
     "build_tiny_pipeline",
+    "build_tiny_qwen_tokenizer",
     "build_tiny_sd3_pipeline",
     "build_tiny_sdxl_pipeline",
     "build_tiny_t5_tokenizer",
@@ -173,7 +181,12 @@ def _merge_pair(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]
 @lru_cache(maxsize=1)
 def _learn_merges(num_merges: int = NUM_MERGES) -> tuple[tuple[str, str], ...]:
     """Greedy BPE on the corpus: merge the most frequent pair, ties broken by the pair itself."""
-    words = _corpus_words()
+    return _greedy_merges(_corpus_words(), num_merges)
+
+
+def _greedy_merges(words: Counter[tuple[str, ...]], num_merges: int) -> tuple[tuple[str, str], ...]:
+    """Greedy BPE on ``words`` (symbol tuples with counts): merge the most frequent pair, ties broken by
+    the pair itself."""
     merges: list[tuple[str, str]] = []
     for _ in range(num_merges):
         pairs: Counter[tuple[str, str]] = Counter()
@@ -840,3 +853,158 @@ def build_tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
         transformer=transformer,
     )
     return _finish(pipe, transformer, vae, text_encoder, text_encoder_2)
+
+
+# --- FLUX.2 [klein]: Qwen3 prompts, a Flux.2 transformer on patchified, batch-norm-normalised latents ---
+#
+#   latents (B, 16, 16, 16) --2x2 patches, VAE batch norm--> (B, 64, 8, 8) --packed--> (B, 64 tokens, 64);
+#   text: chat-templated prompt (B, 512) --Qwen3, hidden states 9, 18, 27 stacked--> (B, 512, 3 x 32)
+
+QWEN_PAD, QWEN_IM_START, QWEN_IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+QWEN_THINK = ("<think>", "</think>")
+TINY_QWEN_MAX_TOKENS = 512
+"""``model_max_length`` of the tiny Qwen tokenizer: FLUX.2 [klein]'s ``max_sequence_length``."""
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+"""Qwen3's chat template, reduced to plain messages: ``<|im_start|>role\\ncontent<|im_end|>\\n`` per message, then
+the generation prompt with an empty think block when ``enable_thinking=False``."""
+
+TINY_QWEN3_CONFIG: dict = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=27,  # Flux2KleinPipeline stacks hidden states 9, 18 and 27 by default
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=TINY_QWEN_MAX_TOKENS,
+    tie_word_embeddings=True,
+)
+"""The tiny ``Qwen3Config`` shape (vocabulary and special tokens come from the tiny Qwen tokenizer)."""
+
+TINY_FLUX2_TRANSFORMER_CONFIG: dict = dict(
+    patch_size=1,
+    in_channels=4 * 16,  # 16 latent channels in 2x2 patches
+    num_layers=1,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=4,
+    joint_attention_dim=3 * TINY_QWEN3_CONFIG["hidden_size"],  # three stacked hidden states
+    timestep_guidance_channels=32,
+    mlp_ratio=3.0,
+    axes_dims_rope=(4, 4, 4, 4),  # sums to attention_head_dim
+    guidance_embeds=False,  # as klein
+)
+"""The tiny ``Flux2Transformer2DModel`` config (single blocks' fused widths: ``to_qkv_mlp_proj`` 64 -> 576,
+``to_out`` 256 -> 64)."""
+
+
+def _qwen_words() -> Counter[tuple[str, ...]]:
+    """Corpus words as GPT-2 byte-level symbol tuples with the leading space (``Ġword``), with counts."""
+    table = _byte_to_unicode()
+    return Counter(
+        tuple(table[b] for b in f" {word}".encode()) for word in re.findall(r"[a-z]+", _CORPUS.lower())
+    )
+
+
+@lru_cache(maxsize=1)
+def _qwen_merges() -> tuple[tuple[str, str], ...]:
+    return _greedy_merges(_qwen_words(), NUM_MERGES)
+
+
+def build_tiny_qwen_tokenizer() -> Qwen2Tokenizer:
+    """A Qwen2-style byte-level BPE tokenizer (~700 tokens) built from code, merges learned from the corpus.
+
+    As Qwen's: GPT-2 byte-level pieces (every corpus word with its leading space is one ``Ġword`` token),
+    Qwen's pre-tokenizer, ``<|endoftext|>`` padding (right), ``<|im_end|>`` as end of sequence, the chat
+    tokens ``<|im_start|>`` / ``<|im_end|>`` and ``<think>`` / ``</think>``, and a reduced Qwen3 chat template
+    (:data:`QWEN_CHAT_TEMPLATE`) that ``apply_chat_template(..., enable_thinking=False)`` accepts.
+    """
+    merges = _qwen_merges()
+    tokens = [*_byte_to_unicode().values(), *("".join(m) for m in merges)]
+    tokens += [QWEN_PAD, QWEN_IM_START, QWEN_IM_END, *QWEN_THINK]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=list(merges),
+        unk_token=None,
+        eos_token=QWEN_IM_END,
+        pad_token=QWEN_PAD,
+        extra_special_tokens=[QWEN_IM_START, QWEN_IM_END],
+        model_max_length=TINY_QWEN_MAX_TOKENS,
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    tokenizer.add_tokens(list(QWEN_THINK))
+    return tokenizer
+
+
+def _tiny_qwen3(tokenizer: Qwen2Tokenizer) -> Qwen3ForCausalLM:
+    """A 27-layer Qwen3 language model of width 32: ids (B, L) -> hidden states (B, L, 32) x 28, SDPA."""
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        **TINY_QWEN3_CONFIG,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        attn_implementation="sdpa",
+    )
+    return Qwen3ForCausalLM(config)
+
+
+def _tiny_flux2_vae() -> AutoencoderKLFlux2:
+    """Flux.2-style VAE, 16 latent channels: images (B, 3, H, W) <-> (B, 16, H/4, W/4), with latent
+    batch-norm statistics of the 2x2 patches (64 channels) drawn from the seed (the pipeline normalises
+    latents by them; a fresh BatchNorm's 0 / 1 would hide a missing normalisation)."""
+    vae = AutoencoderKLFlux2(**_TINY_VAE_SHAPE, latent_channels=16)
+    vae.bn.running_mean.copy_(0.1 * torch.randn_like(vae.bn.running_mean))
+    vae.bn.running_var.copy_(0.5 + torch.rand_like(vae.bn.running_var))
+    return vae
+
+
+def build_tiny_flux2_pipeline(seed: int = 0) -> Flux2KleinPipeline:
+    """A tiny randomly initialised FLUX.2 [klein] pipeline, deterministic from ``seed``.
+
+    Components as FLUX.2 [klein] (base, not step-distilled): a ``Flux2Transformer2DModel`` (1 double + 2
+    single-stream blocks, 4 heads of 16, RoPE axes 4 x 4, no guidance embedding), a 27-layer
+    ``Qwen3ForCausalLM`` (width 32) with the tiny Qwen tokenizer (:func:`build_tiny_qwen_tokenizer`), an
+    ``AutoencoderKLFlux2`` with 16 latent channels (latents (B, 16, H/4, W/4), patchified 2x2 to 64 channels
+    and normalised by its batch-norm statistics), flow-matching Euler with dynamic shifting. The prompt
+    conditioning is Qwen3's hidden states 9, 18 and 27 stacked: (B, 512, 96). The global torch RNG is left
+    untouched; image sides must be multiples of 8 px.
+    """
+    tokenizer = build_tiny_qwen_tokenizer()
+    transformer, vae, text_encoder = _seeded(
+        seed,
+        lambda: (
+            Flux2Transformer2DModel(**TINY_FLUX2_TRANSFORMER_CONFIG),
+            _tiny_flux2_vae(),
+            _tiny_qwen3(tokenizer),
+        ),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        time_shift_type="exponential",
+    )
+    pipe = Flux2KleinPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        is_distilled=False,
+    )
+    return _finish(pipe, transformer, vae, text_encoder)

@@ -232,9 +232,9 @@ class _CountingPipe:
     def __init__(self, pipe):
         self.pipe, self.generated = pipe, 0
 
-    def __call__(self, prompts, **kwargs):
-        self.generated += len(prompts)
-        return self.pipe(prompts, **kwargs)
+    def __call__(self, prompt, **kwargs):
+        self.generated += len(prompt)
+        return self.pipe(prompt=prompt, **kwargs)
 
 
 def test_generate_class_images_fills_missing_and_reuses(tiny_pipe, tmp_path):

@@ -156,7 +156,7 @@ def test_resume_from_an_explicit_checkpoint_name(tmp_path):
 def test_a_kill_during_a_checkpoint_save_leaves_the_previous_one_usable(tmp_path, monkeypatch):
     out = tmp_path / "run"
     calls = []
-    real_save = checkpoint_module.save_boft_weights
+    real_save = checkpoint_module.write_adapter
 
     def save_then_die(*args, **kwargs):
         calls.append(args[1])
@@ -164,10 +164,10 @@ def test_a_kill_during_a_checkpoint_save_leaves_the_previous_one_usable(tmp_path
             raise KeyboardInterrupt("killed while saving")
         return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(checkpoint_module, "save_boft_weights", save_then_die)
+    monkeypatch.setattr(checkpoint_module, "write_adapter", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(make_config(out, "train.max_train_steps=4", "train.checkpointing_steps=2"))
-    monkeypatch.setattr(checkpoint_module, "save_boft_weights", real_save)
+    monkeypatch.setattr(checkpoint_module, "write_adapter", real_save)
 
     assert not (out / "checkpoint-4").exists()  # the interrupted save is never promoted
     assert latest_checkpoint(out) == out / "checkpoint-2"

@@ -9,6 +9,7 @@ weight) is one ``error:`` line and exit code 2, and no image is written.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import sys
@@ -146,11 +147,17 @@ def _generate(pipe: Any, args: argparse.Namespace, device: str) -> list[Any]:
             bar.update(1)
             return kwargs
 
+        # FLUX.2 [klein] takes no negative prompt (and an image first): pass what the pipeline accepts, by name
+        negative = (
+            {"negative_prompt": args.negative_prompt}
+            if "negative_prompt" in inspect.signature(pipe.__call__).parameters
+            else {}
+        )
         for i in range(args.num_images):
             generator = torch.Generator(device=device).manual_seed(args.seed + i)
             result = pipe(
-                args.prompt,
-                negative_prompt=args.negative_prompt,
+                prompt=args.prompt,
+                **negative,
                 num_inference_steps=args.steps,
                 guidance_scale=args.guidance_scale,
                 height=args.height,

@@ -14,6 +14,7 @@ from typing import Any
 
 from .base import Family, UnsupportedFamilyError
 from .flux import FLUX
+from .flux2 import FLUX2
 from .sd import SD
 from .sd3 import SD3
 from .sdxl import SDXL
@@ -21,6 +22,7 @@ from .sdxl import SDXL
 __all__ = [
     "FAMILIES",
     "FLUX",
+    "FLUX2",
     "SD",
     "SD3",
     "SDXL",
@@ -30,7 +32,7 @@ __all__ = [
     "get_family",
 ]
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (SD, SDXL, SD3, FLUX)}
+FAMILIES: dict[str, Family] = {family.name: family for family in (SD, SDXL, SD3, FLUX, FLUX2)}
 """Every supported family by name, in the order :func:`family_of` tries them."""
 
 

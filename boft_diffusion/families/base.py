@@ -116,6 +116,15 @@ class Family:
         ``encoders`` maps each text-encoder name to the module to call (the trained, prepared one)."""
         raise NotImplementedError
 
+    # --- latents --------------------------------------------------------------------------------
+    def encode_latents(self, vae: Any, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, 3, H, W)`` in ``[-1, 1]`` -> the latents ``(B, C, h, w)`` the denoiser is trained on,
+        as the family's pipeline decodes them: by default a posterior sample, shifted by the VAE's
+        ``shift_factor`` and scaled by its ``scaling_factor``."""
+        latents = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist.sample()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
     # --- the denoiser ---------------------------------------------------------------------------
     def denoise(
         self,

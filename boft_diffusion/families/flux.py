@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
 from ..inject import TEXT_ENCODER_TARGETS
@@ -63,7 +64,7 @@ class _Flux(Family):
         b, _, h, w = noisy.shape
         states = conditioning["encoder_hidden_states"]
         guidance = None
-        if getattr(denoiser.config, "guidance_embeds", False):
+        if getattr(extract_model_from_parallel(denoiser).config, "guidance_embeds", False):  # DDP-wrapped too
             guidance = torch.full(
                 (b,), 3.5 if guidance_scale is None else guidance_scale, device=noisy.device
             )

@@ -79,7 +79,6 @@ from ..training.args import (
 from ..training.card import write_model_card
 from ..training.noise import (
     diffusion_loss,
-    encode_latents,
     noise_latents,
 )
 from ..training.recipe import TrainingRecipe, TrainResult
@@ -289,6 +288,11 @@ class ControlNetRecipe(TrainingRecipe):
 
     cfg: ControlNetConfig
     run_identity = ("model", "boft", "control", "data", "train.seed")
+    recipe_name = "ControlNet"
+    unshardable = (
+        "its validation, measurement and merged export read the ControlNet (or the light encoder) whole; "
+        "its trained parameters fit plain data parallelism (accelerate launch --multi_gpu)"
+    )
 
     def __init__(self, cfg: ControlNetConfig) -> None:
         super().__init__(cfg)
@@ -487,7 +491,7 @@ class ControlNetRecipe(TrainingRecipe):
     def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         cfg, family = self.cfg, self.family
         with torch.no_grad():
-            latents = encode_latents(self.pipe.vae, batch["pixel_values"])
+            latents = self.family.encode_latents(self.pipe.vae, batch["pixel_values"])
             encoders = {name: getattr(self.pipe, name) for name in family.text_encoders}
             conditioning = family.encode_prompt(encoders, batch, latents.device)
         noised = noise_latents(family.objective, self.noise_scheduler, latents, cfg.train)

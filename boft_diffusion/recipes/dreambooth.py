@@ -46,6 +46,7 @@ from ..data import (
 from ..families import Family
 from ..families.sdxl import time_ids
 from ..inject import apply_adapter_plan, plan_adapter
+from ..io import load_boft_weights
 from ..metrics import (
     EVAL_GUIDANCE,
     EVAL_STEPS,
@@ -72,11 +73,11 @@ from ..training.args import (
 from ..training.card import write_model_card
 from ..training.noise import (
     diffusion_loss,
-    encode_latents,
     noise_latents,
 )
 from ..training.recipe import TrainingRecipe, TrainResult
-from ..training.setup import record_outputs
+from ..training.setup import load_pipeline, record_outputs
+from ..training.sharding import is_sharded
 from ..world import parse_caption
 
 __all__ = [
@@ -213,6 +214,7 @@ class DreamBoothRecipe(TrainingRecipe):
     """DreamBooth: instance (and class) images, BOFT on the UNet (and text encoder), the denoising loss."""
 
     cfg: DreamBoothConfig
+    recipe_name = "DreamBooth"
 
     def __init__(self, cfg: DreamBoothConfig) -> None:
         super().__init__(cfg)
@@ -573,7 +575,7 @@ class DreamBoothRecipe(TrainingRecipe):
         """Denoising loss of one batch (instance half + ``prior_loss_weight`` x class half)."""
         cfg, scheduler = self.cfg, self.noise_scheduler
         with torch.no_grad():
-            latents = encode_latents(self.pipe.vae, batch["pixel_values"])
+            latents = self.family.encode_latents(self.pipe.vae, batch["pixel_values"])
         family = self.family
         noised = noise_latents(family.objective, scheduler, latents, cfg.train)
         if self.prompt_cache is not None:
@@ -623,6 +625,11 @@ class DreamBoothRecipe(TrainingRecipe):
         if cfg.train.export_merged:
             from ..export import export_merged
 
+            if is_sharded(self.accelerator):  # the denoiser is split across processes: merge a whole copy
+                pipe = load_pipeline(cfg.model)
+                load_boft_weights(pipe, out)
+                export_merged(pipe, out / "merged")
+                return
             with self.text_encoders_on_device():
                 export_merged(self.pipe, out / "merged")
 

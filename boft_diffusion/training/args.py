@@ -91,14 +91,15 @@ class ModelArgs:
     the procedural world, shipped in the package) or random (initialised from tiny_seed; learns nothing real)."""
     tiny_seed: int = 0
     """Seed of the random tiny pipeline (tiny_weights=random) and of the generated instance images."""
-    tiny_family: Literal["sd", "sdxl", "sd3", "flux"] = "sd"
+    tiny_family: Literal["sd", "sdxl", "sd3", "flux", "flux2"] = "sd"
     """Model family of the embedded tiny pipeline: sd (Stable Diffusion 1.x shape; world or random weights), sdxl,
-    sd3 or flux (random weights only; stock component classes in tiny configs, boft_diffusion.tiny)."""
+    sd3, flux or flux2 (random weights only; stock component classes in tiny configs, boft_diffusion.tiny)."""
 
     def __post_init__(self) -> None:
         _check_seed("model.tiny_seed", self.tiny_seed)
         _require(
-            self.tiny_family in ("sd", "sdxl", "sd3", "flux"), "model.tiny_family", "sd, sdxl, sd3 or flux",
+            self.tiny_family in ("sd", "sdxl", "sd3", "flux", "flux2"), "model.tiny_family",
+            "sd, sdxl, sd3, flux or flux2",
             self.tiny_family,
         )  # fmt: skip
         if self.pretrained_model_name_or_path is None and self.tiny_family != "sd":

@@ -43,11 +43,12 @@ from torch import nn
 
 from ..atomic import atomic_write_text, staged_dir
 from ..inject import adapter_state_dict, load_adapter_state_dict
-from ..io import ADAPTER_WEIGHTS_NAME, AdapterFormatError, read_adapter, save_boft_weights
+from ..io import ADAPTER_WEIGHTS_NAME, AdapterFile, AdapterFormatError, read_adapter, write_adapter
 from ..io.format import atomic_save_safetensors
 from .args import ConfigError, config_to_dict
 from .loop import TrainingDiverged, TrainingError, TrainingInterrupted, first_nonfinite
 from .optim import schedule_keys
+from .sharding import full_adapter, full_state, shard_like, shard_optimizer_state
 
 __all__ = [
     "CHECKPOINT_MARKER",
@@ -368,8 +369,15 @@ def load_adapter_tensors(components: Mapping[str, nn.Module], folder: str | Path
     """
     saved = _read_adapter(Path(folder))
     for comp, module in components.items():
+        current = adapter_state_dict(module, adapter_name)
+        tensors = {
+            key: shard_like(value, current[key])
+            if key in current and value.shape == current[key].shape
+            else value
+            for key, value in saved.tensors.get(comp, {}).items()
+        }  # sharded runs: each process keeps its shard of the full saved tensor
         try:
-            load_adapter_state_dict(module, saved.tensors.get(comp, {}), adapter_name)
+            load_adapter_state_dict(module, tensors, adapter_name)
         except ValueError as err:
             raise ConfigError(
                 f"Checkpoint {folder} does not fit this run's {comp} adapter (another BOFT config?): {err}"
@@ -386,7 +394,7 @@ def load_checkpoint(accelerator: Accelerator, folder: str | Path, state: Trainin
     rng = _read_rng(folder / rng_state_file(accelerator.process_index))
     load_adapter_tensors(state.components, folder, state.adapter_name)
     try:
-        state.optimizer.load_state_dict(optimizer)
+        state.optimizer.load_state_dict(shard_optimizer_state(state.optimizer, optimizer))
         state.lr_scheduler.load_state_dict(scheduler)
         if scaler is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(scaler)
@@ -476,19 +484,20 @@ def _decode(node: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
 def _optimizer_payload(state: TrainingState, scaler: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     tensors: dict[str, torch.Tensor] = {}
     metadata = {
-        "optimizer": json.dumps(_encode(state.optimizer.state_dict(), tensors)),
+        "optimizer": json.dumps(_encode(full_state(state.optimizer.state_dict()), tensors)),
         "lr_scheduler": json.dumps(_encode(state.lr_scheduler.state_dict(), tensors)),
         "grad_scaler": json.dumps(_encode(None if scaler is None else scaler.state_dict(), tensors)),
     }
     return tensors, metadata
 
 
-def check_finite_adapter(components: Mapping[str, nn.Module], adapter_name: str, what: str) -> None:
-    """Raise :class:`TrainingDiverged` before ``what`` is saved if an adapter tensor is NaN or inf."""
+def check_finite_adapter(adapter: AdapterFile, what: str) -> None:
+    """Raise :class:`TrainingDiverged` before ``what`` is saved if an adapter tensor is NaN or inf
+    (``adapter``: the full tensors, :func:`~boft_diffusion.training.sharding.full_adapter`)."""
     named = (
         (f"{comp}.{key}", tensor)
-        for comp, module in components.items()
-        for key, tensor in adapter_state_dict(module, adapter_name).items()
+        for comp, tensors in adapter.tensors.items()
+        for key, tensor in tensors.items()
     )
     bad = first_nonfinite(named)
     if bad is not None:
@@ -512,13 +521,14 @@ def _write_checkpoint(
     final: Path,
     step: int,
     state: TrainingState,
+    adapter: AdapterFile,
     payload: tuple[dict[str, torch.Tensor], dict[str, str]],
     rng_states: list[tuple[dict[str, torch.Tensor], dict[str, str]]],
     extra: Callable[[Path], Any] | None,
 ) -> None:
     """Main process: fill a staging folder, mark it complete, rename it to ``final``."""
     with staged_dir(final, replace=True) as staging:
-        save_boft_weights(dict(state.components), staging, state.adapter_name)
+        write_adapter(adapter, staging)
         atomic_save_safetensors(payload[0], staging / OPTIMIZER_FILE, payload[1])
         for rank, (tensors, metadata) in enumerate(rng_states):
             atomic_save_safetensors(tensors, staging / rng_state_file(rank), metadata)
@@ -591,7 +601,8 @@ def save_checkpoint(
     """
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
-    check_finite_adapter(state.components, state.adapter_name, f"the checkpoint {final}")
+    adapter = full_adapter(state.components, state.adapter_name)  # every process: gathers shards
+    check_finite_adapter(adapter, f"the checkpoint {final}")
     payload = _optimizer_payload(state, accelerator.scaler)
     bad = first_nonfinite(payload[0].items())
     if bad is not None:
@@ -600,7 +611,7 @@ def save_checkpoint(
     error = None
     if accelerator.is_main_process:
         try:
-            _write_checkpoint(final, step, state, payload, rng_states, extra)
+            _write_checkpoint(final, step, state, adapter, payload, rng_states, extra)
         except Exception as err:  # reported on every process by _raise_if_failed
             error = err
     _raise_if_failed(accelerator, final, error)

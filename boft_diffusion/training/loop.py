@@ -13,6 +13,8 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from .sharding import local_tensor, on_any_process
+
 __all__ = [
     "LossMeter",
     "StepPlan",
@@ -128,16 +130,21 @@ def check_finite_loss(loss: float, step: int) -> None:
         )
 
 
-def check_finite_parameters(components: Mapping[str, nn.Module], step: int) -> None:
+def check_finite_parameters(
+    components: Mapping[str, nn.Module], step: int, accelerator: Accelerator | None = None
+) -> None:
     """Raise :class:`TrainingDiverged` naming the first trained parameter that is NaN or inf after
-    the optimiser step ``step`` (parameters are identical on every process)."""
+    the optimiser step ``step``. Parameters are identical on every process, or (sharded, with
+    ``accelerator``) each process checks its shards and all of them agree, so every process stops."""
     named = (
-        (f"{comp}.{name}", param)
+        (f"{comp}.{name}", local_tensor(param))
         for comp, module in components.items()
         for name, param in module.named_parameters()
         if param.requires_grad
     )
     bad = first_nonfinite(named)
+    if accelerator is not None and on_any_process(accelerator, bad is not None) and bad is None:
+        bad = "shard of another process"
     if bad is not None:
         raise TrainingDiverged(
             f"Training diverged at step {step}: the parameter {bad} is NaN or inf after the optimiser "

@@ -22,20 +22,12 @@ __all__ = [
     "diffusion_loss",
     "noise_latents",
     "training_scheduler",
-    "encode_latents",
     "prediction_target",
     "sample_noise",
     "sample_timesteps",
     "snr",
     "snr_loss_weights",
 ]
-
-
-def encode_latents(vae: Any, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Images ``(B, 3, H, W)`` in ``[-1, 1]`` -> scaled latents ``(B, C, H/f, W/f)`` (a posterior sample)."""
-    latents = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist.sample()
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (latents - shift) * vae.config.scaling_factor
 
 
 def sample_noise(latents: torch.Tensor, noise_offset: float = 0.0) -> torch.Tensor:

@@ -31,8 +31,8 @@ from torch import nn
 
 from ..atomic import atomic_file, atomic_write_text
 from ..families import Family, family_of
-from ..inject import adapter_state_dict, count_parameters, set_enabled
-from ..io import ADAPTER_WEIGHTS_NAME, save_boft_weights
+from ..inject import count_parameters, set_enabled
+from ..io import ADAPTER_WEIGHTS_NAME, AdapterFile, write_adapter
 from ..io.load import FAMILY_METADATA
 from ..metrics import Measurement, before_after_rows, format_metrics, grid
 from ..pipeline import base_fingerprint
@@ -71,6 +71,7 @@ from .setup import (
     weight_dtype,
     write_run_config,
 )
+from .sharding import check_sharding, full_adapter, samples_on_every_process
 from .tracking import ProgressBar, init_trackers
 from .validation import run_validation, sampling_context
 
@@ -108,6 +109,10 @@ class TrainingRecipe:
 
     run_identity: tuple[str, ...] = ("model", "boft", "data", "train.seed")
     """Keys that make two configs the same run (a resume may change the others, e.g. steps or logging)."""
+    recipe_name = "training"
+    """The recipe's name in messages."""
+    unshardable: str | None = None
+    """Why the recipe cannot train under FSDP, if it cannot (:func:`~.sharding.check_sharding`)."""
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -135,6 +140,8 @@ class TrainingRecipe:
         """The recipe's metrics of the base model, measured before the first step (main process)."""
         self.report: dict[str, Any] | None = None
         """metrics.json's content once the run has measured itself after training."""
+        self.saved: AdapterFile | None = None
+        """The final adapter as :meth:`save` wrote it (whole tensors, on the CPU)."""
 
     # --- what a recipe supplies ------------------------------------------------------------------
     def check_task_inputs(self) -> None:
@@ -236,6 +243,7 @@ class TrainingRecipe:
         for module in self.components.values():
             module.train()
         self.noise_scheduler = training_scheduler(family.objective, self.pipe.scheduler)
+        check_sharding(accelerator, self.components, self.recipe_name, self.unshardable)
         self.params = trainable_parameters(self.components.values())
         n = accelerator.num_processes
         lr = cfg.optim.learning_rate * (
@@ -252,6 +260,8 @@ class TrainingRecipe:
         *self.trained, self.optimizer, self.dataloader, self.lr_scheduler = accelerator.prepare(
             *self.components.values(), optimizer, self.dataloader, lr_scheduler
         )
+        # FSDP2 shards the modules in place with new (DTensor) parameters: clip what the optimiser steps
+        self.params = trainable_parameters(self.components.values())
         keys = resume_keys(cfg, self.plan.max_train_steps)
         self.state = TrainingState(
             self.components, self.optimizer, self.lr_scheduler, TrainProgress(), cfg.boft.adapter_name, keys
@@ -292,7 +302,7 @@ class TrainingRecipe:
                     if loss is None:  # accumulating: no optimiser step yet
                         continue
                     progress.step += 1
-                    check_finite_parameters(self.components, progress.step)
+                    check_finite_parameters(self.components, progress.step, accelerator)
                     logs = {"loss": loss, "lr": self.lr_scheduler.get_last_lr()[0]}
                     self.losses.append(logs["loss"])
                     bar.update(logs)
@@ -352,7 +362,8 @@ class TrainingRecipe:
     def measure_run(self, stage: str) -> dict[str, Any] | None:
         """Measure the base (``stage="before"``: adapters off) or the trained model (``"after"``).
 
-        Main process only, trained modules in eval mode, the RNG state forked (measuring never changes
+        Main process only (every process when sharded, in lockstep; the main one writes), trained
+        modules in eval mode, the RNG state forked (measuring never changes
         what training draws). After training, writes ``metrics.json`` (before, after, scorer, probe),
         the before / after sample grid ``metrics.png``, and logs the numbers to the trackers; returns
         metrics.json's content (``None`` for "before" and on other processes).
@@ -361,7 +372,7 @@ class TrainingRecipe:
         if not self.measures():
             return None
         report = None
-        if accelerator.is_main_process:
+        if accelerator.is_main_process or samples_on_every_process(accelerator):
             modes = [m.training for m in self.components.values()]
             for module in self.components.values():
                 module.eval()
@@ -374,7 +385,7 @@ class TrainingRecipe:
                 module.train(mode)
             if stage == "before":
                 self.before = measured
-            else:
+            elif accelerator.is_main_process:
                 report = self._write_metrics(measured)
         accelerator.wait_for_everyone()
         return report
@@ -417,19 +428,18 @@ class TrainingRecipe:
         """The final adapter (refused if non-finite), the final grid, then the recipe's outputs."""
         cfg, accelerator, out = self.cfg, self.accelerator, Path(self.cfg.train.output_dir)
         accelerator.wait_for_everyone()
-        check_finite_adapter(self.components, cfg.boft.adapter_name, f"the final adapter in {out}")
+        adapter = full_adapter(self.components, cfg.boft.adapter_name)  # every process: gathers shards
+        check_finite_adapter(adapter, f"the final adapter in {out}")
+        self.saved = adapter
         if accelerator.is_main_process:
-            save_boft_weights(
-                self.components,
-                out,
-                cfg.boft.adapter_name,
-                metadata={
-                    "base_model": self.base_model,
-                    "base_fingerprint": self.base_fingerprint or "",
-                    FAMILY_METADATA: self.family.name,
-                    **self.adapter_metadata(),
-                },
-            )
+            adapter.metadata = {
+                "base_model": self.base_model,
+                "base_fingerprint": self.base_fingerprint or "",
+                FAMILY_METADATA: self.family.name,
+                **self.adapter_metadata(),
+                **adapter.metadata,
+            }
+            write_adapter(adapter, out)
         grid = self.validate("final", tag="final")
         self.report = self.measure_run("after")
         if accelerator.is_main_process:
@@ -438,12 +448,14 @@ class TrainingRecipe:
         return grid
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
-        """The trained tensors, ``<component>.<module path>.boft_R`` etc., on the CPU."""
-        name = self.cfg.boft.adapter_name
+        """The trained tensors, ``<component>.<module path>.boft_R`` etc., whole and on the CPU: as saved
+        once :meth:`save` ran (sharded runs end their process group after it), else gathered now (every
+        process must call this when sharded)."""
+        adapter = self.saved or full_adapter(self.components, self.cfg.boft.adapter_name)
         return {
-            f"{comp}.{key}": value.detach().cpu().clone()
-            for comp, module in self.components.items()
-            for key, value in adapter_state_dict(module, name).items()
+            f"{comp}.{key}": value
+            for comp, tensors in adapter.tensors.items()
+            for key, value in tensors.items()
         }
 
     def card_hyperparameters(self, keys: tuple[str, ...]) -> dict[str, Any]:

@@ -246,7 +246,7 @@ def load_pipeline(model: ModelArgs, torch_dtype: torch.dtype | None = None) -> A
 
         builds = {
             "sdxl": tiny.build_tiny_sdxl_pipeline, "sd3": tiny.build_tiny_sd3_pipeline,
-            "flux": tiny.build_tiny_flux_pipeline,
+            "flux": tiny.build_tiny_flux_pipeline, "flux2": tiny.build_tiny_flux2_pipeline,
         }  # fmt: skip
         if model.tiny_family in builds:
             pipe = builds[model.tiny_family](model.tiny_seed)

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..atomic import atomic_file
 from .args import ValidationArgs
+from .sharding import samples_on_every_process
 from .tracking import log_images
 
 __all__ = ["run_validation", "sample_grid", "sampling_context"]
@@ -37,7 +38,7 @@ def sample_grid(pipe: Any, args: ValidationArgs, resolution: int, **pipe_kwargs:
     for prompt in args.prompts:
         generators = [torch.Generator().manual_seed(args.seed + j) for j in range(args.num_images_per_prompt)]
         images += pipe(
-            [prompt] * args.num_images_per_prompt,
+            prompt=[prompt] * args.num_images_per_prompt,
             num_inference_steps=args.num_inference_steps,
             guidance_scale=args.guidance_scale,
             generator=generators,
@@ -68,12 +69,15 @@ def run_validation(
 ) -> Path | None:
     """Sample a grid into ``out_file`` and the trackers (main process); every process must call this.
 
+    Sharded runs (FSDP) sample on every process in lockstep (each forward gathers parameters from all of
+    them); the main process alone writes and logs the grid.
+
     ``trained`` modules are switched to eval mode (no dropout) while sampling and back afterwards.
     ``make_grid`` replaces the prompt grid (a recipe's own rows, e.g. control image | samples).
     """
     if not args.prompts and make_grid is None:
         return None
-    if accelerator.is_main_process:
+    if accelerator.is_main_process or samples_on_every_process(accelerator):
         modes = [m.training for m in trained]
         for module in trained:
             module.eval()
@@ -84,6 +88,7 @@ def run_validation(
             )
         for module, mode in zip(trained, modes):
             module.train(mode)
+    if accelerator.is_main_process:
         with atomic_file(out_file) as tmp:  # a killed run leaves no half grid
             grid.save(tmp, format=_image_format(out_file))
         log_images(accelerator, tag, grid, step, caption=" | ".join(args.prompts) or tag)
