@@ -4,10 +4,11 @@
 checkpoint that opens with no project code:
 
 - ``format="diffusers"``: the family's stock pipeline class opens it with ``from_pretrained(out_dir)``
-  (every family: SD, SDXL, SD3, Flux; safetensors; with ``dtype`` the weights are cast, with ``variant`` the
+  (every family: SD, SDXL, SD3, Flux, Flux.2; safetensors; with ``dtype`` the weights are cast, with ``variant`` the
   files are named ``*.<variant>.safetensors``).
 - ``format="single_file"``: one file with the original Stable Diffusion keys (``model.diffusion_model.*``,
-  ``first_stage_model.*``, ``cond_stage_model.transformer.text_model.*``) that ComfyUI, AUTOMATIC1111 and
+  ``first_stage_model.*``, and the text encoder as ``cond_stage_model.transformer.text_model.*`` for SD 1.x's
+  CLIP or ``cond_stage_model.model.*`` in OpenCLIP form, q/k/v fused, for SD 2.x) that ComfyUI, AUTOMATIC1111 and
   ``StableDiffusionPipeline.from_single_file(path, config=<diffusers folder of the base>)`` read; for SDXL
   the sgm layout (``conditioner.embedders.0.transformer.*``, ``conditioner.embedders.1.model.*`` in
   OpenCLIP form, ``label_emb``) that ``StableDiffusionXLPipeline.from_single_file`` reads.

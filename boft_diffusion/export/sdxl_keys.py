@@ -16,7 +16,8 @@ bookkeeping: no file, no pipeline.
   ``conditioner.embedders.1.model.`` -- ``token_embedding.weight``, ``positional_embedding``,
   ``transformer.resblocks.N.{ln_1, ln_2, attn.in_proj_*, attn.out_proj, mlp.c_fc, mlp.c_proj}``
   (``in_proj`` is q, k and v stacked in that order), ``ln_final`` and ``text_projection`` (stored as
-  open_clip multiplies by it, ``x @ P``: the transpose of the ``nn.Linear`` weight).
+  open_clip multiplies by it, ``x @ P``: the transpose of the ``nn.Linear`` weight); the mapping is
+  :func:`.sd_keys.open_clip_layout`, which SD 2.x's OpenCLIP-H text encoder shares.
 
 Not written: open_clip's ``logit_scale`` (no part of text conditioning; diffusers has no such tensor,
 and ComfyUI, AUTOMATIC1111 and diffusers load without it) and ``position_ids`` buffers of the second
@@ -30,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .sd_keys import to_original_layout
+from .sd_keys import open_clip_layout, to_original_layout
 
 __all__ = ["CLIP_G_PREFIX", "CLIP_L_PREFIX", "to_sdxl_original_layout"]
 
@@ -41,20 +42,6 @@ CLIP_G_PREFIX = "conditioner.embedders.1.model."
 
 _ADD_EMBEDDING = {"add_embedding.linear_1.": "label_emb.0.0.", "add_embedding.linear_2.": "label_emb.0.2."}
 _CLIP_L_ROOTS = ("embeddings.", "encoder.", "final_layer_norm.")
-_CLIP_G_TOP = {
-    "embeddings.token_embedding.weight": "token_embedding.weight",
-    "embeddings.position_embedding.weight": "positional_embedding",
-    "final_layer_norm.weight": "ln_final.weight",
-    "final_layer_norm.bias": "ln_final.bias",
-}
-_CLIP_G_LAYER = {
-    "layer_norm1": "ln_1",
-    "layer_norm2": "ln_2",
-    "self_attn.out_proj": "attn.out_proj",
-    "mlp.fc1": "mlp.c_fc",
-    "mlp.fc2": "mlp.c_proj",
-}
-_QKV = ("q_proj", "k_proj", "v_proj")
 
 
 def _no_place(component: str, key: str) -> ValueError:
@@ -74,34 +61,7 @@ def _clip_l(text_encoder: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 def _clip_g(text_encoder_2: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``CLIPTextModelWithProjection`` keys -> open_clip keys under ``CLIP_G_PREFIX`` (q/k/v fused)."""
-    out, qkv = {}, {}
-    for key, tensor in text_encoder_2.items():
-        name = key.removeprefix("text_model.")
-        if name == "embeddings.position_ids":
-            continue  # a transformers buffer (older versions); open_clip has none
-        if name in _CLIP_G_TOP:
-            out[CLIP_G_PREFIX + _CLIP_G_TOP[name]] = tensor
-            continue
-        if name == "text_projection.weight":
-            out[CLIP_G_PREFIX + "text_projection"] = tensor.T
-            continue
-        parts = name.split(".")  # encoder.layers.N.<module...>.<weight|bias>
-        if len(parts) < 5 or parts[:2] != ["encoder", "layers"] or parts[-1] not in ("weight", "bias"):
-            raise _no_place("text_encoder_2", key)
-        layer, module, kind = parts[2], ".".join(parts[3:-1]), parts[-1]
-        block = f"{CLIP_G_PREFIX}transformer.resblocks.{layer}."
-        if module in _CLIP_G_LAYER:
-            out[f"{block}{_CLIP_G_LAYER[module]}.{kind}"] = tensor
-        elif module.startswith("self_attn.") and module.removeprefix("self_attn.") in _QKV:
-            qkv.setdefault(f"{block}attn.in_proj_{kind}", {})[module.removeprefix("self_attn.")] = tensor
-        else:
-            raise _no_place("text_encoder_2", key)
-    for fused, parts in qkv.items():
-        missing = [p for p in _QKV if p not in parts]
-        if missing:
-            raise ValueError(f"text_encoder_2: {fused} needs q, k and v projections; {missing} missing")
-        out[fused] = torch.cat([parts[p] for p in _QKV])
-    return out
+    return open_clip_layout(text_encoder_2, CLIP_G_PREFIX, "text_encoder_2", "Stable Diffusion XL")
 
 
 def to_sdxl_original_layout(

@@ -82,6 +82,7 @@ def _sd_state(pipe: Any, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
         merged_state_dict(pipe.text_encoder, dtype),
         pipe.unet.config,
         pipe.vae.config,
+        pipe.text_encoder.config,  # SD 1.x CLIP or SD 2.x OpenCLIP layout, by the encoder's config
     )
 
 
@@ -175,7 +176,8 @@ def export_merged(
     """Write the pipeline with its active adapters merged; returns the written path.
 
     ``format="diffusers"``: a diffusers folder at ``out_dir``. ``format="single_file"``: one original-layout
-    ``.safetensors`` file (SD 1.x/2.x: CompVis/LDM keys, :mod:`.sd_keys`; SDXL: Stability ``sgm`` keys,
+    ``.safetensors`` file (SD 1.x/2.x: CompVis/LDM keys, SD 2.x's text encoder in OpenCLIP form,
+    :mod:`.sd_keys`; SDXL: Stability ``sgm`` keys,
     :mod:`.sdxl_keys`; other families are refused, naming these); ``out_dir`` ending in ``.safetensors``
     names the file itself, any other path is a new folder holding ``model.safetensors`` and
     ``boft_provenance.json``. ``dtype`` (``"fp16"``,
