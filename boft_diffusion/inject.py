@@ -51,6 +51,7 @@ __all__ = [
     "add_boft",
     "apply_adapter_plan",
     "apply_merges",
+    "biases_trained_in_place",
     "boft_layers",
     "check_adapter_state_dict",
     "default_targets",
@@ -60,6 +61,7 @@ __all__ = [
     "plan_adapter",
     "plan_merges",
     "remove_boft",
+    "saved_modules",
     "set_active_adapters",
     "stock_state_dict",
     "unmerge_adapters",
@@ -399,6 +401,16 @@ def _bias_parameters(model: nn.Module, mode: str, adapter_name: str) -> dict[str
     if mode == "all":
         found.update(_own_biases(model))
     return found
+
+
+def biases_trained_in_place(model: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """The un-adapted biases that bias mode ``"all"`` trains in place, each with its original value."""
+    return list(getattr(model, _BIAS_SNAPSHOT_ATTR, {}).values())
+
+
+def saved_modules(model: nn.Module) -> dict[str, ModulesToSave]:
+    """The ``modules_to_save`` wrappers of ``model`` by module path."""
+    return _saved_modules(model)
 
 
 def _snapshot_own_biases(model: nn.Module) -> None:

@@ -43,7 +43,7 @@ __all__ = [
     "reports_input_errors",
 ]
 
-COMMAND_NAMES = ("train", "sample", "merge", "export", "inspect", "eval", "bench")
+COMMAND_NAMES = ("train", "sample", "merge", "export", "convert", "inspect", "eval", "bench")
 """The verbs, in ``--help`` order; verb ``<name>`` is the ``COMMAND`` of ``boft_diffusion.commands.<name>``."""
 
 EXIT_BAD_INPUT = 2

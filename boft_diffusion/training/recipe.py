@@ -140,6 +140,7 @@ class TrainingRecipe:
         """The recipe's metrics of the base model, measured before the first step (main process)."""
         self.report: dict[str, Any] | None = None
         """metrics.json's content once the run has measured itself after training."""
+        self._family: tuple[Any, Family] | None = None
         self.saved: AdapterFile | None = None
         """The final adapter as :meth:`save` wrote it (whole tensors, on the CPU)."""
 
@@ -272,8 +273,11 @@ class TrainingRecipe:
 
     @property
     def family(self) -> Family:
-        """The model family of the loaded pipeline (what its components are and how they are called)."""
-        return family_of(self.pipe)
+        """The model family of the loaded pipeline (what its components are and how they are called); looked
+        up once per pipeline, not per training step."""
+        if self._family is None or self._family[0] is not self.pipe:
+            self._family = (self.pipe, family_of(self.pipe))
+        return self._family[1]
 
     def prepared(self, name: str) -> nn.Module:
         """The adapted component ``name`` as accelerate prepared it (what the loop must call)."""
