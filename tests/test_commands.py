@@ -182,7 +182,6 @@ def test_inspect_peft_folder(files, tmp_path, capsys):
 INSPECT_REFUSALS = {
     "junk": "safetensors",
     "truncated": "safetensors",
-    "lora": "LORA",
     "missing": "no such",
     "flat_generators": "expected float (factors, blocks, b(b-1)/2)",
     "odd_generators": "5 free entries per block match no block size",

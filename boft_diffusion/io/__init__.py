@@ -2,7 +2,9 @@
 save/load on pipelines.
 
 Modules, each importing only those before it: ``format`` (this project's file), ``peft`` (PEFT folder
-<-> :class:`AdapterFile`), ``read`` (:func:`read_adapter`: any source), ``load`` (pipelines).
+<-> :class:`AdapterFile`), ``kohya`` (kohya sd-scripts network files: ``networks.boft`` read and written
+exactly, other OFT variants refused with the reason), ``read`` (:func:`read_adapter`: any source;
+:func:`detect_format`: any file), ``load`` (pipelines).
 """
 
 from .format import (
@@ -13,24 +15,41 @@ from .format import (
     read_adapter_file,
     write_adapter,
 )
+from .kohya import (
+    KohyaNetwork,
+    is_kohya_adapter,
+    kohya_module_name,
+    read_kohya_adapter,
+    read_kohya_network,
+    write_kohya_adapter,
+)
 from .load import get_boft_adapter, load_boft_weights, save_boft_weights, save_peft_adapter
 from .peft import is_peft_adapter, read_peft_adapter, write_peft_adapter
-from .read import adapter_from_state_dict, read_adapter
+from .read import FILE_FORMATS, DetectedFormat, adapter_from_state_dict, detect_format, read_adapter
 
 __all__ = [
     "ADAPTER_WEIGHTS_NAME",
+    "FILE_FORMATS",
     "FORMAT_VERSION",
     "AdapterFile",
     "AdapterFormatError",
+    "DetectedFormat",
+    "KohyaNetwork",
     "adapter_from_state_dict",
+    "detect_format",
     "get_boft_adapter",
+    "is_kohya_adapter",
     "is_peft_adapter",
+    "kohya_module_name",
     "load_boft_weights",
     "read_adapter",
     "read_adapter_file",
+    "read_kohya_adapter",
+    "read_kohya_network",
     "read_peft_adapter",
     "save_boft_weights",
     "save_peft_adapter",
     "write_adapter",
+    "write_kohya_adapter",
     "write_peft_adapter",
 ]
