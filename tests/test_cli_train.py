@@ -99,7 +99,7 @@ def test_every_command_is_registered():
     assert (
         list(choices)
         == list(commands.COMMAND_NAMES)
-        == ["train", "sample", "merge", "export", "inspect", "eval", "bench"]
+        == ["train", "sample", "merge", "export", "convert", "inspect", "eval", "bench"]
     )
 
 
