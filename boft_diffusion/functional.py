@@ -14,8 +14,12 @@ Nothing here builds a dense ``d × d`` matrix except :func:`dense_rotation` (mer
 ``M`` is block-diagonal with blocks of size ``S = b · 2^(m-1)`` (each factor mixes only within
 aligned groups of ``b · 2^i``): for the usual small ``S`` those blocks are built from the factors
 (cost independent of the input) and the input goes through one batched ``S × S`` product, no
-gather; deep butterflies go factor by factor, one fused gather plus one batched ``b × b`` product
-each. Both run on the transposed layout ``(d, n)``, where gathers and products are contiguous.
+gather; deep butterflies go factor by factor, one fused permutation plus one batched ``b × b``
+product each. Both run on the transposed layout ``(d, n)``, where gathers and products are contiguous.
+Butterfly permutations are digit permutations of the index (``perm_i`` is the view
+``unflatten(-1, (-1, 2^i, 2, b/2)).transpose(-3, -2).flatten(-4)``), so each fused permutation is
+a permute of a view and one strided copy, no index tensor (:class:`_View`); other permutations keep
+index gathers. Under ``torch.compile`` the plan and permutations are constants of the graph.
 The rotation and the Cayley transform have hand-written backward passes: the rotation saves only
 its input and recomputes the rest, and the Cayley transform's derivative is closed-form.
 """
@@ -23,6 +27,9 @@ its input and recomputes the rest, and the Cayley transform's derivative is clos
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -30,6 +37,7 @@ __all__ = [
     "apply_rotation",
     "block_rotations",
     "butterfly_permutation",
+    "butterfly_view_permutation",
     "cayley",
     "dense_rotation",
     "factor_permutations",
@@ -51,9 +59,19 @@ def _triu_indices(block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, cols
 
 
-@functools.lru_cache(maxsize=64)
 def _skew_positions(block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat positions of pair ``k``'s two entries in a ``b × b`` matrix: ``i*b+j`` (upper), ``j*b+i`` (lower)."""
+    """Flat positions of pair ``k``'s two entries in a ``b × b`` matrix: ``i*b+j`` (upper), ``j*b+i`` (lower).
+
+    Cached per device; under ``torch.compile`` made in the graph (a constant there) instead.
+    """
+    if torch.compiler.is_compiling():
+        rows, cols = torch.triu_indices(block_size, block_size, offset=1, device=device)
+        return rows * block_size + cols, cols * block_size + rows
+    return _cached_skew_positions(block_size, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_skew_positions(block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = _triu_indices(block_size)
     return (rows * block_size + cols).to(device), (cols * block_size + rows).to(device)
 
@@ -180,14 +198,22 @@ def butterfly_permutation(dim: int, num_blocks: int, half_block: int, butterfly:
     return tuple(start + j for start in range(0, dim, group) for j in within)
 
 
-@functools.lru_cache(maxsize=256)
+@torch.compiler.assume_constant_result
 def factor_permutations(
     dim: int, block_num: int, block_size: int, n_factors: int
 ) -> tuple[tuple[int, ...], ...]:
     """The ``m`` butterfly permutations ``perm_i`` of one layer, PEFT's index order.
 
     Factor ``i`` uses ``butterfly_permutation(dim, block_num / 2^i, block_size / 2, m > 1)``.
+    Cached; under ``torch.compile`` a constant of the graph (computed at trace time).
     """
+    return _factor_permutations(dim, block_num, block_size, n_factors)
+
+
+@functools.lru_cache(maxsize=256)
+def _factor_permutations(
+    dim: int, block_num: int, block_size: int, n_factors: int
+) -> tuple[tuple[int, ...], ...]:
     return tuple(
         butterfly_permutation(dim, block_num // 2**i, block_size // 2, n_factors > 1)
         for i in range(n_factors)
@@ -206,6 +232,83 @@ def _compose(first: tuple[int, ...], then: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(first[j] for j in then)
 
 
+class _View(NamedTuple):
+    """A gather written as a view: ``x[index] == x.unflatten(0, shape).permute(*dims, ...).flatten(0, -2)``.
+
+    Butterfly permutations (and their inverses and products) only reorder the mixed-radix digits of
+    an index, so on the ``(d, n)`` layout each one is a permute of a view, and the copy that the
+    following block product needs anyway (``reshape``) is the only data movement: no index tensor,
+    and a transposed ``(n, d)`` input is permuted and made contiguous in the same copy.
+    """
+
+    shape: tuple[int, ...]
+    dims: tuple[int, ...]
+
+    def inverse(self) -> _View:
+        inverse = [0] * len(self.dims)
+        for k, dim in enumerate(self.dims):
+            inverse[dim] = k
+        return _View(tuple(self.shape[dim] for dim in self.dims), tuple(inverse))
+
+
+def butterfly_view_permutation(dim: int, factor: int, half_block: int) -> tuple[int, ...]:
+    """``perm_i`` as the view ``unflatten(-1, (-1, 2^i, 2, b/2)).transpose(-3, -2).flatten(-4)``.
+
+    Equal to ``factor_permutations(...)[i]`` for every layout :class:`~boft_diffusion.config.BOFTConfig`
+    accepts (``b`` and ``r`` even, ``2^(m-1) | r`` when ``m > 1``; a test checks a grid of them).
+    """
+    index = torch.arange(dim).unflatten(-1, (-1, 2**factor, 2, half_block)).transpose(-3, -2)
+    return tuple(index.flatten(-4).tolist())
+
+
+def _butterfly_radices(perms: tuple[tuple[int, ...], ...]) -> tuple[int, ...] | None:
+    """Digit sizes ``(d / (b 2^m), 2, …, 2, b / 2)`` (size-1 digits dropped) of which every
+    ``perm_i`` is a digit permutation, or ``None`` when ``perms`` are not of that form (the layer
+    then keeps index gathers)."""
+    m, dim = len(perms), len(perms[0])
+    if m < 2:
+        return None
+    half = next((j for j in range(1, dim) if perms[1][j] != j), 0)
+    if not half or dim % (half * 2**m):
+        return None
+    if any(perm != butterfly_view_permutation(dim, i, half) for i, perm in enumerate(perms)):
+        return None
+    return tuple(size for size in (dim // (half * 2**m), *(2,) * m, half) if size > 1)
+
+
+def _as_view(gather: tuple[int, ...], radices: tuple[int, ...]) -> _View | None:
+    """``gather`` as a permute of the digits ``radices`` (adjacent digits merged), or ``None``.
+
+    The digits of the output, innermost first, are found from the index steps (each digit of the
+    input has its own stride), then the whole index list is checked against the view.
+    """
+    dim, strides = len(gather), [1] * len(radices)
+    for k in reversed(range(len(radices) - 1)):
+        strides[k] = strides[k + 1] * radices[k + 1]
+    order, span, left = [], 1, set(range(len(radices)))
+    while left:
+        step = gather[span] - gather[0] if span < dim else None
+        digit = next((k for k in left if strides[k] == step), None)
+        if digit is None:
+            return None
+        order.insert(0, digit)
+        span *= radices[digit]
+        left.remove(digit)
+    index = torch.arange(dim).view(radices).permute(order).flatten()
+    if tuple(index.tolist()) != gather:
+        return None
+    runs = [[order[0]]]  # output digits that stay adjacent and in order merge into one
+    for digit in order[1:]:
+        if digit == runs[-1][-1] + 1:
+            runs[-1].append(digit)
+        else:
+            runs.append([digit])
+    by_input = sorted(range(len(runs)), key=lambda k: runs[k][0])
+    shape = tuple(math.prod(radices[d] for d in runs[k]) for k in by_input)
+    rank = {k: j for j, k in enumerate(by_input)}
+    return _View(shape, tuple(rank[k] for k in range(len(runs))))
+
+
 class _Plan:
     """How to apply ``M`` (or ``M^T``) for one set of permutations: factor order and fused gathers.
 
@@ -213,9 +316,12 @@ class _Plan:
     ``x P_i`` is ``x[..., inv(perm_i)]`` and ``y P_i^T`` is ``y[..., perm_i]``; for ``x M^T`` the
     factors run ``F_0^T ⋯ F_{m-1}^T`` with transposed blocks. The gathers between two block products
     fuse into one, leaving ``m + 1`` index lists (``None`` where one is the identity).
+
+    Chosen once per plan: butterfly permutations become :class:`_View` permutes (``views=True``
+    and every fused gather is one); any other permutation keeps index gathers.
     """
 
-    def __init__(self, perms: tuple[tuple[int, ...], ...], transpose: bool) -> None:
+    def __init__(self, perms: tuple[tuple[int, ...], ...], transpose: bool, views: bool = True) -> None:
         self.perms, self.transpose = perms, transpose
         self.order = tuple(range(len(perms))) if transpose else tuple(reversed(range(len(perms))))
         identity = tuple(range(len(perms[0])))
@@ -225,32 +331,58 @@ class _Plan:
             pending = perms[i]
         gathers.append(pending)
         self.gathers = tuple(None if g == identity else g for g in gathers)
-        self._indices: dict[torch.device, tuple[list, list]] = {}
+        self.views: tuple[tuple, tuple] | None = None
+        radices = _butterfly_radices(perms) if views else None
+        if radices is not None:
+            found = [None if g is None else _as_view(g, radices) for g in self.gathers]
+            if all((v is None) == (g is None) for v, g in zip(found, self.gathers)):
+                self.views = tuple(found), tuple(None if v is None else v.inverse() for v in found)
+        self.index_tensors: dict[torch.device, tuple[list, list]] = {}
 
-    def indices(self, device: torch.device) -> tuple[list, list]:
-        """Index tensors of the gathers and of their inverses (for the backward pass) on ``device``."""
-        if device not in self._indices:
-            as_tensor = lambda g: None if g is None else torch.tensor(g, dtype=torch.long, device=device)  # noqa: E731
-            self._indices[device] = (
-                [as_tensor(g) for g in self.gathers],
-                [as_tensor(None if g is None else _inverse(g)) for g in self.gathers],
-            )
-        return self._indices[device]
 
-    def factors(self, blocks: torch.Tensor) -> torch.Tensor:
-        """Left factors of the block products on columns: ``(x B)^T = B^T x^T``, ``(x B^T)^T = B x^T``."""
-        return blocks if self.transpose else blocks.transpose(-1, -2)
+def _plan_indices(plan: _Plan, device: torch.device) -> tuple[Sequence, Sequence]:
+    """The gathers of ``plan`` and their inverses (for the backward pass): views, or index tensors
+    on ``device`` (made once per device). Functions, not methods: under ``torch.compile`` the plan is
+    a constant whose attributes are read at trace time."""
+    if plan.views is not None:
+        return plan.views
+    if device not in plan.index_tensors:
+        as_tensor = lambda g: None if g is None else torch.tensor(g, dtype=torch.long, device=device)  # noqa: E731
+        plan.index_tensors[device] = (
+            [as_tensor(g) for g in plan.gathers],
+            [as_tensor(None if g is None else _inverse(g)) for g in plan.gathers],
+        )
+    return plan.index_tensors[device]
+
+
+def _plan_factors(plan: _Plan, blocks: torch.Tensor) -> torch.Tensor:
+    """Left factors of the block products on columns: ``(x B)^T = B^T x^T``, ``(x B^T)^T = B x^T``."""
+    return blocks if plan.transpose else blocks.transpose(-1, -2)
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(perms: tuple[tuple[int, ...], ...], transpose: bool) -> _Plan:
+def _cached_plan(perms: tuple[tuple[int, ...], ...], transpose: bool) -> _Plan:
     return _Plan(perms, transpose)
 
 
-def _gather(cols: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-    """Rows of ``cols`` in ``index`` order. From a transposed view, transposing first and then
-    gathering whole rows is about twice as fast as gathering strided rows."""
-    return cols if index is None else cols.contiguous().index_select(0, index)
+@torch.compiler.assume_constant_result
+def _plan(perms: tuple[tuple[int, ...], ...], transpose: bool) -> _Plan:
+    """The cached plan of ``perms``; under ``torch.compile`` it is made at trace time, a constant."""
+    return _cached_plan(perms, transpose)
+
+
+def _gather(cols: torch.Tensor, index: torch.Tensor | _View | None) -> torch.Tensor:
+    """Rows of ``cols`` in ``index`` order, contiguous. A :class:`_View` is one strided copy
+    (whatever the layout of ``cols``; contiguous even from an expanded gradient, which ``bmm``
+    would otherwise take one batch entry at a time). For an index tensor, from a transposed view,
+    transposing first and then gathering whole rows is about twice as fast as gathering strided rows."""
+    if index is None:
+        return cols
+    if isinstance(index, _View):
+        return (
+            cols.unflatten(0, index.shape).permute(*index.dims, len(index.dims)).contiguous().view(cols.shape)
+        )
+    return cols.contiguous().index_select(0, index)
 
 
 def _rotate_columns(
@@ -265,8 +397,8 @@ def _rotate_columns(
     """
     d, n = cols.shape
     r, b = blocks.shape[1], blocks.shape[2]
-    gathers, _ = plan.indices(cols.device)
-    factors = plan.factors(blocks)
+    gathers, _ = _plan_indices(plan, cols.device)
+    factors = _plan_factors(plan, blocks)
     inputs = []
     for step, i in enumerate(plan.order):
         cols = _gather(cols, gathers[step])
@@ -307,9 +439,9 @@ class _Rotation(torch.autograd.Function):
                 None,
             )
         inputs = _rotate_columns(rows.t(), work_blocks, plan, inputs_only=True)
-        _, inverse = plan.indices(grad.device)
+        _, inverse = _plan_indices(plan, grad.device)
         m, r, b, _ = blocks.shape
-        factors = plan.factors(work_blocks)
+        factors = _plan_factors(plan, work_blocks)
         # Contiguous, whatever the blocks' layout (LAPACK returns column-major): bmm writes into
         # a strided output one batch entry at a time, ten times slower.
         # In the activations' dtype (bf16/fp16 under mixed precision); cast to the blocks' at the end.
@@ -337,8 +469,13 @@ MAX_COLLAPSED_BLOCK = 64
 
 
 @functools.lru_cache(maxsize=256)
-def _identity_permutations(dim: int) -> tuple[tuple[int, ...], ...]:
+def _cached_identity_permutations(dim: int) -> tuple[tuple[int, ...], ...]:
     return (tuple(range(dim)),)
+
+
+@torch.compiler.assume_constant_result
+def _identity_permutations(dim: int) -> tuple[tuple[int, ...], ...]:
+    return _cached_identity_permutations(dim)
 
 
 def _collapsed_blocks(

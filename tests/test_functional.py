@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from boft_diffusion import functional
+from boft_diffusion import BOFTConfig, functional
 from boft_diffusion.functional import (
     apply_rotation,
     block_rotations,
@@ -192,3 +192,95 @@ def test_collapsed_and_factored_paths_agree(dim, b, m, monkeypatch):
     factored = apply_rotation(x, blocks, perms), apply_rotation(x, blocks, perms, transpose=True)
     for a, f in zip(collapsed, factored):
         torch.testing.assert_close(a, f, atol=1e-5, rtol=1e-5)
+
+
+def config_layouts(dims):
+    """Every ``(dim, b, r, m)`` with ``m > 1`` that :class:`BOFTConfig` accepts, for ``dims``."""
+    for dim in dims:
+        for b in range(2, dim + 1, 2):
+            for m in range(2, 12):
+                try:
+                    layout = BOFTConfig(boft_block_size=b, boft_n_butterfly_factor=m).resolve_blocks(dim)
+                except ValueError:
+                    break  # deeper butterflies need even more divisibility
+                yield dim, layout.block_size, layout.block_num, layout.n_factors
+
+
+GRID = [*range(2, 130, 2), 192, 320, 640, 768, 1024, 1280]
+
+
+def test_butterfly_permutations_are_views_on_every_config_layout():
+    """``perm_i`` is ``unflatten(-1, (-1, 2^i, 2, b/2)).transpose(-3, -2).flatten(-4)`` (issue #14),
+    and every fused gather of a plan (either direction) is a view, on all layouts the config allows."""
+    count = 0
+    for dim, b, r, m in config_layouts(GRID):
+        perms = factor_permutations(dim, r, b, m)
+        index = torch.arange(dim)
+        for i, perm in enumerate(perms):
+            view = index.unflatten(-1, (-1, 2**i, 2, b // 2)).transpose(-3, -2).flatten(-4)
+            assert perm == tuple(view.tolist()) == functional.butterfly_view_permutation(dim, i, b // 2)
+        for transpose in (False, True):
+            plan = functional._Plan(perms, transpose)
+            assert plan.views is not None, (dim, b, m, transpose)
+            for gather, forward, inverse in zip(plan.gathers, *plan.views):
+                if gather is None:
+                    assert forward is None and inverse is None
+                    continue
+                cols = index[:, None].float()
+                assert functional._gather(cols, forward)[:, 0].long().tolist() == list(gather)
+                back = functional._gather(cols[list(gather)], inverse)
+                assert back[:, 0].long().tolist() == list(range(dim))
+        count += 1
+    assert count > 300
+
+
+def view_and_gather(x, blocks, perms, transpose):
+    """Outputs and gradients (of ``x`` and the blocks) of the view path and of the gather path."""
+    results = []
+    for views in (True, False):
+        plan = functional._Plan(perms, transpose, views=views)
+        assert (plan.views is not None) == views
+        xs, bl = x.clone().requires_grad_(), blocks.clone().requires_grad_()
+        out = functional._factored_rotation(xs, bl, plan)
+        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+        results.append((out.detach(), xs.grad, bl.grad))
+    return results
+
+
+VIEW_LAYOUTS = [(8, 2, 2), (16, 4, 2), (32, 4, 3), (64, 4, 4), (24, 2, 3), (48, 6, 2), (96, 6, 3)]
+VIEW_LAYOUTS += [(128, 2, 7), (320, 8, 2), (320, 4, 4), (640, 8, 5)]
+
+
+@pytest.mark.parametrize("rows", [1, 7, 33])
+@pytest.mark.parametrize(("dim", "b", "m"), VIEW_LAYOUTS)
+def test_view_path_equals_gather_path(dim, b, m, rows):
+    """Values and gradients of the view path equal the index-gather path (same products, same data)."""
+    blocks = random_blocks(m, dim // b, b, seed=dim + m)
+    perms = factor_permutations(dim, dim // b, b, m)
+    x = torch.randn(rows, dim, generator=torch.Generator().manual_seed(rows))
+    for transpose in (False, True):
+        view, gather = view_and_gather(x, blocks, perms, transpose)
+        for a, g in zip(view, gather):
+            torch.testing.assert_close(a, g, atol=1e-6, rtol=1e-6)
+    # and the transposed (n, d) view as input, as the layers pass it
+    view, gather = view_and_gather(x.t().contiguous().t(), blocks, perms, False)
+    torch.testing.assert_close(view[0], gather[0], atol=1e-6, rtol=1e-6)
+
+
+def test_other_permutations_keep_index_gathers():
+    """Permutations that are not butterfly views fall back to gathers (chosen once, in the plan)."""
+    dim, b, m = 24, 4, 2
+    g = torch.Generator().manual_seed(3)
+    perms = tuple(tuple(torch.randperm(dim, generator=g).tolist()) for _ in range(m))
+    assert functional._Plan(perms, False).views is None
+    blocks = random_blocks(m, dim // b, b).double()
+    x = torch.randn(5, dim, dtype=torch.float64)
+    reference = torch.eye(dim, dtype=torch.float64)
+    for i, perm in enumerate(perms):
+        p = torch.zeros(dim, dim, dtype=torch.float64)
+        p[torch.arange(dim), torch.tensor(perm)] = 1.0
+        reference = p @ torch.block_diag(*blocks[i]) @ p.T @ reference
+    torch.testing.assert_close(apply_rotation(x, blocks, perms), x @ reference, atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        apply_rotation(x, blocks, perms, transpose=True), x @ reference.T, atol=1e-12, rtol=0
+    )
