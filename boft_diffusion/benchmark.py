@@ -1,29 +1,53 @@
-"""Benchmark: BOFT against PEFT's LoRA and BOFT, and against the no-adapter floor.
+"""Benchmark: BOFT against PEFT's LoRA, BOFT and OFT (and LyCORIS' BOFT), and against the floor.
 
     python scripts/benchmark.py --preset sd15 --json bench-sd15.json    # about 10-15 min on 2 CPU cores
+    python scripts/benchmark.py --preset sd15 --latent-size 64          # 512-px latents (4096 tokens)
     python scripts/benchmark.py --preset sdxl --json bench-sdxl.json    # SDXL-shaped UNet, full width
     python scripts/benchmark.py --preset flux --json bench-flux.json    # Flux-shaped transformer slice
     python scripts/benchmark.py --preset tiny                           # under a minute
+    python scripts/benchmark.py --preset sd15 --profile                 # one layer, by cost category
     boft-diffusion bench --preset sd15                                  # same, through the CLI
 
 For one model preset (an SD-1.5-, SDXL- or Flux-shaped model with random weights, or the tiny UNet;
-see :data:`PRESETS`) each method runs in its own worker process (``python -m boft_diffusion.benchmark --worker ...``), so its peak memory
-is its own; repeats are interleaved round-robin across methods so that machine noise hits every
-method alike, and the table shows medians. Per method a worker measures:
+see :data:`PRESETS`; ``--latent-size`` overrides its latent side, and so its token count) each
+method runs in its own worker process (``python -m boft_diffusion.benchmark --worker ...``), so its
+peak memory is its own; ``--rounds`` interleave the methods round-robin (alternating the order) so
+that machine noise hits every method alike. Per method a worker measures:
 
-- training step time: model forward on noisy latents, MSE against a random target, backward, AdamW
-  step on the trainable parameters (base frozen). The latents require grad in every method, so
-  every method back-propagates through all activations and the no-adapter run is a true floor.
-  Each worker alternates its steps with no-adapter steps (adapter switched off), so the ratios to
-  the floor are paired within one process and cancel drifts in machine speed between workers;
+- training step time, the step of the training recipes: forward under the recipe's autocast (bf16
+  on CUDA, none on the CPU) on noisy latents that do *not* require a gradient (they are inputs, not
+  parameters), MSE against a random target in float32, backward, AdamW step on the adapter's
+  parameters (base frozen), ``zero_grad(set_to_none=True)``;
+- the floor step, timed in alternation with it in the same worker (paired, so the ratio cancels
+  drifts in machine speed between workers). **The floor is the cheapest step any adapter of the
+  same layers could have**: the adapter is switched off and every adapted layer's output instead
+  goes through a zero-cost tap, an identity autograd node tied to a trainable scalar (no
+  arithmetic; its gradient is not even formed). Autograd therefore runs the same backward an
+  adapter forces (activation gradients from the loss down to the earliest adapted layer, never
+  the frozen weights' gradients, nothing below that layer), and the optimizer step updates nothing.
+  What a method costs above the floor is what its own parameters cost; the ``floor`` method runs
+  the tapped step on both sides (its "× floor" shows the noise of the pairing);
 - peak memory of the training phase (``ru_maxrss`` of the worker; ``max_memory_allocated`` on CUDA);
-- unmerged inference (one model forward, adapters live) and merged inference (adapters folded in);
+- unmerged inference (one model forward, adapters live) and merged inference (adapters folded in),
+  each paired with a base forward (adapter off);
 - merge time of every adapter: the model's, plus a CLIP text encoder's where the preset has one;
 - trainable parameter count (of the model's adapter).
 
+Every ratio (step × floor, step × LoRA, memory × LoRA, forward × base) is reported as its median
+with its spread: per round, the median of that worker's paired ratios (against LoRA: divided by
+LoRA's of the same round); the table shows the median over rounds and, in parentheses, the lowest
+and highest round (with a single round: the lowest and highest paired repeat). The column
+"≤ bar" says whether the step × LoRA is under ``--bar`` for the whole spread (``yes``), above it
+for the whole spread (``no``) or straddles it (``unclear``): a claim is made only where the spread
+allows it.
+
+``--profile`` instead profiles one adapted attention projection of the preset's width and token
+count (forward and backward of BOFT b=8, m=2 and LoRA r=8) with ``torch.profiler`` and prints its
+time by category (Cayley solve, permutation, block product, layout copies, base matmul, autograd
+overhead, other): see :func:`profile_layer`.
+
 What differs between model kinds (which class, how its inputs are made and how it is called, which
 layers are adapted) is one :class:`Family` per kind; the measurements are the same code for all.
-On CUDA everything runs under bf16 autocast; the table is the same.
 """
 
 from __future__ import annotations
@@ -55,22 +79,33 @@ from .atomic import atomic_write_text
 from .inject import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS
 
 __all__ = [
+    "DEFAULT_BAR",
     "FAMILIES",
     "METHODS",
     "PRESETS",
+    "PROFILE_CATEGORIES",
     "Family",
+    "FloorTaps",
     "Method",
     "ModelInputs",
     "Preset",
     "add_arguments",
+    "benchmark_report",
     "build_model",
+    "format_profile",
+    "format_report",
     "format_table",
     "main",
     "make_inputs",
     "measure",
+    "profile_layer",
+    "ratio_spread",
     "run",
     "run_benchmark",
     "summarize",
+    "training_step",
+    "verdict",
+    "with_overrides",
 ]
 
 
@@ -222,15 +257,24 @@ transformer layers), ``flux`` (Flux transformer at full width, one block of each
 
 @dataclass(frozen=True)
 class Method:
-    """An adapter to measure: ``kind`` is ``none``, ``lora`` / ``peft-boft`` (PEFT) or ``boft`` (ours)."""
+    """An adapter to measure: ``kind`` is ``none`` (the floor), ``boft`` (ours), ``lora`` /
+    ``peft-boft`` / ``peft-oft`` (PEFT) or ``lycoris-boft`` (LyCORIS)."""
 
     key: str
     label: str
     kind: str
     options: dict[str, int] = field(default_factory=dict)
 
+    def unavailable_reason(self) -> str | None:
+        """Why this method cannot run here (a missing package), or ``None`` when it can."""
+        if self.kind in ("lora", "peft-boft", "peft-oft") and find_spec("peft") is None:
+            return "the peft package is not installed (pip install peft)"
+        if self.kind == "lycoris-boft" and find_spec("lycoris") is None:
+            return "the lycoris package is not installed (pip install lycoris-lora)"
+        return None
+
     def available(self) -> bool:
-        return self.kind in ("none", "boft") or find_spec("peft") is not None
+        return self.unavailable_reason() is None
 
 
 METHODS = {
@@ -239,6 +283,8 @@ METHODS = {
         Method("floor", "no adapter (floor)", "none"),
         Method("lora", "PEFT LoRA r=8", "lora", {"r": 8}),
         Method("peft-boft", "PEFT BOFT b=8, m=1", "peft-boft", {"b": 8, "m": 1}),
+        Method("peft-oft", "PEFT OFT b=32", "peft-oft", {"b": 32}),
+        Method("lycoris-boft", "LyCORIS BOFT b=8", "lycoris-boft", {"b": 8}),
         Method("boft-b8-m1", "BOFT b=8, m=1", "boft", {"b": 8, "m": 1}),
         Method("boft-b8-m2", "BOFT b=8, m=2", "boft", {"b": 8, "m": 2}),
         Method("boft-b4-m4", "BOFT b=4, m=4", "boft", {"b": 4, "m": 4}),
@@ -276,7 +322,7 @@ class ModelInputs:
     sample_arg: str
     """Keyword of the main input in the model's call (``sample`` for a UNet, ``hidden_states`` for Flux)."""
     sample: torch.Tensor
-    """The main input (noisy latents); training steps pass a grad-enabled copy of it."""
+    """The main input (noisy latents); it never requires a gradient (an input, not a parameter)."""
     cond: dict[str, Any]
     """Every other keyword argument: timestep, text states, added conditioning, position ids..."""
     target: torch.Tensor
@@ -400,13 +446,31 @@ def make_inputs(preset: Preset, device: torch.device, seed: int = 0) -> ModelInp
     return FAMILIES[preset.family].make_inputs(preset, randn, device)
 
 
+def with_overrides(preset: Preset, latent_size: int | None = None, timed_steps: int | None = None) -> Preset:
+    """The preset with another latent side (UNet: ``N × N`` latents; Flux: ``N²`` image tokens) or
+    another number of timed steps (``None`` keeps the preset's)."""
+    changes: dict[str, int] = {}
+    if latent_size is not None:
+        if latent_size < 1:
+            raise ValueError(f"--latent-size must be positive, got {latent_size}")
+        changes["latent_size"] = latent_size
+    if timed_steps is not None:
+        if timed_steps < 1:
+            raise ValueError(f"--timed-steps must be positive, got {timed_steps}")
+        changes["timed_steps"] = timed_steps
+    return dataclasses.replace(preset, **changes) if changes else preset
+
+
 # --- adapters -----------------------------------------------------------------------------------
 class Adapter:
-    """One method's adapter on one model: add, merge, unmerge (a no-op for the floor)."""
+    """One method's adapter on one model: add, switch on and off, merge, unmerge (no-ops for the floor)."""
 
     def __init__(self, method: Method, model: nn.Module, targets: list[str]) -> None:
         self.method = method
         self.model = model
+        self.targets = list(targets)
+        self._lycoris: Any = None
+        self._saved_weights: dict[str, torch.Tensor] = {}
         if method.kind == "boft":
             from .config import BOFTConfig
             from .inject import add_boft
@@ -418,29 +482,66 @@ class Adapter:
                     boft_block_size=opts["b"], boft_n_butterfly_factor=opts["m"], target_modules=targets
                 ),
             )
-        elif method.kind in ("lora", "peft-boft"):
-            import peft
+        elif method.kind in ("lora", "peft-boft", "peft-oft"):
+            self._add_peft(targets)
+        elif method.kind == "lycoris-boft":
+            self._add_lycoris(targets)
 
-            if method.kind == "lora":
-                config = peft.LoraConfig(
-                    r=method.options["r"], lora_alpha=method.options["r"], target_modules=targets
-                )
-            else:
-                config = peft.BOFTConfig(
-                    boft_block_size=method.options["b"],
-                    boft_n_butterfly_factor=method.options["m"],
-                    target_modules=targets,
-                )
-            with _quiet():  # PEFT warns that its CUDA extension is unavailable on CPU
-                peft.inject_adapter_in_model(config, model)
-            for name, p in model.named_parameters():
-                p.requires_grad_("lora_" in name or "boft_" in name)
+    def _add_peft(self, targets: list[str]) -> None:
+        import peft
+
+        opts = self.method.options
+        if self.method.kind == "lora":
+            config: Any = peft.LoraConfig(r=opts["r"], lora_alpha=opts["r"], target_modules=targets)
+        elif self.method.kind == "peft-boft":
+            config = peft.BOFTConfig(
+                boft_block_size=opts["b"], boft_n_butterfly_factor=opts["m"], target_modules=targets
+            )
+        else:  # OFT v2 (PEFT >= 0.17): block size given, rank derived; Cayley-Neumann by default
+            config = peft.OFTConfig(r=0, oft_block_size=opts["b"], target_modules=targets)
+        with _quiet():  # PEFT warns that its CUDA extension is unavailable on CPU
+            peft.inject_adapter_in_model(config, self.model)
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(any(tag in name for tag in ("lora_", "boft_", "oft_")))
+
+    def _add_lycoris(self, targets: list[str]) -> None:
+        """LyCORIS' BOFT (``algo="boft"``, block size ``b``) on the modules named by ``targets``.
+
+        Not exercised where ``lycoris`` is not installed (see :meth:`Method.unavailable_reason`).
+        """
+        import re
+
+        from lycoris import LycorisNetwork, create_lycoris
+
+        names = [re.escape(t) + "$" for t in targets]
+        LycorisNetwork.apply_preset({"target_name": [".*" + n for n in names]})
+        net = create_lycoris(
+            self.model, 1.0, linear_dim=self.method.options["b"], linear_alpha=1.0, algo="boft"
+        )
+        net.apply_to()
+        net.requires_grad_(True)
+        self._lycoris = net
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimizer steps (the model's that require grad; LyCORIS' own)."""
+        if self._lycoris is not None:
+            return [p for p in self._lycoris.parameters() if p.requires_grad]
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def trains(self) -> bool:
+        """Whether there is an adapter to train (the floor has none)."""
+        return self.method.kind != "none"
 
     def merge(self) -> None:
         if self.method.kind == "boft":
             from .inject import merge_adapters
 
             merge_adapters(self.model)
+        elif self.method.kind == "lycoris-boft":
+            self._saved_weights = {k: v.clone() for k, v in self.model.state_dict().items()}
+            self._lycoris.restore()
+            self._lycoris.merge_to(1.0)
         elif self.method.kind != "none":
             for layer in self._peft_layers():
                 layer.merge()
@@ -450,6 +551,10 @@ class Adapter:
             from .inject import unmerge_adapters
 
             unmerge_adapters(self.model)
+        elif self.method.kind == "lycoris-boft":  # LyCORIS merges in place: restore the saved weights
+            self.model.load_state_dict(self._saved_weights)
+            self._saved_weights = {}
+            self._lycoris.apply_to()
         elif self.method.kind != "none":
             for layer in self._peft_layers():
                 layer.unmerge()
@@ -460,6 +565,11 @@ class Adapter:
             from .inject import set_enabled
 
             set_enabled(self.model, enabled)
+        elif self.method.kind == "lycoris-boft":
+            if enabled:
+                self._lycoris.apply_to()
+            else:
+                self._lycoris.restore()
         elif self.method.kind != "none":
             for layer in self._peft_layers():
                 layer.enable_adapters(enabled)
@@ -468,6 +578,53 @@ class Adapter:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         return (m for m in self.model.modules() if isinstance(m, BaseTunerLayer))
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on a layer's output, tied to a trainable scalar: no arithmetic, one graph node.
+
+    It makes autograd reach the layer (and so every layer between it and the loss) the way an
+    adapter there would; its own gradient is never formed (``None``).
+    """
+
+    @staticmethod
+    def forward(ctx, output, anchor):  # noqa: D102
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        return grad, None
+
+
+class FloorTaps:
+    """Zero-cost taps on the adapted layers: the floor step (see the module docstring).
+
+    One forward hook per module whose name ends with a target (the adapter's wrapper where there is
+    one: switched off it is the base layer); active only while :meth:`enable`\\ d and grad is on.
+    """
+
+    def __init__(self, model: nn.Module, targets: list[str]) -> None:
+        modules = [
+            m
+            for name, m in model.named_modules()
+            if any(name == t or name.endswith("." + t) for t in targets)
+        ]
+        device = next(model.parameters()).device
+        self.anchors = [nn.Parameter(torch.zeros((), device=device)) for _ in modules]
+        self.enabled = False
+        for module, anchor in zip(modules, self.anchors):
+            module.register_forward_hook(self._hook(anchor))
+
+    def _hook(self, anchor: nn.Parameter) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            if self.enabled and torch.is_grad_enabled() and isinstance(output, torch.Tensor):
+                return _Tap.apply(output, anchor)
+            return None
+
+        return hook
+
+    def enable(self, enabled: bool) -> None:
+        self.enabled = enabled
 
 
 @contextlib.contextmanager
@@ -481,7 +638,7 @@ def _quiet() -> Iterator[None]:
 
 # --- measurements -------------------------------------------------------------------------------
 class Clock:
-    """Wall-clock timing that waits for the device; bf16 autocast on CUDA."""
+    """Wall-clock timing that waits for the device; the recipe's autocast (bf16 on CUDA)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -512,32 +669,40 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def time_training(
-    model: nn.Module, adapter: Adapter, inputs: ModelInputs, preset: Preset, clock: Clock
-) -> dict[str, list[float]]:
-    """Training step times, and as many no-adapter steps (adapter off) timed in alternation.
+def training_step(
+    model: nn.Module, inputs: ModelInputs, optimizer: torch.optim.Optimizer, clock: Clock
+) -> torch.Tensor:
+    """One recipe step: forward under autocast on inputs that need no gradient, float32 MSE,
+    backward, optimizer step, ``zero_grad(set_to_none=True)``. Returns the loss."""
+    with clock.autocast():
+        out = inputs(model)
+    loss = F.mse_loss(out.float(), inputs.target.float())
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
 
-    ``warmup_steps`` untimed steps first. The no-adapter steps give each worker its own floor, so
-    the ratio of the two cancels whatever the machine's speed was while this worker ran.
+
+def time_training(
+    model: nn.Module, adapter: Adapter, taps: FloorTaps, inputs: ModelInputs, preset: Preset, clock: Clock
+) -> dict[str, list[float]]:
+    """Training step times, and as many floor steps timed in alternation (see the module docstring).
+
+    ``warmup_steps`` untimed steps first (and one untimed floor step). The floor steps give each
+    worker its own floor, so the ratio of the two cancels whatever the machine's speed was while
+    this worker ran.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
-    sample = inputs.sample.clone().requires_grad_(True)
+    params = adapter.trainable_parameters()
+    optimizer = torch.optim.AdamW(params or taps.anchors, lr=1e-4)
+    floor_optimizer = torch.optim.AdamW(taps.anchors, lr=1e-4)
     model.train()
 
-    def step(adapted: bool) -> None:
-        with clock.autocast():
-            out = inputs(model, sample)
-        loss = F.mse_loss(out.float(), inputs.target)
-        loss.backward()
-        if adapted and optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        sample.grad = None
-
     def timed(adapted: bool) -> float:
+        adapted = adapted and adapter.trains
         adapter.enable(adapted)
-        return clock.time(lambda: step(adapted))
+        taps.enable(not adapted)
+        opt = optimizer if adapted else floor_optimizer
+        return clock.time(lambda: training_step(model, inputs, opt, clock))
 
     for _ in range(preset.warmup_steps):
         timed(True)
@@ -547,6 +712,7 @@ def time_training(
         for adapted in (True, False) if i % 2 == 0 else (False, True):
             times["step" if adapted else "floor"].append(timed(adapted))
     adapter.enable(True)
+    taps.enable(False)
     return times
 
 
@@ -588,10 +754,12 @@ def measure(method: Method, preset: Preset, device: torch.device | str = "cpu") 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model = build_model(preset, device)  # the only copy of the weights
-    adapter = Adapter(method, model, present_targets(model, FAMILIES[preset.family].targets))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    targets = present_targets(model, FAMILIES[preset.family].targets)
+    adapter = Adapter(method, model, targets)
+    taps = FloorTaps(model, targets)
+    trainable = sum(p.numel() for p in adapter.trainable_parameters())
     inputs = make_inputs(preset, device)
-    steps = time_training(model, adapter, inputs, preset, clock)
+    steps = time_training(model, adapter, taps, inputs, preset, clock)
     peak = peak_memory_bytes(device)  # training peak: measured before anything else is built
     forward = time_inference(model, adapter, inputs, preset.forward_repeats, clock)
 
@@ -606,6 +774,8 @@ def measure(method: Method, preset: Preset, device: torch.device | str = "cpu") 
             a.unmerge()
     return {
         "method": method.key,
+        "latent_size": preset.latent_size,
+        "input_shape": list(inputs.sample.shape),
         "trainable_params": trainable,
         "step_s": steps["step"],
         "floor_step_s": steps["floor"],
@@ -613,7 +783,7 @@ def measure(method: Method, preset: Preset, device: torch.device | str = "cpu") 
         "forward_base_s": forward["base"],
         "forward_unmerged_s": forward["unmerged"],
         "forward_merged_s": forward["merged"],
-        "merge_s": merge_times if method.kind != "none" else [],
+        "merge_s": merge_times if adapter.trains else [],
     }
 
 
@@ -625,9 +795,10 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _worker_command(method: str, preset: str, device: str, out: Path) -> list[str]:
+def _worker_command(method: str, preset: Preset, device: str, out: Path) -> list[str]:
     return [sys.executable, "-m", "boft_diffusion.benchmark", "--worker", method,
-            "--preset", preset, "--device", device, "--worker-out", str(out)]  # fmt: skip
+            "--preset", preset.name, "--latent-size", str(preset.latent_size),
+            "--timed-steps", str(preset.timed_steps), "--device", device, "--worker-out", str(out)]  # fmt: skip
 
 
 def run_benchmark(
@@ -642,7 +813,7 @@ def run_benchmark(
                 out = Path(tmp) / f"{method.key}-{r}.json"
                 start = time.perf_counter()
                 proc = subprocess.run(
-                    _worker_command(method.key, preset.name, device, out), capture_output=True, text=True
+                    _worker_command(method.key, preset, device, out), capture_output=True, text=True
                 )
                 if proc.returncode != 0:
                     raise RuntimeError(f"Worker for {method.key} failed:\n{proc.stderr[-4000:]}")
@@ -651,78 +822,341 @@ def run_benchmark(
     return results
 
 
+# --- summary ------------------------------------------------------------------------------------
 def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def _paired_ratio(runs: list[dict[str, Any]], key: str, reference: str) -> float | None:
-    """Median over repeats of ``key`` / ``reference`` timed next to it in the same worker."""
-    return _median([t / r for run in runs for t, r in zip(run[key], run[reference])])
+def ratio_spread(per_round: list[list[float]]) -> dict[str, Any] | None:
+    """Median and spread of a ratio from its samples, one list per round (see the module docstring).
+
+    ``median``: of the per-round medians; ``low`` / ``high``: the lowest and highest per-round
+    median, or with a single round the lowest and highest sample (``spread_over`` says which).
+    """
+    rounds = [statistics.median(values) for values in per_round if values]
+    if not rounds:
+        return None
+    samples = rounds if len(rounds) > 1 else [v for values in per_round for v in values]
+    return {
+        "median": statistics.median(rounds),
+        "low": min(samples),
+        "high": max(samples),
+        "per_round": rounds,
+        "spread_over": "rounds" if len(rounds) > 1 else "repeats",
+    }
+
+
+def _pairs(run: dict[str, Any], key: str, reference: str) -> list[float]:
+    """``key / reference`` for each measurement and the adapter-off one timed next to it."""
+    return [t / r for t, r in zip(run[key], run[reference])]
+
+
+def _relative(samples: list[float], reference: list[float]) -> list[float]:
+    """Samples of one round divided by the median of the reference's samples in that round."""
+    middle = _median(reference)
+    return [s / middle for s in samples] if middle else []
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Medians per method: pooled over every timed repeat of every round (memory: over rounds).
+    """Medians per method: times pooled over every repeat of every round (memory: over rounds), and
+    every ratio with its spread (:func:`ratio_spread`).
 
-    Ratios to the floor pair each measurement with the adapter-off one timed next to it in the
-    same worker: a training step with its no-adapter step, a forward with the base forward.
+    Ratios to the floor pair each step with the floor step timed next to it in the same worker, a
+    forward with the base forward; ratios to LoRA divide a round's figure by LoRA's of that round.
     """
     keys = ("step_s", "floor_step_s", "forward_base_s", "forward_unmerged_s", "forward_merged_s", "merge_s")
+    lora = runs.get("lora")
     summary = {}
     for key, per_round in runs.items():
         pooled = {k: [v for run in per_round for v in run[k]] for k in keys}
+        step_floor = [_pairs(run, "step_s", "floor_step_s") for run in per_round]
+        memory = [[run["peak_memory_bytes"] / 1e9] for run in per_round]
+        vs_lora: dict[str, Any] = {"step_vs_lora": None, "memory_vs_lora": None}
+        if lora:
+            pairs = list(zip(per_round, lora))
+            vs_lora["step_vs_lora"] = ratio_spread(
+                [
+                    _relative(s, _pairs(ref, "step_s", "floor_step_s"))
+                    for s, (_, ref) in zip(step_floor, pairs)
+                ]
+            )
+            vs_lora["memory_vs_lora"] = ratio_spread(
+                [[run["peak_memory_bytes"] / ref["peak_memory_bytes"]] for run, ref in pairs]
+            )
         summary[key] = {
             "label": METHODS[key].label,
             "trainable_params": per_round[0]["trainable_params"],
+            "latent_size": per_round[0].get("latent_size"),
             "step_s": _median(pooled["step_s"]),
             "floor_step_s": _median(pooled["floor_step_s"]),
-            "step_vs_floor": _paired_ratio(per_round, "step_s", "floor_step_s"),
-            "peak_memory_gb": _median([run["peak_memory_bytes"] for run in per_round]) / 1e9,
+            "step_vs_floor": ratio_spread(step_floor),
+            "step_vs_lora": vs_lora["step_vs_lora"],
+            "peak_memory_gb": _median([m for (m,) in memory]),
+            "memory_vs_lora": vs_lora["memory_vs_lora"],
             "forward_base_s": _median(pooled["forward_base_s"]),
             "forward_unmerged_s": _median(pooled["forward_unmerged_s"]),
             "forward_merged_s": _median(pooled["forward_merged_s"]),
-            "unmerged_vs_base": _paired_ratio(per_round, "forward_unmerged_s", "forward_base_s"),
-            "merged_vs_base": _paired_ratio(per_round, "forward_merged_s", "forward_base_s"),
+            "unmerged_vs_base": ratio_spread(
+                [_pairs(run, "forward_unmerged_s", "forward_base_s") for run in per_round]
+            ),
+            "merged_vs_base": ratio_spread(
+                [_pairs(run, "forward_merged_s", "forward_base_s") for run in per_round]
+            ),
             "merge_s": _median(pooled["merge_s"]),
+            "rounds": len(per_round),
             "samples": {k: len(v) for k, v in pooled.items()},
         }
     return summary
 
 
-def _ratio(value: float | None, reference: float | None) -> float | None:
-    return None if value is None or not reference else value / reference
+DEFAULT_BAR = 1.05
+"""Default ``--bar``: the step × LoRA that the "≤ bar" column tests the whole spread against."""
 
 
-TABLE_NOTE = (
-    "Step ratios are paired: every worker also times no-adapter steps (adapter switched off) between "
-    "its own, × floor is the median of step / that step, × LoRA divides by LoRA's × floor; × base "
-    "likewise pairs each forward with an adapter-off forward. Memory: peak of the training phase."
-)
+def verdict(ratio: dict[str, Any] | None, bar: float) -> str:
+    """``yes`` when the whole spread is at or under ``bar``, ``no`` when all above, else ``unclear``."""
+    if ratio is None:
+        return "—"
+    if ratio["high"] <= bar:
+        return "yes"
+    if ratio["low"] > bar:
+        return "no"
+    return "unclear"
 
 
-def format_table(summary: dict[str, dict[str, Any]]) -> str:
-    """Markdown table: absolute figures and ratios against LoRA and against the floor (see ``TABLE_NOTE``)."""
-    lora = summary.get("lora", {})
+def table_note(bar: float = DEFAULT_BAR) -> str:
+    return (
+        "Ratios: median over rounds (lowest–highest round; with one round, lowest–highest paired "
+        "repeat). × floor pairs each step with a floor step timed next to it in the same worker (the "
+        "floor: adapter off, zero-cost taps on the adapted layers, so the backward still reaches "
+        "them); × LoRA divides by LoRA's figure of the same round; × base pairs each forward with an "
+        f"adapter-off forward. ≤ {bar:g}: step × LoRA under {bar:g} for the whole spread (yes), above "
+        "it for the whole spread (no), or straddling it (unclear). Memory: peak of the training phase."
+    )
 
-    def cell(value: float | None, fmt: str) -> str:
+
+TABLE_NOTE = table_note()
+
+
+def format_table(summary: dict[str, dict[str, Any]], bar: float = DEFAULT_BAR) -> str:
+    """Markdown table: absolute figures and ratios (median and spread) against LoRA, the floor and the
+    base forward (see :func:`table_note`)."""
+
+    def cell(value: float | None, fmt: str = ".2f") -> str:
         return "—" if value is None else format(value, fmt)
 
-    head = ("| method | trainable params | s/step | × LoRA | × floor | peak mem (GB) | × LoRA "
-            "| unmerged fwd (s) | × base | merged fwd (s) | × base | merge (s) |")  # fmt: skip
-    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    def spread(ratio: dict[str, Any] | None) -> str:
+        if ratio is None:
+            return "—"
+        return f"{ratio['median']:.2f} ({ratio['low']:.2f}–{ratio['high']:.2f})"
+
+    head = ("| method | trainable params | s/step | × LoRA | ≤ " + f"{bar:g}" + " | × floor | peak mem (GB) "
+            "| × LoRA | unmerged fwd (s) | × base | merged fwd (s) | × base | merge (s) |")  # fmt: skip
+    lines = [head, "|" + "---|" * (head.count(" | ") + 1)]
     for s in summary.values():
         lines.append("| " + " | ".join([
             s["label"], f"{s['trainable_params']:,}",
-            cell(s["step_s"], ".2f"), cell(_ratio(s["step_vs_floor"], lora.get("step_vs_floor")), ".2f"),
-            cell(s["step_vs_floor"], ".2f"),
-            cell(s["peak_memory_gb"], ".2f"), cell(_ratio(s["peak_memory_gb"], lora.get("peak_memory_gb")), ".2f"),
-            cell(s["forward_unmerged_s"], ".2f"), cell(s["unmerged_vs_base"], ".2f"),
-            cell(s["forward_merged_s"], ".2f"), cell(s["merged_vs_base"], ".2f"),
-            cell(s["merge_s"], ".2f"),
+            cell(s["step_s"]), spread(s.get("step_vs_lora")), verdict(s.get("step_vs_lora"), bar),
+            spread(s["step_vs_floor"]),
+            cell(s["peak_memory_gb"]), spread(s.get("memory_vs_lora")),
+            cell(s["forward_unmerged_s"]), spread(s["unmerged_vs_base"]),
+            cell(s["forward_merged_s"]), spread(s["merged_vs_base"]),
+            cell(s["merge_s"]),
         ]) + " |")  # fmt: skip
     return "\n".join(lines)
 
 
+# --- per-layer profile --------------------------------------------------------------------------
+PROFILE_CATEGORIES = (
+    "Cayley (solve)",
+    "permutation",
+    "block product",
+    "layout copies",
+    "base matmul",
+    "autograd overhead",
+    "other",
+)
+"""Categories of :func:`profile_layer`, in the order printed."""
+
+_CAYLEY_REGIONS = ("boft::block_rotations", "boft::cayley", "PackedCayley")
+_OPS = {
+    "permutation": {"aten::index_select", "aten::gather", "aten::take", "aten::index", "aten::scatter",
+                    "aten::index_add_", "aten::index_copy_", "aten::index_put_", "aten::_index_put_impl_"},
+    "block product": {"aten::bmm", "aten::baddbmm", "aten::einsum"},
+    "layout copies": {"aten::copy_", "aten::contiguous", "aten::clone", "aten::_to_copy", "aten::to",
+                      "aten::empty_like", "aten::empty_strided", "aten::empty"},
+    "base matmul": {"aten::addmm", "aten::mm", "aten::linear", "aten::matmul", "aten::_addmm_activation"},
+}  # fmt: skip
+
+
+def profile_category(name: str, ancestors: list[str]) -> str:
+    """The category of a profiler event from its name and its ancestors' (innermost first).
+
+    Cayley: anything inside the Cayley transform (our ``block_rotations``, forward and backward) and
+    any ``aten::linalg_*`` (PEFT builds its Cayley by ``linalg.solve`` / ``inv``); the rest by aten
+    op: gathers are permutations, batched matmuls block products, copies and casts layout copies,
+    dense 2-D matmuls the base matmul (and LoRA's two low-rank ones); autograd engine and backward
+    nodes' and custom autograd Functions' own (Python) time is autograd overhead.
+    """
+    if name.startswith("aten::linalg_") or any(r in n for n in (name, *ancestors) for r in _CAYLEY_REGIONS):
+        return "Cayley (solve)"
+    for category, ops in _OPS.items():
+        if name in ops:
+            return category
+    custom_function = name.lstrip("_")[:1].isupper()  # an autograd.Function's own (Python) time
+    if name.startswith("autograd::") or "Backward" in name or custom_function:
+        return "autograd overhead"
+    return "other"
+
+
+def profile_shape(preset: Preset) -> tuple[int, int]:
+    """``(tokens, width)`` of the preset's first adapted attention projection: a UNet's first
+    cross-attention block (its widest token count), Flux's image-token projections."""
+    config = preset.model
+    if preset.family == "flux":
+        return preset.latent_size**2, config["num_attention_heads"] * config["attention_head_dim"]
+    level = next(i for i, kind in enumerate(config["down_block_types"]) if "CrossAttn" in kind)
+    side = max(1, preset.latent_size // 2**level)
+    return side * side, config["block_out_channels"][level]
+
+
+class _Projection(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(width, width)
+
+
+@contextlib.contextmanager
+def _labelled_functional() -> Iterator[None]:
+    """Wrap the :mod:`.functional` functions that :mod:`.layers` calls in ``record_function`` labels
+    (``boft::<name>``) for the duration; restored after."""
+    from torch.profiler import record_function
+
+    from . import functional, layers
+
+    def labelled(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with record_function(f"boft::{name}"):
+                return fn(*args, **kwargs)
+
+        return call
+
+    patched = {
+        name: getattr(layers, name)
+        for name in functional.__all__
+        if getattr(layers, name, None) is getattr(functional, name)
+    }
+    try:
+        for name, fn in patched.items():
+            setattr(layers, name, labelled(name, fn))
+        yield
+    finally:
+        for name, fn in patched.items():
+            setattr(layers, name, fn)
+
+
+def _profile_method(
+    method: Method, tokens: int, width: int, device: torch.device, steps: int
+) -> dict[str, Any]:
+    """Self time per category (ms per step) of ``steps`` forward + backward of one adapted projection."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    module = _Projection(width).to(device).requires_grad_(False)
+    Adapter(method, module, ["proj"])
+    module.train()
+    clock = Clock(device)
+    # A layer inside the network: its input needs a gradient (for the layers below it).
+    x = torch.randn(tokens, width, device=device, requires_grad=True)
+
+    def step() -> None:
+        with clock.autocast():
+            out = module.proj(x)
+        out.float().square().mean().backward()
+        x.grad = None
+        for p in module.parameters():
+            p.grad = None
+
+    for _ in range(3):
+        step()
+    clock.sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with _labelled_functional(), profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        clock.sync()
+    cpu = dict.fromkeys(PROFILE_CATEGORIES, 0.0)
+    dev = dict.fromkeys(PROFILE_CATEGORIES, 0.0)
+    for event in prof.events():
+        if event.device_type != DeviceType.CPU:  # kernels: counted in their launching op's device time
+            continue
+        ancestors, parent = [], event.cpu_parent
+        while parent is not None:
+            ancestors.append(parent.name)
+            parent = parent.cpu_parent
+        category = profile_category(event.name, ancestors)
+        cpu[category] += event.self_cpu_time_total / 1e3 / steps
+        dev[category] += getattr(event, "self_device_time_total", 0.0) / 1e3 / steps
+    result = {"label": method.label, "cpu_ms": cpu}
+    if device.type == "cuda":
+        result["device_ms"] = dev
+    return result
+
+
+def profile_layer(preset: Preset, device: torch.device | str = "cpu", steps: int = 5) -> dict[str, Any]:
+    """Profile one adapted attention projection of the preset's width and token count (see
+    :func:`profile_shape`): BOFT b=8, m=2 against PEFT's LoRA r=8 (when peft is installed), self
+    time by :data:`PROFILE_CATEGORIES`, in ms per forward + backward."""
+    device = torch.device(device)
+    tokens, width = profile_shape(preset)
+    methods = [METHODS["boft-b8-m2"]] + ([METHODS["lora"]] if METHODS["lora"].available() else [])
+    return {
+        "tokens": tokens,
+        "width": width,
+        "device": device.type,
+        "steps": steps,
+        "methods": {m.key: _profile_method(m, tokens, width, device, steps) for m in methods},
+    }
+
+
+def format_profile(profile: dict[str, Any]) -> str:
+    """Markdown table of :func:`profile_layer`: ms per step and share of the total, per category."""
+    methods = list(profile["methods"].values())
+    clocks = ["cpu_ms"] + (["device_ms"] if profile["device"] == "cuda" else [])
+    head = "| category |" + "".join(
+        f" {m['label']} {'CPU' if c == 'cpu_ms' else 'device'} ms | share |" for m in methods for c in clocks
+    )
+    lines = [
+        f"Per-layer profile: one {profile['width']}-wide projection on {profile['tokens']} tokens, "
+        f"forward + backward, {profile['device']}, self time per step (mean of {profile['steps']})",
+        "",
+        head,
+        "|---|" + "---|---|" * (len(methods) * len(clocks)),
+    ]
+    for category in (*PROFILE_CATEGORIES, "total"):
+        cells = []
+        for m in methods:
+            for c in clocks:
+                total = sum(m[c].values())
+                value = total if category == "total" else m[c][category]
+                share = value / total if total else 0.0
+                cells += [f"{value:.3f}", f"{share:.0%}"]
+        lines.append(f"| {category} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # --- command line -------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``scripts/benchmark.py`` and ``boft-diffusion bench``."""
     parser.add_argument(
@@ -730,9 +1164,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--methods", nargs="+", choices=list(METHODS), default=None,
-        help="methods to run (default: all available; PEFT ones need peft installed)",
+        help="methods to run (default: all; those whose package is missing are listed as unavailable)",
     )  # fmt: skip
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: the preset's)")
+    parser.add_argument(
+        "--rounds", type=_positive_int, default=None, help="interleaved rounds (default: the preset's)"
+    )
+    parser.add_argument(
+        "--latent-size", type=_positive_int, default=None, metavar="N",
+        help="latent side N (N×N latents; Flux: N² image tokens), default the preset's "
+        "(sd15: 32 = 256 px; 64 = 512 px, 96 = 768 px; sdxl: 128 = 1024 px)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--timed-steps", type=_positive_int, default=None, help="timed training steps per worker"
+    )
+    parser.add_argument(
+        "--bar", type=float, default=DEFAULT_BAR,
+        help=f"step × LoRA that the '≤ bar' column tests the whole spread against (default {DEFAULT_BAR})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--profile", action="store_true",
+        help="instead of the benchmark: profile one adapted projection of the preset's width by category",
+    )  # fmt: skip
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
     parser.add_argument("--json", type=Path, default=None, help="write raw and summarised results here")
 
@@ -743,37 +1195,67 @@ def _resolve_device(name: str) -> str:
     return name
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the benchmark as ``args`` say; print the table; write JSON if asked."""
-    preset = PRESETS[args.preset]
-    methods = [METHODS[k] for k in (args.methods or METHODS)]
-    skipped = [m.key for m in methods if not m.available()]
-    methods = [m for m in methods if m.available()]
-    if skipped:
-        print(f"skipping {skipped}: peft is not installed")
-    device = _resolve_device(args.device)
-    rounds = args.rounds or preset.rounds
-    print(f"preset {preset.name}, device {device}, {available_cores()} threads, {rounds} round(s)")
+def unavailable_methods(methods: list[Method]) -> dict[str, str]:
+    """``{key: reason}`` of the methods that cannot run here."""
+    return {m.key: reason for m in methods if (reason := m.unavailable_reason()) is not None}
+
+
+def benchmark_report(
+    preset: Preset, methods: list[Method], device: str, rounds: int, bar: float = DEFAULT_BAR,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:  # fmt: skip
+    """Run the available ``methods`` and return the JSON report (the unavailable ones with their reason)."""
+    unavailable = unavailable_methods(methods)
     start = time.perf_counter()
-    runs = run_benchmark(preset, methods, device, rounds)
-    summary = summarize(runs)
+    runs = run_benchmark(preset, [m for m in methods if m.key not in unavailable], device, rounds, log)
+    return {
+        "preset": dataclasses.asdict(preset),
+        "latent_size": preset.latent_size,
+        "device": device,
+        "threads": available_cores(),
+        "rounds": rounds,
+        "bar": bar,
+        "torch": torch.__version__,
+        "command": " ".join(sys.argv),
+        "elapsed_s": time.perf_counter() - start,
+        "unavailable": unavailable,
+        "summary": summarize(runs),
+        "runs": runs,
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The table, its note and the methods not measured (with why)."""
+    text = format_table(report["summary"], report["bar"]) + "\n\n" + table_note(report["bar"])
+    for key, reason in report["unavailable"].items():
+        text += f"\nnot measured: {key} ({METHODS[key].label}): {reason}"
+    return text
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark (or the profile) as ``args`` say; print the table; write JSON if asked."""
+    preset = with_overrides(PRESETS[args.preset], args.latent_size, args.timed_steps)
+    device = _resolve_device(args.device)
+    if args.profile:
+        profile = profile_layer(preset, device)
+        print(format_profile(profile))
+        if args.json is not None:
+            atomic_write_text(
+                args.json, json.dumps({"preset": dataclasses.asdict(preset), "profile": profile}, indent=2)
+            )
+            print(f"wrote {args.json}")
+        return 0
+    methods = [METHODS[k] for k in (args.methods or METHODS)]
+    for key, reason in unavailable_methods(methods).items():
+        print(f"unavailable: {key} ({METHODS[key].label}): {reason}")
+    rounds = args.rounds or preset.rounds
+    print(f"preset {preset.name}, latent {preset.latent_size}, device {device}, "
+          f"{available_cores()} threads, {rounds} round(s)")  # fmt: skip
+    report = benchmark_report(preset, methods, device, rounds, args.bar)
     print()
-    print(format_table(summary))
-    print(f"\n{TABLE_NOTE}")
-    elapsed = time.perf_counter() - start
-    print(f"\ntotal {elapsed:.0f} s")
+    print(format_report(report))
+    print(f"\ntotal {report['elapsed_s']:.0f} s")
     if args.json is not None:
-        report = {
-            "preset": dataclasses.asdict(preset),
-            "device": device,
-            "threads": available_cores(),
-            "rounds": rounds,
-            "torch": torch.__version__,
-            "command": " ".join(sys.argv),
-            "elapsed_s": elapsed,
-            "summary": summary,
-            "runs": runs,
-        }
         atomic_write_text(args.json, json.dumps(report, indent=2))
         print(f"wrote {args.json}")
     return 0
@@ -783,11 +1265,14 @@ def _worker(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description="benchmark worker: one method, one process")
     parser.add_argument("--worker", required=True, choices=list(METHODS))
     parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    parser.add_argument("--latent-size", type=int, default=None)
+    parser.add_argument("--timed-steps", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--worker-out", type=Path, required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(available_cores())
-    result = measure(METHODS[args.worker], PRESETS[args.preset], args.device)
+    preset = with_overrides(PRESETS[args.preset], args.latent_size, args.timed_steps)
+    result = measure(METHODS[args.worker], preset, args.device)
     atomic_write_text(args.worker_out, json.dumps(result))
     return 0
 

@@ -5,12 +5,16 @@ presets are checked on the meta device (shapes only) and run shrunk to tiny widt
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from boft_diffusion import benchmark
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_worker_measures_every_figure_in_process():
@@ -22,6 +26,7 @@ def test_worker_measures_every_figure_in_process():
         assert len(result[key]) == preset.forward_repeats
     assert len(result["merge_s"]) == preset.merge_repeats
     assert result["peak_memory_bytes"] > 0
+    assert result["input_shape"] == [1, 4, 16, 16] and result["latent_size"] == 16
 
 
 def test_floor_has_no_trainable_parameters_and_no_merge():
@@ -29,48 +34,175 @@ def test_floor_has_no_trainable_parameters_and_no_merge():
     assert result["trainable_params"] == 0 and result["merge_s"] == []
 
 
+@pytest.mark.parametrize("method", ["floor", "boft-b8-m1"])
+def test_training_step_needs_no_input_gradient_and_the_floor_reaches_the_adapted_layers(method):
+    """The latents never require grad (as in the recipes); in the floor step autograd still reaches
+    every adapted layer (their outputs require grad) but nothing below the earliest one (its input)."""
+    preset = dataclasses.replace(benchmark.PRESETS["tiny"], warmup_steps=0, timed_steps=1)
+    model = benchmark.build_model(preset, torch.device("cpu"))
+    targets = benchmark.present_targets(model, benchmark.FAMILIES["unet"].targets)
+    adapter = benchmark.Adapter(benchmark.METHODS[method], model, targets)
+    taps = benchmark.FloorTaps(model, targets)
+    inputs = benchmark.make_inputs(preset, torch.device("cpu"))
+    seen = {"sample": [], "inputs": [], "outputs": []}
+    model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen["sample"].append(kwargs["sample"].requires_grad), with_kwargs=True
+    )
+    adapted = [
+        m for name, m in model.named_modules() if name.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))
+    ]
+
+    def record(module, args, output):
+        if taps.enabled:  # the floor steps
+            seen["inputs"].append(args[0].requires_grad)
+            seen["outputs"].append(output.requires_grad)
+
+    for module in adapted:
+        module.register_forward_hook(record)
+    benchmark.time_training(model, adapter, taps, inputs, preset, benchmark.Clock(torch.device("cpu")))
+    assert seen["sample"] and not any(seen["sample"])
+    assert all(seen["outputs"])  # every adapted layer is on the backward path
+    assert seen["inputs"][0] is False and any(seen["inputs"])  # nothing below the first one is
+    if adapter.trains:
+        assert all(p.grad is None for p in adapter.trainable_parameters())  # zero_grad(set_to_none=True)
+
+
 def test_command_line_runs_workers_and_writes_json(tmp_path, capsys):
-    methods = ["floor", "boft-b8-m1"] + (["lora"] if benchmark.METHODS["lora"].available() else [])
+    methods = ["floor", "boft-b8-m1"]  # two workers (LoRA's ratios: the summary test below)
+    unavailable = [] if benchmark.METHODS["lycoris-boft"].available() else ["lycoris-boft"]
     out = tmp_path / "bench.json"
-    assert benchmark.main(["--preset", "tiny", "--methods", *methods, "--json", str(out)]) == 0
+    argv = [
+        "--preset",
+        "tiny",
+        "--latent-size",
+        "8",
+        "--timed-steps",
+        "2",
+        "--methods",
+        *methods,
+        *unavailable,
+    ]
+    assert benchmark.main([*argv, "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert set(report["summary"]) == set(methods)
     assert report["preset"]["name"] == "tiny" and report["rounds"] == 1
+    assert report["latent_size"] == report["preset"]["latent_size"] == 8
     for method in methods:
-        assert len(report["runs"][method]) == 1
-        assert report["summary"][method]["step_s"] > 0
+        (run,) = report["runs"][method]
+        assert run["input_shape"] == [1, 4, 8, 8] and len(run["step_s"]) == 2
+        summary = report["summary"][method]
+        assert summary["step_s"] > 0
+        for key in ("step_vs_floor", "unmerged_vs_base", "merged_vs_base"):
+            ratio = summary[key]
+            assert ratio["low"] <= ratio["median"] <= ratio["high"] and ratio["spread_over"] == "repeats"
     printed = capsys.readouterr().out
-    assert "| method |" in printed and "BOFT b=8, m=1" in printed
-    assert "targets" not in report  # figures only: thresholds live in issues, not in the product
+    assert "| method |" in printed and "BOFT b=8, m=1" in printed and "| ≤ 1.05 |" in printed
+    assert "–" in printed.split("| BOFT b=8, m=1 |")[1].splitlines()[0]  # spreads in the table
+    for key in unavailable:
+        assert key in report["unavailable"] and f"not measured: {key}" in printed
+    assert "targets" not in report  # figures only
 
 
-def test_table_from_a_summary():
-    fake = {
-        key: {
-            "label": benchmark.METHODS[key].label,
-            "trainable_params": 10,
-            "step_s": step,
-            "step_vs_floor": step / 2.0,
-            "peak_memory_gb": 4.0,
-            "forward_base_s": 1.0,
-            "forward_unmerged_s": 1.05,
-            "forward_merged_s": 1.0,
-            "unmerged_vs_base": 1.05,
-            "merged_vs_base": 1.0,
-            "merge_s": None if key == "floor" else 0.3,
-        }
-        for key, step in [
-            ("floor", 2.0),
-            ("lora", 2.1),
-            ("peft-boft", 9.0),
-            ("boft-b8-m1", 2.1),
-            ("boft-b8-m2", 2.3),
-        ]
+def _fake_run(step: float, floor: float, memory: float, forward: float) -> dict:
+    return {
+        "trainable_params": 10,
+        "latent_size": 16,
+        "step_s": [step, step * 1.02],
+        "floor_step_s": [floor, floor],
+        "peak_memory_bytes": memory * 1e9,
+        "forward_base_s": [1.0, 1.0],
+        "forward_unmerged_s": [forward, forward],
+        "forward_merged_s": [1.0, 1.0],
+        "merge_s": [0.3],
     }
-    table = benchmark.format_table(fake)
-    assert table.count("\n") == len(fake) + 1
+
+
+def test_summary_and_table_carry_the_spread_over_rounds():
+    runs = {
+        "floor": [_fake_run(2.0, 2.0, 4.0, 1.0), _fake_run(2.0, 2.0, 4.0, 1.0)],
+        "lora": [_fake_run(2.1, 2.0, 4.0, 1.0), _fake_run(2.1, 2.0, 4.0, 1.0)],
+        "boft-b8-m2": [_fake_run(2.3, 2.0, 4.0, 1.05), _fake_run(2.0, 2.0, 4.2, 1.05)],
+    }
+    summary = benchmark.summarize(runs)
+    boft = summary["boft-b8-m2"]
+    assert boft["step_vs_floor"]["spread_over"] == "rounds" and len(boft["step_vs_floor"]["per_round"]) == 2
+    assert boft["step_vs_floor"]["low"] == pytest.approx(1.01) and boft["step_vs_floor"][
+        "high"
+    ] == pytest.approx(1.1615)
+    assert boft["memory_vs_lora"]["low"] == pytest.approx(1.0) and boft["memory_vs_lora"][
+        "high"
+    ] == pytest.approx(1.05)
+    assert benchmark.verdict(boft["step_vs_lora"], 1.05) == "unclear"  # 0.96 .. 1.10
+    assert benchmark.verdict(summary["lora"]["step_vs_lora"], 1.05) == "yes"
+    assert benchmark.verdict({"low": 1.06, "high": 1.2}, 1.05) == "no"
+    table = benchmark.format_table(summary)
+    assert table.count("\n") == len(summary) + 1
     boft_row = next(line for line in table.splitlines() if line.startswith("| BOFT b=8, m=2 |"))
-    assert "| 1.15 |" in boft_row  # 2.3 s / 2.0 s floor
+    assert "| 1.09 (1.01–1.16) |" in boft_row and "| unclear |" in boft_row
+    assert "| 1.05 (1.05–1.05) |" in boft_row  # unmerged forward × base
+
+
+def test_profile_prints_its_categories(capsys):
+    assert benchmark.main(["--preset", "tiny", "--profile"]) == 0
+    printed = capsys.readouterr().out
+    assert "Per-layer profile: one 32-wide projection on 256 tokens" in printed
+    for category in (*benchmark.PROFILE_CATEGORIES, "total"):
+        assert f"| {category} |" in printed
+    assert "BOFT b=8, m=2 CPU ms" in printed
+    assert benchmark.profile_category("aten::linalg_solve", []) == "Cayley (solve)"
+    assert benchmark.profile_category("aten::bmm", ["boft::block_rotations"]) == "Cayley (solve)"
+    assert benchmark.profile_category("aten::index_select", ["boft::apply_rotation"]) == "permutation"
+    assert benchmark.profile_category("aten::bmm", ["boft::apply_rotation"]) == "block product"
+    assert benchmark.profile_category("aten::copy_", []) == "layout copies"
+    assert benchmark.profile_category("aten::addmm", []) == "base matmul"
+
+
+def test_methods_report_why_they_are_unavailable():
+    lycoris = benchmark.METHODS["lycoris-boft"]
+    if not lycoris.available():
+        assert "lycoris" in lycoris.unavailable_reason()
+    assert benchmark.METHODS["boft-b8-m2"].unavailable_reason() is None
+
+
+@pytest.mark.skipif(not benchmark.METHODS["peft-oft"].available(), reason="peft is not installed")
+def test_peft_oft_trains_its_own_parameters():
+    preset = benchmark.PRESETS["tiny"]
+    model = benchmark.build_model(preset, torch.device("cpu"))
+    adapter = benchmark.Adapter(benchmark.METHODS["peft-oft"], model, ["to_q", "to_k", "to_v", "to_out.0"])
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all("oft_" in n for n in names) and adapter.trainable_parameters()
+
+
+def _gpu_script():
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", REPO / "scripts" / "gpu_benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour")
+def test_gpu_script_refuses_without_cuda_and_checks_its_format_on_the_cpu(tmp_path, capsys):
+    script = _gpu_script()
+    assert script.main([str(tmp_path / "refused")]) == 2
+    assert "no CUDA" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    out = tmp_path / "out"
+    argv = [
+        str(out),
+        "--allow-cpu",
+        "--methods",
+        "boft-b8-m2",
+        "--rounds",
+        "1",
+        "--timed-steps",
+        "1",
+    ]
+    assert script.main(argv) == 0
+    text = (out / "bench-gpu.md").read_text()
+    assert text.startswith("# BOFT benchmark on CPU") and "## tiny, 16×16 latents, 1 round(s)" in text
+    assert "| method |" in text and "| BOFT b=8, m=2 |" in text
+    report = json.loads((out / "bench-gpu.json").read_text())
+    (tiny,) = report["reports"]
+    assert set(tiny["summary"]) == {"boft-b8-m2"} and tiny["latent_size"] == 16
 
 
 def test_presets_share_the_tiny_pipeline_shape_and_default_targets():

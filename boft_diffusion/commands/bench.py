@@ -1,4 +1,4 @@
-"""``boft-diffusion bench``: speed and memory of BOFT against LoRA and the no-adapter floor.
+"""``boft-diffusion bench``: speed and memory of BOFT against its peers and the no-adapter floor.
 
 The benchmark itself is :mod:`boft_diffusion.benchmark` (``scripts/benchmark.py`` runs this verb).
 """
@@ -9,10 +9,12 @@ import argparse
 
 from . import Command, add_example, check_new_output, reports_input_errors
 
-HELP = "benchmark BOFT training and inference against PEFT LoRA, PEFT BOFT and the no-adapter floor"
+HELP = "benchmark BOFT training and inference against PEFT LoRA, BOFT and OFT and the no-adapter floor"
 EXAMPLE = """example:
   boft-diffusion bench --preset tiny                          # under a minute
-  boft-diffusion bench --preset sd15 --json bench-sd15.json   # SD-1.5-shaped UNet, minutes on CPU"""
+  boft-diffusion bench --preset sd15 --json bench-sd15.json   # SD-1.5-shaped UNet, minutes on CPU
+  boft-diffusion bench --preset sd15 --latent-size 64         # the same at 512 px (4096 tokens)
+  boft-diffusion bench --preset sd15 --profile                # one layer's time by category"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
