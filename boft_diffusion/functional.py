@@ -43,6 +43,7 @@ __all__ = [
     "factor_permutations",
     "multiplicative_dropout",
     "num_free_entries",
+    "block_size_of",
     "pack_skew",
     "unpack_skew",
 ]
@@ -51,6 +52,15 @@ __all__ = [
 def num_free_entries(block_size: int) -> int:
     """Free entries of a ``b × b`` skew-symmetric matrix: ``b(b-1)/2``."""
     return block_size * (block_size - 1) // 2
+
+
+def block_size_of(free_entries: int) -> int | None:
+    """The block size ``b`` with ``b(b-1)/2 == free_entries`` (the inverse of :func:`num_free_entries`),
+    or ``None`` when no ``b`` has that many."""
+    if free_entries < 0:
+        return None
+    b = (1 + math.isqrt(1 + 8 * free_entries)) // 2
+    return b if num_free_entries(b) == free_entries else None
 
 
 @functools.lru_cache(maxsize=64)

@@ -63,6 +63,7 @@ from safetensors.torch import save_file
 
 from ..atomic import atomic_file, staged_dir
 from ..inject import adapter_configs, biases_trained_in_place, boft_layers, saved_modules
+from ..io.kohya import kohya_module_name
 from ..layers import BOFTConv2d, BOFTLayer
 from ..pipeline import base_fingerprint as fingerprint_of
 from ..pipeline import pipeline_components
@@ -342,33 +343,18 @@ class DiffReport:
 
 
 # --- key names ------------------------------------------------------------------------------------------
-def _kohya_prefix(component: str, components: Sequence[str]) -> str:
-    if component == "unet":
-        return "lora_unet_"
-    if component == "text_encoder":
-        return "lora_te1_" if "text_encoder_2" in components else "lora_te_"
-    if component == "text_encoder_2":
-        return "lora_te2_"
-    raise ConvertError(
-        f"component {component!r} has no kohya / UI naming (unet, text_encoder, text_encoder_2 only); "
-        "use format='diffusers'"
-    )
-
-
-_CLIP_TEXT_MODEL = ("encoder.", "embeddings.", "final_layer_norm")
-"""Module paths of a CLIP text model that transformers 5 keeps at the top (4.x: under ``text_model.``)."""
-
-
 def kohya_name(component: str, path: str, components: Sequence[str] = ()) -> str:
-    """The kohya / UI module name: ``lora_unet_down_blocks_0_attentions_0_..._to_q`` (dots as ``_``).
-
-    A text encoder's paths take the ``text_model.`` prefix the UIs expect
-    (``lora_te_text_model_encoder_layers_0_self_attn_q_proj``) where transformers 5 left it out.
-    """
-    prefix = _kohya_prefix(component, components)
-    if component.startswith("text_encoder") and path.startswith(_CLIP_TEXT_MODEL):
-        path = f"text_model.{path}"
-    return prefix + path.replace(".", "_")
+    """The kohya / UI module name: ``lora_unet_down_blocks_0_attentions_0_..._to_q`` (dots as ``_``), as
+    :func:`~boft_diffusion.io.kohya.kohya_module_name` gives it (``lora_te1_`` / ``lora_te2_`` when
+    ``components`` holds a second text encoder; text-encoder paths under ``text_model.``, which the UIs
+    expect and transformers 5 left out)."""
+    try:
+        return kohya_module_name(component, path, sdxl="text_encoder_2" in components)
+    except ValueError:
+        raise ConvertError(
+            f"component {component!r} has no kohya / UI naming (unet, text_encoder, text_encoder_2 only); "
+            "use format='diffusers'"
+        ) from None
 
 
 # --- output -----------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ from safetensors.torch import save_file
 
 from ..atomic import atomic_file
 from ..families import family_of
-from ..functional import num_free_entries, unpack_skew
+from ..functional import block_size_of, unpack_skew
 from .format import AdapterFile, AdapterFormatError, check_finite
 from .peft import _convert_from_peft
 
@@ -590,7 +590,7 @@ def write_kohya_adapter(
                 out[f"{name}.boft_s"] = tensor.detach().float().reshape(-1, 1)
                 continue
             factors, blocks, free = tensor.shape
-            block_size = next((b for b in range(1, 4097) if num_free_entries(b) == free), 0)
+            block_size = block_size_of(free)
             if not block_size:
                 raise ValueError(f"{adapter.source}: {component}.{key} has {free} entries, no block size")
             _valid_for_sd_scripts(f"{component}.{module}", factors, blocks, block_size)

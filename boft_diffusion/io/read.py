@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..config import BOFTConfig
-from ..functional import num_free_entries
+from ..functional import block_size_of
 from ..pipeline import BOFT_LOADABLE_COMPONENTS
 from .format import (
     ADAPTER_WEIGHTS_NAME,
@@ -184,7 +184,7 @@ def _config_from_tensors(tensors: Mapping[str, torch.Tensor]) -> BOFTConfig:
         raise AdapterFormatError("state dict holds no '.boft_R' tensor")
     shapes = {tuple(t.shape) for t in generators.values()}
     m, _, free = next(iter(shapes))
-    block = next((b for b in range(1, 4097) if num_free_entries(b) == free), None)
+    block = block_size_of(free)
     if block is None or len({(s[0], s[2]) for s in shapes}) != 1:
         raise AdapterFormatError(
             f"boft_R shapes {sorted(shapes)} do not share one block size and factor count"
