@@ -37,6 +37,7 @@ __all__ = [
     "apply_rotation",
     "block_rotations",
     "butterfly_permutation",
+    "collapse_rotation",
     "butterfly_view_permutation",
     "cayley",
     "dense_rotation",
@@ -526,13 +527,30 @@ def apply_rotation(
     shape = x.shape
     rows = x.reshape(-1, shape[-1])
     m, _, b, _ = blocks.shape
-    size = b * 2 ** (m - 1)
-    if m > 1 and size <= MAX_COLLAPSED_BLOCK and rows.shape[0] > size:
+    if rows.shape[0] > b * 2 ** (m - 1):
         # Built in the wider of the two dtypes (float32 blocks for bf16 inputs), then cast.
-        blocks = _collapsed_blocks(blocks.to(torch.promote_types(blocks.dtype, rows.dtype)), perms, transpose)
-        perms, transpose = _identity_permutations(shape[-1]), False
+        blocks, perms, transpose = collapse_rotation(
+            blocks.to(torch.promote_types(blocks.dtype, rows.dtype)), perms, transpose
+        )
     out = _factored_rotation(rows, blocks.to(rows.dtype), _plan(perms, transpose))
     return out.reshape(shape)
+
+
+def collapse_rotation(
+    blocks: torch.Tensor, perms: tuple[tuple[int, ...], ...], transpose: bool = False
+) -> tuple[torch.Tensor, tuple[tuple[int, ...], ...], bool]:
+    """The same rotation as one block product where that is cheaper: ``(blocks, perms, transpose)``
+    for :func:`apply_rotation`.
+
+    When ``m > 1`` and ``S = b · 2^(m-1) ≤`` :data:`MAX_COLLAPSED_BLOCK`, ``M``'s (or ``M^T``'s)
+    diagonal blocks ``(1, d/S, S, S)`` with the identity permutation (:func:`_collapsed_blocks`);
+    otherwise the arguments unchanged. ``apply_rotation`` does this itself for inputs of more than
+    ``S`` rows; a caller that applies the same rotation many times (unmerged inference) does it once.
+    """
+    m, r, b, _ = blocks.shape
+    if m == 1 or b * 2 ** (m - 1) > MAX_COLLAPSED_BLOCK:
+        return blocks, perms, transpose
+    return _collapsed_blocks(blocks, perms, transpose), _identity_permutations(r * b), False
 
 
 def dense_rotation(blocks: torch.Tensor, perms: tuple[tuple[int, ...], ...]) -> torch.Tensor:

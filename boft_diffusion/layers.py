@@ -17,11 +17,21 @@ through :mod:`~boft_diffusion.functional`'s hand-written backward passes, which 
 layer's input (as LoRA does), so BOFT trains in LoRA's memory. Multiplicative dropout is applied in
 the training forward pass only: rotations, merged weights, merge and unmerge are deterministic in
 any module mode.
+
+Without gradients (sampling), each adapter's rotation is built once and reused: its Cayley blocks,
+collapsed to one block product (:func:`~boft_diffusion.functional.collapse_rotation`), are cached on
+the layer and rebuilt when the generators or scale change (their version counters or storage: any
+in-place write, optimizer step, ``load_state_dict`` or ``.to()``), the strength changes, or the
+adapter is deleted. A write through ``param.data`` bypasses the version counter; call
+:meth:`BOFTLayer.clear_rotation_cache` after one. The cache is small (``d · S`` floats per adapter,
+``S = b · 2^(m-1)``) and never used while gradients are recorded, under ``torch.compile``, or on
+sharded (``DTensor``) parameters.
 """
 
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -32,10 +42,16 @@ from .config import BlockLayout, BOFTConfig
 from .functional import (
     apply_rotation,
     block_rotations,
+    collapse_rotation,
     factor_permutations,
     multiplicative_dropout,
     num_free_entries,
 )
+
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # torch built without distributed
+    _DTensor = None
 
 __all__ = ["BOFTConv2d", "BOFTLayer", "BOFTLinear", "MergePlan", "is_conv1d", "layer_class", "wrap_layer"]
 
@@ -78,6 +94,8 @@ class BOFTLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        # Inference rotations by (adapter, transposed): parameters, stamp, (blocks, perms, transpose, scale).
+        self._rotation_cache: dict[tuple[str, bool], tuple] = {}
 
     # --- shape hooks (per base layer type) ----------------------------------------------------
     @staticmethod
@@ -142,6 +160,7 @@ class BOFTLayer(nn.Module):
         for store in (self.boft_R, self.boft_s, self.boft_bias, self.layouts, self.dropout, self.strength):
             if name in store:
                 del store[name]
+        self.clear_rotation_cache()
         if name in self.active_adapters:
             self.active_adapters.remove(name)
 
@@ -183,14 +202,62 @@ class BOFTLayer(nn.Module):
         perms = factor_permutations(layout.dim, layout.block_num, layout.block_size, layout.n_factors)
         return blocks, perms, scale
 
+    def clear_rotation_cache(self) -> None:
+        """Drop the cached inference rotations (rebuilt on the next forward pass without gradients)."""
+        self._rotation_cache.clear()
+
+    def rotation_operator(
+        self, name: str, transpose: bool, dropout: bool = False
+    ) -> tuple[torch.Tensor, tuple, bool, torch.Tensor]:
+        """Adapter ``name``'s rotation as :func:`~boft_diffusion.functional.apply_rotation` takes it,
+        ``(blocks, perms, transpose, scale)``, for ``x M`` (or ``x M^T`` with ``transpose``).
+
+        Without gradients (and without dropout in effect) the result is cached until the adapter's
+        parameters or strength change (see the module docstring); otherwise it is built here, in
+        the autograd graph, and ``apply_rotation`` collapses it per call.
+        """
+        generators, scale_param = self.boft_R[name], self.boft_s[name]
+        cacheable = not (
+            torch.is_grad_enabled()
+            or (dropout and self.dropout[name] > 0)
+            or torch.compiler.is_compiling()
+            or _is_sharded(generators)
+        )
+        if not cacheable:
+            blocks, perms, scale = self.rotation(name, dropout=dropout)
+            return blocks, perms, transpose, scale
+        stamp = (
+            generators._version, generators.data_ptr(), generators.device,
+            scale_param._version, scale_param.data_ptr(), self.strength[name],
+        )  # fmt: skip
+        cached = self._rotation_cache.get((name, transpose))
+        # The same parameter objects (weak references: a replaced one may reuse the old address)
+        # with the same version, storage and strength.
+        if (
+            cached is not None
+            and cached[0]() is generators
+            and cached[1]() is scale_param
+            and cached[2] == stamp
+        ):
+            return cached[3]
+        blocks, perms, scale = self.rotation(name)
+        operator = (*collapse_rotation(blocks, perms, transpose), scale)
+        self._rotation_cache[(name, transpose)] = (
+            weakref.ref(generators),
+            weakref.ref(scale_param),
+            stamp,
+            operator,
+        )
+        return operator
+
     def rotated_weight_rows(self, names: list[str], dropout: bool = False) -> torch.Tensor:
         """``W (M_k ⋯ M_1)^T ⊙ s`` for adapters ``names`` (in order), rows ``(out, d)``."""
         rows = self.weight_rows()
         scale = None
         for name in names:
-            blocks, perms, s = self.rotation(name, dropout=dropout)
+            blocks, perms, transpose, s = self.rotation_operator(name, True, dropout)
             rows = apply_rotation(
-                rows.to(torch.promote_types(rows.dtype, blocks.dtype)), blocks, perms, transpose=True
+                rows.to(torch.promote_types(rows.dtype, blocks.dtype)), blocks, perms, transpose=transpose
             )
             scale = s if scale is None else scale * s
         return rows * scale[:, None].to(rows.dtype)
@@ -356,8 +423,8 @@ class BOFTLinear(BOFTLayer):
             return F.linear(x, self.rotated_weight_rows(names, self.training).to(x.dtype), bias)
         scale = None
         for name in reversed(names):  # x M_k ⋯ M_1
-            blocks, perms, s = self.rotation(name, dropout=self.training)
-            x = apply_rotation(x, blocks, perms)
+            blocks, perms, transpose, s = self.rotation_operator(name, False, self.training)
+            x = apply_rotation(x, blocks, perms, transpose)
             scale = s if scale is None else scale * s
         out = F.linear(x, self.weight_rows().to(x.dtype))
         scale = scale.to(x.dtype)
@@ -392,6 +459,11 @@ class BOFTConv2d(BOFTLayer):
         bias = self.adapted_bias(names)
         bias = None if bias is None else bias.to(x.dtype)
         return base._conv_forward(x, weight, bias)
+
+
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    """A ``DTensor`` (an FSDP2 shard): its local storage is not the whole parameter."""
+    return _DTensor is not None and isinstance(tensor, _DTensor)
 
 
 def layer_class(module: nn.Module, layer_name: str = "<layer>") -> type[BOFTLayer]:

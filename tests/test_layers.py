@@ -241,3 +241,125 @@ def test_dropout_only_in_training():
     torch.manual_seed(0)
     outputs = {tuple(model(x)[0, :4].tolist()) for _ in range(8)}
     assert len(outputs) > 1
+
+
+# --- the inference rotation cache -------------------------------------------------------------
+def _sampling_model(dropout: float = 0.0) -> BOFTModel:
+    model = BOFTModel(
+        nn.Sequential(nn.Linear(32, 48), nn.Conv2d(16, 8, 3, padding=1)),
+        BOFTConfig(
+            boft_block_size=4, boft_n_butterfly_factor=3, boft_dropout=dropout, target_modules=["0", "1"]
+        ),
+    )
+    randomise(model)
+    return model.eval()
+
+
+def _outputs(model: BOFTModel) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x, few, image = (
+        torch.randn(100, 32, generator=g),
+        torch.randn(3, 32, generator=g),
+        torch.randn(1, 16, 6, 6, generator=g),
+    )
+    return [model.model[0](x), model.model[0](few), model.model[1](image)]  # weight path, input path, conv
+
+
+@pytest.fixture
+def cayley_calls(monkeypatch):
+    """How many times the layers build Cayley blocks."""
+    from boft_diffusion import layers
+
+    calls = []
+    original = layers.block_rotations
+    monkeypatch.setattr(layers, "block_rotations", lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+def test_sampling_reuses_rotations_and_matches_the_uncached_path(cayley_calls):
+    model = _sampling_model()
+    uncached = _outputs(model)  # gradients on: built per call
+    assert not any(layer._rotation_cache for layer in boft_layers(model).values())
+    with torch.no_grad():
+        first = _outputs(model)
+        built = len(cayley_calls)
+        second = _outputs(model)
+    assert len(cayley_calls) == built, "the second sampling pass rebuilt its rotations"
+    for a, b, c in zip(uncached, first, second):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+        assert torch.equal(b, c)
+
+
+def _step(model):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    model.train()
+    sum(o.square().sum() for o in _outputs(model)).backward()
+    optimizer.step()
+    model.eval()
+
+
+def _copy(model):
+    with torch.no_grad():
+        for layer in boft_layers(model).values():
+            layer.boft_R["default"].copy_(torch.randn_like(layer.boft_R["default"]) * 0.3)
+
+
+def _load(model):
+    other = _sampling_model()
+    randomise(other, seed=5)
+    model.load_state_dict(other.state_dict())
+
+
+def _replace(model):
+    for layer in boft_layers(model).values():
+        shape = layer.boft_R["default"].shape
+        del layer.boft_R["default"]
+        layer.boft_R["default"] = nn.Parameter(torch.randn(shape) * 0.3)
+
+
+def _strength(model):
+    for layer in boft_layers(model).values():
+        layer.set_active(["default"], {"default": 0.5})
+
+
+@pytest.mark.parametrize("change", [_step, _copy, _load, _replace, _strength])
+def test_sampling_sees_every_change_to_the_adapter(change):
+    model = _sampling_model()
+    with torch.no_grad():
+        before = _outputs(model)
+    change(model)
+    with torch.no_grad():
+        after = _outputs(model)
+    expected = _outputs(model)  # uncached
+    for old, new, ref in zip(before, after, expected):
+        assert not torch.allclose(old, new)
+        torch.testing.assert_close(new, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_sampling_after_a_dtype_change_and_after_delete(cayley_calls):
+    model = _sampling_model()
+    with torch.no_grad():
+        _outputs(model)
+    model.double()  # new storage: the rotations are rebuilt
+    built = len(cayley_calls)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(100, 32, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        sampled = model.model[0](x)
+    assert len(cayley_calls) > built
+    # The Cayley blocks are float32 either way; cached, they are collapsed in float32 too.
+    torch.testing.assert_close(sampled, model.model[0](x), atol=1e-6, rtol=1e-5)
+    model.delete_adapter("default")
+    assert not any(layer._rotation_cache for layer in boft_layers(model).values())
+
+
+def test_training_and_dropout_never_use_the_cache(cayley_calls):
+    model = _sampling_model(dropout=0.5)
+    with torch.no_grad():
+        _outputs(model)
+        model.train()
+        built = len(cayley_calls)
+        _outputs(model)
+    assert len(cayley_calls) > built, "dropout in training mode must draw fresh rotations"
+    sum(out.sum() for out in _outputs(model)).backward()
+    assert all(layer.boft_R["default"].grad is not None for layer in boft_layers(model).values())
