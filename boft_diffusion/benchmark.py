@@ -284,7 +284,9 @@ METHODS = {
         Method("lora", "PEFT LoRA r=8", "lora", {"r": 8}),
         Method("peft-boft", "PEFT BOFT b=8, m=1", "peft-boft", {"b": 8, "m": 1}),
         Method("peft-oft", "PEFT OFT b=32", "peft-oft", {"b": 32}),
-        Method("lycoris-boft", "LyCORIS BOFT b=8", "lycoris-boft", {"b": 8}),
+        # LyCORIS picks the block size from a factor: the largest even b <= factor with d / b a
+        # power of two (SD widths 320 / 640 / 1280: b = 10; no b <= 8 divides them that way).
+        Method("lycoris-boft", "LyCORIS BOFT factor 10", "lycoris-boft", {"b": 10}),
         Method("boft-b8-m1", "BOFT b=8, m=1", "boft", {"b": 8, "m": 1}),
         Method("boft-b8-m2", "BOFT b=8, m=2", "boft", {"b": 8, "m": 2}),
         Method("boft-b4-m4", "BOFT b=4, m=4", "boft", {"b": 4, "m": 4}),
@@ -446,9 +448,14 @@ def make_inputs(preset: Preset, device: torch.device, seed: int = 0) -> ModelInp
     return FAMILIES[preset.family].make_inputs(preset, randn, device)
 
 
-def with_overrides(preset: Preset, latent_size: int | None = None, timed_steps: int | None = None) -> Preset:
-    """The preset with another latent side (UNet: ``N × N`` latents; Flux: ``N²`` image tokens) or
-    another number of timed steps (``None`` keeps the preset's)."""
+def with_overrides(
+    preset: Preset,
+    latent_size: int | None = None,
+    timed_steps: int | None = None,
+    forward_repeats: int | None = None,
+) -> Preset:
+    """The preset with another latent side (UNet: ``N × N`` latents; Flux: ``N²`` image tokens),
+    number of timed steps or of timed forward passes per kind (``None`` keeps the preset's)."""
     changes: dict[str, int] = {}
     if latent_size is not None:
         if latent_size < 1:
@@ -458,6 +465,10 @@ def with_overrides(preset: Preset, latent_size: int | None = None, timed_steps: 
         if timed_steps < 1:
             raise ValueError(f"--timed-steps must be positive, got {timed_steps}")
         changes["timed_steps"] = timed_steps
+    if forward_repeats is not None:
+        if forward_repeats < 1:
+            raise ValueError(f"--forward-repeats must be positive, got {forward_repeats}")
+        changes["forward_repeats"] = forward_repeats
     return dataclasses.replace(preset, **changes) if changes else preset
 
 
@@ -470,6 +481,7 @@ class Adapter:
         self.model = model
         self.targets = list(targets)
         self._lycoris: Any = None
+        self._lycoris_applied = False
         self._saved_weights: dict[str, torch.Tensor] = {}
         if method.kind == "boft":
             from .config import BOFTConfig
@@ -505,22 +517,46 @@ class Adapter:
             p.requires_grad_(any(tag in name for tag in ("lora_", "boft_", "oft_")))
 
     def _add_lycoris(self, targets: list[str]) -> None:
-        """LyCORIS' BOFT (``algo="boft"``, block size ``b``) on the modules named by ``targets``.
+        """LyCORIS' BOFT (``algo="boft"``, block factor ``b``) on exactly the modules ``targets`` names.
 
-        Not exercised where ``lycoris`` is not installed (see :meth:`Method.unavailable_reason`).
+        ``create_lycoris`` would apply LyCORIS' ``full`` preset (every linear and conv of each
+        transformer and resnet block), so the network is built directly after a preset naming only
+        the adapted projections. LyCORIS derives its butterfly depth from the width (``log2(d / b)``
+        factors), so the row is its own default configuration at that block factor.
         """
         import re
 
-        from lycoris import LycorisNetwork, create_lycoris
+        from lycoris import LycorisNetwork
 
-        names = [re.escape(t) + "$" for t in targets]
-        LycorisNetwork.apply_preset({"target_name": [".*" + n for n in names]})
-        net = create_lycoris(
-            self.model, 1.0, linear_dim=self.method.options["b"], linear_alpha=1.0, algo="boft"
+        LycorisNetwork.apply_preset(
+            {
+                "enable_conv": False,
+                "target_module": [],
+                "target_name": [".*" + re.escape("." + t) + "$" for t in targets]
+                + [re.escape(t) + "$" for t in targets],
+                "module_algo_map": {},
+                "name_algo_map": {},
+                "use_fnmatch": False,
+                "exclude_name": [],
+            }
         )
+        with _quiet():
+            net = LycorisNetwork(
+                self.model,
+                multiplier=1.0,
+                lora_dim=self.method.options["b"],
+                alpha=1.0,
+                network_module="boft",
+            )
         net.apply_to()
         net.requires_grad_(True)
-        self._lycoris = net
+        self._lycoris, self._lycoris_applied = net, True
+
+    def _apply_lycoris(self, applied: bool) -> None:
+        """Hook LyCORIS' modules in or out (its ``apply_to`` on hooked modules would wrap them twice)."""
+        if applied != self._lycoris_applied:
+            self._lycoris.apply_to() if applied else self._lycoris.restore()
+            self._lycoris_applied = applied
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the optimizer steps (the model's that require grad; LyCORIS' own)."""
@@ -540,7 +576,7 @@ class Adapter:
             merge_adapters(self.model)
         elif self.method.kind == "lycoris-boft":
             self._saved_weights = {k: v.clone() for k, v in self.model.state_dict().items()}
-            self._lycoris.restore()
+            self._apply_lycoris(False)
             self._lycoris.merge_to(1.0)
         elif self.method.kind != "none":
             for layer in self._peft_layers():
@@ -554,7 +590,7 @@ class Adapter:
         elif self.method.kind == "lycoris-boft":  # LyCORIS merges in place: restore the saved weights
             self.model.load_state_dict(self._saved_weights)
             self._saved_weights = {}
-            self._lycoris.apply_to()
+            self._apply_lycoris(True)
         elif self.method.kind != "none":
             for layer in self._peft_layers():
                 layer.unmerge()
@@ -566,10 +602,7 @@ class Adapter:
 
             set_enabled(self.model, enabled)
         elif self.method.kind == "lycoris-boft":
-            if enabled:
-                self._lycoris.apply_to()
-            else:
-                self._lycoris.restore()
+            self._apply_lycoris(enabled)
         elif self.method.kind != "none":
             for layer in self._peft_layers():
                 layer.enable_adapters(enabled)
@@ -798,25 +831,40 @@ def available_cores() -> int:
 def _worker_command(method: str, preset: Preset, device: str, out: Path) -> list[str]:
     return [sys.executable, "-m", "boft_diffusion.benchmark", "--worker", method,
             "--preset", preset.name, "--latent-size", str(preset.latent_size),
-            "--timed-steps", str(preset.timed_steps), "--device", device, "--worker-out", str(out)]  # fmt: skip
+            "--timed-steps", str(preset.timed_steps), "--forward-repeats", str(preset.forward_repeats),
+            "--device", device, "--worker-out", str(out)]  # fmt: skip
 
 
 def run_benchmark(
-    preset: Preset, methods: list[Method], device: str, rounds: int, log: Callable[[str], None] = print
+    preset: Preset,
+    methods: list[Method],
+    device: str,
+    rounds: int,
+    log: Callable[[str], None] = print,
+    failed: dict[str, str] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Run every method once per round in its own process; rounds alternate the method order."""
+    """Run every method once per round in its own process; rounds alternate the method order.
+
+    A worker that fails drops its method from the results and from later rounds (its last error
+    line goes into ``failed``, by key); the other methods' measurements are kept.
+    """
+    failed = {} if failed is None else failed
     results: dict[str, list[dict[str, Any]]] = {m.key: [] for m in methods}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
             order = methods if r % 2 == 0 else methods[::-1]
-            for method in order:
+            for method in (m for m in order if m.key not in failed):
                 out = Path(tmp) / f"{method.key}-{r}.json"
                 start = time.perf_counter()
                 proc = subprocess.run(
                     _worker_command(method.key, preset, device, out), capture_output=True, text=True
                 )
                 if proc.returncode != 0:
-                    raise RuntimeError(f"Worker for {method.key} failed:\n{proc.stderr[-4000:]}")
+                    lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
+                    failed[method.key] = lines[-1]
+                    del results[method.key]
+                    log(f"round {r + 1}/{rounds}  {method.label:<22} FAILED: {lines[-1]}")
+                    continue
                 results[method.key].append(json.loads(out.read_text()))
                 log(f"round {r + 1}/{rounds}  {method.label:<22} {time.perf_counter() - start:6.1f} s")
     return results
@@ -1178,6 +1226,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--timed-steps", type=_positive_int, default=None, help="timed training steps per worker"
     )
     parser.add_argument(
+        "--forward-repeats", type=_positive_int, default=None,
+        help="timed forward passes per kind (base, unmerged, merged) per worker",
+    )  # fmt: skip
+    parser.add_argument(
         "--bar", type=float, default=DEFAULT_BAR,
         help=f"step × LoRA that the '≤ bar' column tests the whole spread against (default {DEFAULT_BAR})",
     )  # fmt: skip
@@ -1207,7 +1259,10 @@ def benchmark_report(
     """Run the available ``methods`` and return the JSON report (the unavailable ones with their reason)."""
     unavailable = unavailable_methods(methods)
     start = time.perf_counter()
-    runs = run_benchmark(preset, [m for m in methods if m.key not in unavailable], device, rounds, log)
+    failed: dict[str, str] = {}
+    runs = run_benchmark(
+        preset, [m for m in methods if m.key not in unavailable], device, rounds, log, failed
+    )
     return {
         "preset": dataclasses.asdict(preset),
         "latent_size": preset.latent_size,
@@ -1219,6 +1274,7 @@ def benchmark_report(
         "command": " ".join(sys.argv),
         "elapsed_s": time.perf_counter() - start,
         "unavailable": unavailable,
+        "failed": failed,
         "summary": summarize(runs),
         "runs": runs,
     }
@@ -1229,12 +1285,14 @@ def format_report(report: dict[str, Any]) -> str:
     text = format_table(report["summary"], report["bar"]) + "\n\n" + table_note(report["bar"])
     for key, reason in report["unavailable"].items():
         text += f"\nnot measured: {key} ({METHODS[key].label}): {reason}"
+    for key, error in report.get("failed", {}).items():
+        text += f"\nfailed: {key} ({METHODS[key].label}): {error}"
     return text
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark (or the profile) as ``args`` say; print the table; write JSON if asked."""
-    preset = with_overrides(PRESETS[args.preset], args.latent_size, args.timed_steps)
+    preset = with_overrides(PRESETS[args.preset], args.latent_size, args.timed_steps, args.forward_repeats)
     device = _resolve_device(args.device)
     if args.profile:
         profile = profile_layer(preset, device)
@@ -1258,7 +1316,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         atomic_write_text(args.json, json.dumps(report, indent=2))
         print(f"wrote {args.json}")
-    return 0
+    return 1 if report["failed"] else 0
 
 
 def _worker(argv: list[str]) -> int:
@@ -1267,11 +1325,12 @@ def _worker(argv: list[str]) -> int:
     parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
     parser.add_argument("--latent-size", type=int, default=None)
     parser.add_argument("--timed-steps", type=int, default=None)
+    parser.add_argument("--forward-repeats", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--worker-out", type=Path, required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(available_cores())
-    preset = with_overrides(PRESETS[args.preset], args.latent_size, args.timed_steps)
+    preset = with_overrides(PRESETS[args.preset], args.latent_size, args.timed_steps, args.forward_repeats)
     result = measure(METHODS[args.worker], preset, args.device)
     atomic_write_text(args.worker_out, json.dumps(result))
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,9 +68,11 @@ def test_training_step_needs_no_input_gradient_and_the_floor_reaches_the_adapted
         assert all(p.grad is None for p in adapter.trainable_parameters())  # zero_grad(set_to_none=True)
 
 
-def test_command_line_runs_workers_and_writes_json(tmp_path, capsys):
+def test_command_line_runs_workers_and_writes_json(tmp_path, capsys, monkeypatch):
     methods = ["floor", "boft-b8-m1"]  # two workers (LoRA's ratios: the summary test below)
-    unavailable = [] if benchmark.METHODS["lycoris-boft"].available() else ["lycoris-boft"]
+    # A method whose package is missing is listed with why, not run.
+    monkeypatch.setattr(benchmark, "find_spec", lambda name: None if name == "lycoris" else object())
+    unavailable = ["lycoris-boft"]
     out = tmp_path / "bench.json"
     argv = [
         "--preset",
@@ -77,6 +80,8 @@ def test_command_line_runs_workers_and_writes_json(tmp_path, capsys):
         "--latent-size",
         "8",
         "--timed-steps",
+        "2",
+        "--forward-repeats",
         "2",
         "--methods",
         *methods,
@@ -90,6 +95,7 @@ def test_command_line_runs_workers_and_writes_json(tmp_path, capsys):
     for method in methods:
         (run,) = report["runs"][method]
         assert run["input_shape"] == [1, 4, 8, 8] and len(run["step_s"]) == 2
+        assert len(run["forward_unmerged_s"]) == 2
         summary = report["summary"][method]
         assert summary["step_s"] > 0
         for key in ("step_vs_floor", "unmerged_vs_base", "merged_vs_base"):
@@ -157,14 +163,66 @@ def test_profile_prints_its_categories(capsys):
     assert benchmark.profile_category("aten::addmm", []) == "base matmul"
 
 
-def test_methods_report_why_they_are_unavailable():
-    lycoris = benchmark.METHODS["lycoris-boft"]
-    if not lycoris.available():
-        assert "lycoris" in lycoris.unavailable_reason()
+def test_a_failing_worker_keeps_the_other_methods(tmp_path, capsys, monkeypatch):
+    command = benchmark._worker_command
+
+    def failing(method, *args):
+        if method == "boft-b8-m1":
+            return [sys.executable, "-c", "raise SystemExit('ValueError: no layout fits 320')"]
+        return command(method, *args)
+
+    monkeypatch.setattr(benchmark, "_worker_command", failing)
+    out = tmp_path / "bench.json"
+    argv = ["--preset", "tiny", "--latent-size", "8", "--timed-steps", "1", "--forward-repeats", "1"]
+    assert (
+        benchmark.main([*argv, "--rounds", "2", "--methods", "floor", "boft-b8-m1", "--json", str(out)]) == 1
+    )
+    report = json.loads(out.read_text())
+    assert set(report["summary"]) == {"floor"} and len(report["runs"]["floor"]) == 2
+    assert report["failed"] == {"boft-b8-m1": "ValueError: no layout fits 320"}
+    printed = capsys.readouterr().out
+    assert printed.count("FAILED") == 1  # not run again in round 2
+    assert "failed: boft-b8-m1 (BOFT b=8, m=1): ValueError: no layout fits 320" in printed
+
+
+def test_methods_report_why_they_are_unavailable(monkeypatch):
+    assert all(m.available() for m in benchmark.METHODS.values())  # every peer is a test extra
+    monkeypatch.setattr(benchmark, "find_spec", lambda name: None)
+    assert "pip install lycoris-lora" in benchmark.METHODS["lycoris-boft"].unavailable_reason()
+    assert "pip install peft" in benchmark.METHODS["peft-oft"].unavailable_reason()
     assert benchmark.METHODS["boft-b8-m2"].unavailable_reason() is None
 
 
-@pytest.mark.skipif(not benchmark.METHODS["peft-oft"].available(), reason="peft is not installed")
+def test_lycoris_boft_wraps_exactly_the_targets_and_switches_off_to_the_base():
+    """LyCORIS (a test extra) on the adapted projections only, not its ``full`` preset; switching it
+    on and off, merging and unmerging any number of times never wraps a module twice."""
+    cpu = torch.device("cpu")
+    preset = benchmark.PRESETS["tiny"]
+    model = benchmark.build_model(preset, cpu)
+    targets = benchmark.present_targets(model, benchmark.FAMILIES["unet"].targets)
+    inputs = benchmark.make_inputs(preset, cpu)
+    with torch.no_grad():
+        base = inputs(model)
+    adapter = benchmark.Adapter(benchmark.METHODS["lycoris-boft"], model, targets)
+    adapted = [n for n, _ in model.named_modules() if n.endswith(tuple("." + t for t in targets))]
+    assert len(adapter._lycoris.loras) == len(adapted) > 0
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in adapter.trainable_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+        on = inputs(model)
+        adapter.enable(False)
+        adapter.enable(False)
+        assert torch.equal(inputs(model), base)
+        adapter.enable(True)
+        adapter.enable(True)
+        assert torch.equal(inputs(model), on) and not torch.allclose(on, base)
+        adapter.merge()
+        torch.testing.assert_close(inputs(model), on, atol=1e-4, rtol=1e-4)
+        adapter.unmerge()
+        assert torch.equal(inputs(model), on)
+
+
 def test_peft_oft_trains_its_own_parameters():
     preset = benchmark.PRESETS["tiny"]
     model = benchmark.build_model(preset, torch.device("cpu"))
