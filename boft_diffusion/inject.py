@@ -53,6 +53,7 @@ __all__ = [
     "apply_merges",
     "biases_trained_in_place",
     "boft_layers",
+    "set_rotation_cache",
     "check_adapter_state_dict",
     "default_targets",
     "find_target_names",
@@ -104,6 +105,15 @@ def adapter_configs(model: nn.Module) -> dict[str, BOFTConfig]:
 def boft_layers(model: nn.Module) -> dict[str, BOFTLayer]:
     """Every BOFT layer of ``model`` by qualified module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, BOFTLayer)}
+
+
+def set_rotation_cache(model: nn.Module, enabled: bool) -> None:
+    """Switch the reuse of rotations across sampling calls on or off for every BOFT layer of ``model``
+    (on by default; see :mod:`boft_diffusion.layers`). Off, each forward pass rebuilds them; the
+    recipes turn it off under FSDP, whose all-gathers do not bump parameter version counters."""
+    for layer in boft_layers(model).values():
+        layer.cache_rotations = enabled
+        layer.clear_rotation_cache()
 
 
 def _saved_modules(model: nn.Module) -> dict[str, ModulesToSave]:

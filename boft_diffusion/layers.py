@@ -24,8 +24,11 @@ the layer and rebuilt when the generators or scale change (their version counter
 in-place write, optimizer step, ``load_state_dict`` or ``.to()``), the strength changes, or the
 adapter is deleted. A write through ``param.data`` bypasses the version counter; call
 :meth:`BOFTLayer.clear_rotation_cache` after one. The cache is small (``d · S`` floats per adapter,
-``S = b · 2^(m-1)``) and never used while gradients are recorded, under ``torch.compile``, or on
-sharded (``DTensor``) parameters.
+``S = b · 2^(m-1)``) and never used while gradients are recorded, under ``torch.compile``, on
+sharded (``DTensor``) parameters, or where ``cache_rotations`` is off: FSDP2 all-gathers into the
+same unsharded parameters without bumping their version counters, so the recipes switch it off
+when they shard (:func:`~boft_diffusion.inject.set_rotation_cache`; do the same around your own
+``fully_shard``).
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ class BOFTLayer(nn.Module):
         self.disabled = False
         # Inference rotations by (adapter, transposed): parameters, stamp, (blocks, perms, transpose, scale).
         self._rotation_cache: dict[tuple[str, bool], tuple] = {}
+        self.cache_rotations = True
 
     # --- shape hooks (per base layer type) ----------------------------------------------------
     @staticmethod
@@ -217,7 +221,7 @@ class BOFTLayer(nn.Module):
         the autograd graph, and ``apply_rotation`` collapses it per call.
         """
         generators, scale_param = self.boft_R[name], self.boft_s[name]
-        cacheable = not (
+        cacheable = self.cache_rotations and not (
             torch.is_grad_enabled()
             or (dropout and self.dropout[name] > 0)
             or torch.compiler.is_compiling()

@@ -60,6 +60,7 @@ import os, sys, torch
 from accelerate import FullyShardedDataParallelPlugin, PartialState
 from accelerate.utils import DistributedType
 import boft_diffusion.training.recipe as recipe_module
+from boft_diffusion.inject import boft_layers
 from boft_diffusion.recipes.dreambooth import DreamBoothConfig, DreamBoothRecipe
 from boft_diffusion.training.args import load_config
 
@@ -83,8 +84,12 @@ recipe = DreamBoothRecipe(load_config(DreamBoothConfig, None, [f"train.output_di
 result = recipe.run()
 state = PartialState()  # after the run: its accelerator set it up (gloo on CPU)
 kinds = sorted({type(p).__name__ for p in recipe.pipe.transformer.parameters() if p.requires_grad})  # BOFT
+cached = sorted({layer.cache_rotations for layer in boft_layers(recipe.pipe.transformer).values()})
 torch.save(
-    {"adapter": result.adapter, "losses": result.losses, "type": str(state.distributed_type), "kinds": kinds},
+    {
+        "adapter": result.adapter, "losses": result.losses, "type": str(state.distributed_type), "kinds": kinds,
+        "cached": cached,
+    },
     f"{out}/{name}-rank{state.process_index}.pt",
 )
 """
@@ -143,6 +148,7 @@ def test_fsdp2_trains_saves_resumes_and_exports_as_data_parallel_training_does(t
     plain = _train(ddp, ["--multi_gpu"], "run")
     assert "FSDP" in sharded[0]["type"] and "MULTI_CPU" in plain[0]["type"]
     assert sharded[0]["kinds"] == ["DTensor"] and plain[0]["kinds"] == ["Parameter"]  # BOFT tensors sharded
+    assert sharded[0]["cached"] == [False] and plain[0]["cached"] == [True]  # no rotation reuse under FSDP
     run, reference = sharded[0], plain[0]
     assert len(run["losses"]) == 3
     torch.testing.assert_close(

@@ -353,6 +353,23 @@ def test_sampling_after_a_dtype_change_and_after_delete(cayley_calls):
     assert not any(layer._rotation_cache for layer in boft_layers(model).values())
 
 
+def test_the_cache_can_be_switched_off(cayley_calls):
+    from boft_diffusion.inject import set_rotation_cache
+
+    model = _sampling_model()
+    with torch.no_grad():
+        cached = _outputs(model)
+        set_rotation_cache(model, False)
+        assert not any(layer._rotation_cache for layer in boft_layers(model).values())
+        built = len(cayley_calls)
+        uncached = _outputs(model)
+        rebuilt = len(cayley_calls)
+        _outputs(model)
+    assert built < rebuilt < len(cayley_calls), "with the cache off every sampling pass rebuilds"
+    for a, b in zip(cached, uncached):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 def test_training_and_dropout_never_use_the_cache(cayley_calls):
     model = _sampling_model(dropout=0.5)
     with torch.no_grad():

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..atomic import atomic_file, atomic_write_text
 from ..families import Family, family_of
-from ..inject import count_parameters, set_enabled
+from ..inject import count_parameters, set_enabled, set_rotation_cache
 from ..io import ADAPTER_WEIGHTS_NAME, AdapterFile, write_adapter
 from ..io.load import FAMILY_METADATA
 from ..metrics import Measurement, before_after_rows, format_metrics, grid
@@ -71,7 +71,7 @@ from .setup import (
     weight_dtype,
     write_run_config,
 )
-from .sharding import check_sharding, full_adapter, samples_on_every_process
+from .sharding import check_sharding, full_adapter, is_sharded, samples_on_every_process
 from .tracking import ProgressBar, init_trackers
 from .validation import run_validation, sampling_context
 
@@ -263,6 +263,9 @@ class TrainingRecipe:
         )
         # FSDP2 shards the modules in place with new (DTensor) parameters: clip what the optimiser steps
         self.params = trainable_parameters(self.components.values())
+        if is_sharded(accelerator):  # its all-gathers keep version counters: sampling rebuilds rotations
+            for component in self.components.values():
+                set_rotation_cache(component, False)
         keys = resume_keys(cfg, self.plan.max_train_steps)
         self.state = TrainingState(
             self.components, self.optimizer, self.lr_scheduler, TrainProgress(), cfg.boft.adapter_name, keys
