@@ -23,7 +23,9 @@ targeted block class.
   blocks ``Transformer2DModel`` and ``CLIPAttention`` / ``CLIPSdpaAttention`` / ``CLIPMLP``; per module
   ``lora_down.weight`` ``(rank, in)``, ``lora_up.weight`` ``(out, rank)``, ``alpha``.
 - Metadata ``ss_network_module``, ``ss_network_dim``, ``ss_network_alpha``, ``ss_network_args`` (strings,
-  train_network.py).
+  train_network.py). Its training path (``create_network`` from ``--network_dim`` / ``--network_dropout`` /
+  ``--network_args``, then ``load_weights``) builds the network from those alone: ``create_network_args``,
+  ``choose_boft_shape``, ``pattern_allowed`` and ``create_modules`` below transcribe it.
 
 sd-scripts' OFT rotates a layer's output rows and BOFT here its input columns
 (:mod:`boft_diffusion.io.kohya`); a test below shows that gap numerically.
@@ -31,8 +33,10 @@ sd-scripts' OFT rotates a layer's output rows and BOFT here its input columns
 
 from __future__ import annotations
 
+import ast
 import json
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -52,6 +56,7 @@ from boft_diffusion.io import (
     read_kohya_network,
     write_kohya_adapter,
 )
+from boft_diffusion.io.kohya_args import NETWORK_ARGS, network_args_of
 from boft_diffusion.pipeline import pipeline_components
 from boft_diffusion.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
 
@@ -434,6 +439,7 @@ def test_half_precision_boft_file_round_trips_in_its_dtype(pipe, tmp_path):
     assert all(again[k].dtype == torch.float16 and torch.equal(again[k], v) for k, v in state.items())
 
 
+@pytest.mark.filterwarnings("ignore:.*would not rebuild this network")  # reading it back says so again
 def test_project_adapter_to_kohya_and_back_is_exact(tmp_path):
     """(1) random non-identity rotations and scales -> kohya file -> read: equal tensors, identical images."""
     source = build_tiny_pipeline(weights="random")
@@ -450,7 +456,8 @@ def test_project_adapter_to_kohya_and_back_is_exact(tmp_path):
             for layer in boft_layers(module).values():
                 layer.boft_s["default"].mul_(1 + 0.1 * torch.randn_like(layer.boft_s["default"]))
     adapter = get_boft_adapter(source)
-    path = write_kohya_adapter(adapter, tmp_path / "ours.safetensors")
+    with pytest.warns(UserWarning, match="has 2 butterfly factors, not 1 .* --dim_from_weights"):
+        path = write_kohya_adapter(adapter, tmp_path / "ours.safetensors")  # factors: 2 and 1
     stored = load_file(path)
     name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     assert stored[f"{name}.boft_R"].shape[::2] == (2, 4) and stored[f"{name}.boft_s"].shape[1] == 1
@@ -458,7 +465,8 @@ def test_project_adapter_to_kohya_and_back_is_exact(tmp_path):
     assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj.") for k in stored)
     metadata = read_kohya_network(path).metadata
     assert metadata["ss_network_module"] == "networks.boft"
-    assert json.loads(metadata["ss_network_args"]) == {"boft_block_size": "4"}  # factors: 2 and 1
+    args = json.loads(metadata["ss_network_args"])
+    assert args["boft_block_size"] == "4" and "boft_n_butterfly_factor" not in args
     assert metadata["ss_network_dim"] == "4"
 
     back = read_adapter(path)
@@ -513,6 +521,349 @@ def test_only_the_skew_part_of_a_generator_counts(pipe, tmp_path):
     for comp, tensors in skew.tensors.items():
         for key, tensor in tensors.items():  # equal up to the rounding of (A + S) - (A + S)^T
             torch.testing.assert_close(other.tensors[comp][key], tensor, rtol=0, atol=1e-6)
+
+
+# --- networks.boft's training path: create_network from the file's own metadata, transcribed -----------
+# sd-scripts 24d7025: train_network.py builds the network from --network_dim / --network_dropout /
+# --network_args (the values a file records as ss_network_dim / ss_network_dropout / ss_network_args) with
+# networks/boft.py's create_network, then applies it and loads the file with load_weights. Nothing here reads
+# the tensors' shapes: that is the point (create_network_from_weights does, and is tested above).
+def str_to_bool(value, default=False):
+    """``str_to_bool`` (orthogonal_common.py), verbatim."""
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    return str(value).lower() in ("1", "true", "yes", "y", "on")
+
+
+def str_to_int(value, default=None):
+    return default if value is None else int(value)
+
+
+def str_to_float(value, default=None):
+    return default if value is None else float(value)
+
+
+def parse_patterns(value):
+    """``parse_patterns`` (orthogonal_common.py), verbatim."""
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return value
+    try:
+        parsed = ast.literal_eval(value)
+    except (SyntaxError, ValueError):
+        return [str(value)]
+    return parsed if isinstance(parsed, list) else [parsed]
+
+
+def create_network_args(network_dim, neuron_dropout, kwargs):
+    """``_create_network_args`` (networks/boft.py), verbatim."""
+    explicit_block_size = kwargs.get("boft_block_size", kwargs.get("block_size", None))
+    explicit_block_num = kwargs.get("boft_block_num", kwargs.get("block_num", None))
+    block_size = str_to_int(explicit_block_size, None)
+    block_num = str_to_int(explicit_block_num, 0)
+    if block_size is None:
+        block_size = network_dim if network_dim is not None else 4
+    dropout = (
+        neuron_dropout
+        if neuron_dropout is not None
+        else str_to_float(kwargs.get("boft_dropout", kwargs.get("dropout", None)), None)
+    )
+    return {
+        "block_size": block_size,
+        "block_num": block_num,
+        "boft_n_butterfly_factor": str_to_int(kwargs.get("boft_n_butterfly_factor", None), 1),
+        "dropout": dropout,
+        "enable_conv": str_to_bool(kwargs.get("enable_conv", None), False),
+        "auto_adjust": str_to_bool(kwargs.get("auto_adjust", None), True),
+        "include_patterns": parse_patterns(kwargs.get("include_patterns", None)),
+        "exclude_patterns": parse_patterns(kwargs.get("exclude_patterns", None)),
+    }
+
+
+def adjust_block_size(in_features, block_size):
+    """``adjust_block_size`` (orthogonal_common.py), verbatim."""
+    if block_size <= 0:
+        raise ValueError("block size must be positive")
+    if in_features % block_size == 0 and block_size <= in_features:
+        return block_size
+    if block_size >= in_features:
+        return in_features
+    higher = block_size
+    while higher <= in_features and in_features % higher != 0:
+        higher += 1
+    lower = block_size
+    while lower > 1 and in_features % lower != 0:
+        lower -= 1
+    if higher > in_features:
+        return lower
+    return lower if (block_size - lower) <= (higher - block_size) else higher
+
+
+def valid_boft_shape(in_features, block_size, block_num, num_factors):
+    """``_valid_boft_shape`` (networks/boft.py), verbatim."""
+    if block_size <= 0 or block_num <= 0 or block_size * block_num != in_features:
+        return False
+    internal_factors = num_factors - 1
+    if internal_factors <= 0:
+        return True
+    return (
+        block_num % (2**internal_factors) == 0
+        and block_size % 2 == 0
+        and block_num % 2 == 0
+        and in_features % (block_size * (2**internal_factors)) == 0
+    )
+
+
+def choose_boft_shape(in_features, requested_block_size, requested_block_num, num_factors, auto_adjust):
+    """``_choose_boft_shape`` (networks/boft.py), verbatim but for the messages."""
+    if requested_block_size and requested_block_num:
+        raise ValueError("Specify only one of boft_block_size or boft_block_num")
+    if requested_block_num:
+        if in_features % requested_block_num != 0:
+            raise ValueError(f"in_features ({in_features}) must be divisible by boft_block_num")
+        block_num = requested_block_num
+        block_size = in_features // block_num
+        if not valid_boft_shape(in_features, block_size, block_num, num_factors):
+            raise ValueError(f"Invalid BOFT shape: in_features={in_features}, block_num={block_num}")
+        return block_size, block_num
+    requested_block_size = requested_block_size or 4
+    if in_features % requested_block_size == 0:
+        block_size = requested_block_size
+    elif auto_adjust:
+        block_size = adjust_block_size(in_features, requested_block_size)
+    else:
+        raise ValueError(f"in_features ({in_features}) must be divisible by boft_block_size")
+    block_num = in_features // block_size
+    if valid_boft_shape(in_features, block_size, block_num, num_factors):
+        return block_size, block_num
+    if not auto_adjust:
+        raise ValueError(f"Invalid BOFT shape: in_features={in_features}, block_size={block_size}")
+    divisors = [d for d in range(1, in_features + 1) if in_features % d == 0]
+    divisors.sort(key=lambda d: (abs(d - requested_block_size), d))
+    for candidate_size in divisors:
+        candidate_num = in_features // candidate_size
+        if valid_boft_shape(in_features, candidate_size, candidate_num, num_factors):
+            return candidate_size, candidate_num
+    raise ValueError(f"Cannot find a valid BOFT block shape for in_features={in_features}")
+
+
+def pattern_allowed(args, original_name):
+    """``BOFTNetwork._pattern_allowed``, verbatim."""
+    include, exclude = args["include_patterns"], args["exclude_patterns"]
+    if exclude and any(re.fullmatch(pattern, original_name) for pattern in exclude):  # noqa: SIM102 (verbatim)
+        if not include or not any(re.fullmatch(pattern, original_name) for pattern in include):
+            return False
+    if include:
+        return any(re.fullmatch(pattern, original_name) for pattern in include)
+    return True
+
+
+def create_modules(args, prefix, root, target_replace_modules):
+    """``BOFTNetwork._create_modules`` with ``modules_state=None`` (create_network): ``{lora_name: (boft_R
+    shape, boft_s shape)}`` as ``BOFTModule.__init__`` makes them. transformers 5's ``CLIPTextModel`` has no
+    ``text_model`` wrapper; it is added to the names, as sd-scripts' transformers 4 has it."""
+    modules = {}
+    for name, module in root.named_modules():
+        if module.__class__.__name__ not in target_replace_modules:
+            continue
+        for child_name, child in module.named_modules():
+            kind = child.__class__.__name__
+            if kind not in ("Linear", "Conv2d"):
+                continue
+            if kind == "Conv2d" and not (child.kernel_size == (1, 1) or args["enable_conv"]):
+                continue
+            original_name = f"{name}.{child_name}" if child_name else name
+            if prefix != "lora_unet" and not original_name.startswith("text_model."):
+                original_name = f"text_model.{original_name}"
+            if not pattern_allowed(args, original_name):
+                continue
+            factors = args["boft_n_butterfly_factor"]
+            size, num = choose_boft_shape(
+                in_features(child), args["block_size"], args["block_num"], factors, args["auto_adjust"]
+            )
+            out = child.out_features if kind == "Linear" else child.out_channels
+            modules[f"{prefix}.{original_name}".replace(".", "_")] = ((factors, num, size, size), (out, 1))
+    return modules
+
+
+def sd_scripts_create_network(metadata, text_encoders, unet=None) -> dict:
+    """``train_network.py --network_module networks.boft --network_dim D --network_dropout P --network_args
+    k=v ...`` with the file's own ``ss_network_dim`` / ``ss_network_dropout`` / ``ss_network_args``:
+    ``net_kwargs``, ``create_network`` and ``BOFTNetwork.__init__`` (prefixes, targets), all modules applied."""
+    recorded = lambda key: None if metadata.get(key) in (None, "None") else metadata[key]  # noqa: E731
+    network_dim = None if recorded("ss_network_dim") is None else int(recorded("ss_network_dim"))
+    network_dropout = (
+        None if recorded("ss_network_dropout") is None else float(recorded("ss_network_dropout"))
+    )
+    net_kwargs = {k: v for k, v in json.loads(metadata.get("ss_network_args", "{}")).items() if v is not None}
+    if "dropout" not in net_kwargs:
+        net_kwargs["dropout"] = network_dropout  # train_network.py's "workaround for LyCORIS"
+    args = create_network_args(network_dim, network_dropout, net_kwargs)
+    modules = {}
+    for index, encoder in enumerate(text_encoders):
+        prefix = "lora_te" if len(text_encoders) == 1 else f"lora_te{index + 1}"
+        modules |= create_modules(args, prefix, encoder, CLIP_BLOCKS)
+    if unet is not None:
+        targets = UNET_BLOCKS + (UNET_CONV_BLOCKS if args["enable_conv"] else ())
+        modules |= create_modules(args, "lora_unet", unet, targets)
+    return modules
+
+
+def sd_scripts_load_weights(modules: dict, state: dict) -> tuple[list, list, list]:
+    """``BOFTNetwork.load_weights`` then ``load_state_dict(strict=False)``: the keys it ignores ("ignored N
+    BOFT weight keys"), the modules left without their keys, and the keys whose shape differs (which
+    ``load_state_dict`` refuses)."""
+    used, without, wrong = set(), [], []
+    for name, shapes in modules.items():
+        keys = [f"{name}.{leaf}" for leaf in ("boft_R", "boft_s")]
+        without += [name] if not all(k in state for k in keys) else []
+        for key, shape in zip(keys, shapes):
+            if key in state:
+                used.add(key)
+                shape_in_file = tuple(state[key].shape)
+                if (
+                    key.endswith("boft_s") and shape_in_file[::-1] == shape
+                ):  # _adapt_state transposes (1, out)
+                    shape_in_file = shape
+                wrong += [key] if shape_in_file != shape else []
+    return sorted(set(state) - used), without, wrong
+
+
+def conv_and_attention_adapter(pipe, **config) -> None:
+    """BOFT on the UNet's attention, its ResNet convolutions (3x3 conv1 / conv2) and its samplers' convs,
+    and on the text encoder's attention (random rotations and scales, as after training)."""
+    torch.manual_seed(0)
+    unet_targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "conv"]
+    text_targets = ["q_proj", "k_proj", "v_proj", "out_proj"]
+    add_boft_to_pipeline(
+        pipe,
+        {
+            "unet": BOFTConfig(target_modules=unet_targets, init_weights=False, **config),
+            "text_encoder": BOFTConfig(target_modules=text_targets, init_weights=False, **config),
+        },
+    )
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["unet-convs-and-text-encoder", "block-number-unet-only", "sdxl-text-encoders"],
+)
+def test_sd_scripts_create_network_rebuilds_the_written_network(tmp_path, case):
+    """The training path: a network built by sd-scripts' ``create_network`` from the file's own metadata
+    (as when a user continues training it) has a module for every key of the file and every key for each of
+    its modules, each of the file's shape; no layout is read from the tensors."""
+    if case == "sdxl-text-encoders":
+        pipe, base = build_tiny_sdxl_pipeline(), build_tiny_sdxl_pipeline()
+        config = BOFTConfig(boft_block_size=4, target_modules=["q_proj", "v_proj"], init_weights=False)
+        add_boft_to_pipeline(pipe, {"text_encoder": config, "text_encoder_2": config})
+    else:
+        pipe, base = build_tiny_pipeline(weights="random"), build_tiny_pipeline(weights="random")
+        if case == "block-number-unet-only":  # block sizes 8 and 16: one block number, no block size
+            config = BOFTConfig(
+                boft_block_size=0,
+                boft_block_num=4,
+                boft_n_butterfly_factor=2,
+                target_modules=["to_k", "proj_in"],
+            )
+            add_boft_to_pipeline(pipe, {"unet": config})
+        else:
+            conv_and_attention_adapter(pipe, boft_block_size=4, boft_n_butterfly_factor=2, boft_dropout=0.1)
+    path = write_kohya_adapter(get_boft_adapter(pipe), tmp_path / "adapter.safetensors", pipe=pipe)
+    metadata = read_kohya_network(path).metadata
+    encoders = [base.text_encoder] + ([base.text_encoder_2] if case == "sdxl-text-encoders" else [])
+    # sd-scripts' SDXL UNet is its own class (input_blocks ...); no UNet layer name is a text_model.* name
+    unet = None if case == "sdxl-text-encoders" else base.unet
+    modules = sd_scripts_create_network(metadata, encoders, unet)
+    state = load_file(path)
+    ignored, without_keys, wrong_shape = sd_scripts_load_weights(modules, state)
+    assert modules and not ignored and not without_keys and not wrong_shape
+    assert len(modules) * 2 == len(state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # read back: every recorded argument accepted, every layer rebuilt
+        back = read_kohya_adapter(path)
+    assert {c.boft_dropout for c in back.configs.values()} == {
+        0.1 if case == "unet-convs-and-text-encoder" else 0.0
+    }
+    if case == "unet-convs-and-text-encoder":
+        assert "lora_unet_down_blocks_0_resnets_0_conv1" in modules  # a 3x3 conv: enable_conv
+        assert "lora_unet_up_blocks_0_upsamplers_0_conv" in modules
+        args = json.loads(metadata["ss_network_args"])
+        assert sorted(args) == sorted(NETWORK_ARGS)
+        assert create_network_args(None, None, args)["dropout"] == 0.1
+
+
+def test_a_file_without_enable_conv_warns_on_read_and_is_mended_on_write(tmp_path):
+    """The issue's file: convs adapted, but ``ss_network_args`` lacking ``enable_conv`` (as written before):
+    reading it says which layer sd-scripts' ``create_network`` would not build; writing it back (the same
+    tensors) records arguments that rebuild it."""
+    pipe = build_tiny_pipeline(weights="random")
+    state = boft_network_state(pipe)  # UNet with 3x3 convs, text encoder, 2 factors of 4
+    old = boft_metadata() | {
+        "ss_network_args": json.dumps({"boft_block_size": "4", "boft_n_butterfly_factor": "2"})
+    }
+    path = tmp_path / "old.safetensors"
+    save_file(state, path, metadata=old)
+    with pytest.warns(UserWarning, match="is built only with enable_conv=true"):
+        adapter = read_kohya_adapter(path)
+    out = write_kohya_adapter(adapter, tmp_path / "mended.safetensors")
+    again = load_file(out)
+    assert again.keys() == state.keys() and all(torch.equal(again[k], v) for k, v in state.items())
+    modules = sd_scripts_create_network(read_kohya_network(out).metadata, [pipe.text_encoder], pipe.unet)
+    assert sd_scripts_load_weights(modules, again) == ([], [], [])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            {"boft_n_butterfly_factor": "two"},
+            "boft_n_butterfly_factor 'two' in the metadata is not an integer",
+        ),
+        ({"boft_block_size": "4.5"}, "boft_block_size '4.5' in the metadata is not an integer"),
+        ({"boft_dropout": "1.5"}, r"dropout 1.5 in the metadata is not in \[0, 1\)"),
+        ({"include_patterns": "['(unclosed']"}, "include_patterns: '\\(unclosed' is no regex"),
+        ({"exclude_patterns": "[3]"}, "exclude_patterns: 3 is no regex"),
+        ({"boft_n_butterfly_factor": "0"}, "sd-scripts needs sizes >= 0 and factors >= 1"),
+    ],
+)
+def test_network_args_sd_scripts_could_not_parse_are_refused(pipe, tmp_path, args, message):
+    path = tmp_path / "bad.safetensors"
+    save_file(
+        boft_network_state(pipe, factors=1, enable_conv=False),
+        path,
+        metadata={"ss_network_args": json.dumps(args)},
+    )
+    with pytest.raises(AdapterFormatError, match=message) as err:
+        read_kohya_adapter(path)
+    assert str(path) in str(err.value)
+
+
+def test_network_args_are_read_as_sd_scripts_reads_them():
+    """:func:`network_args_of` against the transcribed ``_create_network_args``, on what sd-scripts and the
+    writer record (aliases, ``--network_dim`` as the block size, ``--network_dropout`` first)."""
+    cases = [
+        ({"ss_network_dim": "8"}, {"enable_conv": "True", "dropout": "0.2"}),
+        (
+            {"ss_network_dim": "None", "ss_network_dropout": "0.05"},
+            {"block_num": "4", "boft_block_size": "0"},
+        ),
+        ({}, {"boft_n_butterfly_factor": "3", "auto_adjust": "no", "exclude_patterns": r".*mlp\.fc2"}),
+        ({}, {"include_patterns": str([re.escape("down_blocks.0.attentions.0.proj_in")])}),
+    ]
+    for extra, args in cases:
+        ours = network_args_of(extra | {"ss_network_args": json.dumps(args)})
+        dim = None if extra.get("ss_network_dim", "None") == "None" else int(extra["ss_network_dim"])
+        dropout = float(extra["ss_network_dropout"]) if "ss_network_dropout" in extra else None
+        theirs = create_network_args(dim, dropout, args)
+        assert (ours.block_size, ours.block_num, ours.n_butterfly_factor, ours.dropout) == (
+            theirs["block_size"], theirs["block_num"], theirs["boft_n_butterfly_factor"], theirs["dropout"]
+        )  # fmt: skip
+        assert (ours.enable_conv, ours.auto_adjust) == (theirs["enable_conv"], theirs["auto_adjust"])
+        for name in ("down_blocks.0.attentions.0.proj_in", "text_model.encoder.layers.0.mlp.fc2"):
+            assert ours.builds(name) == pattern_allowed(theirs, name), name
 
 
 # --- networks.boft refusals ----------------------------------------------------------------------

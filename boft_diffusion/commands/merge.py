@@ -27,7 +27,7 @@ from . import (
     reports_input_errors,
 )
 
-HELP = "merge BOFT adapters (blended by weight) into a base pipeline and export it"
+HELP = "merge BOFT adapters (blended by weight) into a base pipeline and export it (alias: export)"
 EXAMPLE = """examples:
   boft-diffusion merge --base ./sd15 --adapter ./out/toy-boft:1.0 --adapter ./out/style-boft:0.5 \\
       --out ./sd15-toy-style --dtype fp16

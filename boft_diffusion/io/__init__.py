@@ -2,7 +2,8 @@
 save/load on pipelines.
 
 Modules, each importing only those before it: ``format`` (this project's file), ``peft`` (PEFT folder
-<-> :class:`AdapterFile`), ``kohya`` (kohya sd-scripts network files: ``networks.boft`` read and written
+<-> :class:`AdapterFile`), ``kohya_args`` (sd-scripts' ``networks.boft`` arguments, parsed and recorded as
+sd-scripts reads them), ``kohya`` (kohya sd-scripts network files: ``networks.boft`` read and written
 exactly, other OFT variants refused with the reason), ``read`` (:func:`read_adapter`: any source;
 :func:`detect_format`: any file), ``load`` (pipelines).
 """

@@ -33,8 +33,11 @@ saved with ``safetensors.torch.save_file``):
 - LoRA (``networks/lora.py``): ``lora_down.weight``, ``lora_up.weight``, ``alpha``. LoHa ``hada_w1_a`` ...,
   LoKr ``lokr_w1`` ..., (IA)^3 ``on_input``, GLoRA ``a1.weight``; full differences ``diff`` / ``diff_b``.
 - Metadata: ``ss_network_module`` (``networks.boft``, ``networks.oft_v2``, ``networks.oft``,
-  ``networks.lora``, ``lycoris.kohya``), ``ss_network_dim``, ``ss_network_alpha``, ``ss_network_args``
-  (JSON of strings), ``sshs_model_hash`` / ``sshs_legacy_hash`` (hashes of the tensors).
+  ``networks.lora``, ``lycoris.kohya``), ``ss_network_dim``, ``ss_network_alpha``, ``ss_network_dropout``,
+  ``ss_network_args`` (JSON of strings: the ``--network_args``), ``sshs_model_hash`` / ``sshs_legacy_hash``
+  (hashes of the tensors). The ``networks.boft`` arguments (``ss_network_dim`` / ``ss_network_dropout`` /
+  ``ss_network_args``: parsed as sd-scripts does, chosen when writing) are
+  :mod:`~boft_diffusion.io.kohya_args`'s.
 
 What maps, and what is refused. ``networks.boft`` files map exactly (:func:`read_kohya_adapter`,
 :func:`write_kohya_adapter`), for module names in diffusers' layout (SD 1.x / 2.x UNet, every CLIP text
@@ -69,6 +72,16 @@ from ..atomic import atomic_file
 from ..families import family_of
 from ..functional import block_size_of, unpack_skew
 from .format import AdapterFile, AdapterFormatError, check_finite
+from .kohya_args import (
+    _TEXT_ROOT,
+    _Layer,
+    _rebuild_problems,
+    _recorded_network_args,
+    _sd_scripts_path,
+    _shared_name_problems,
+    _warn_not_rebuilt,
+    network_args_of,
+)
 from .peft import _convert_from_peft
 
 __all__ = [
@@ -332,11 +345,6 @@ def _split_path(rest: str) -> str | None:
     return ".".join(parts)
 
 
-_TEXT_ROOT = "text_model."
-"""sd-scripts (transformers 4.44) names CLIP layers under ``text_model.``; transformers 5's ``CLIPTextModel``
-has no such wrapper (``CLIPTextModelWithProjection`` keeps it)."""
-
-
 @functools.cache
 def _has_text_root(component: str) -> bool:
     """Whether the installed transformers' CLIP class of ``component`` (``CLIPTextModel`` for
@@ -364,9 +372,7 @@ def kohya_module_name(component: str, path: str, sdxl: bool = False) -> str:
     }
     if component not in roots or (component == "text_encoder_2" and not sdxl):
         raise ValueError(f"networks.boft has no module names for component {component!r}")
-    if component != "unet" and not path.startswith(_TEXT_ROOT):
-        path = _TEXT_ROOT + path  # sd-scripts' CLIP classes (transformers 4) nest under text_model
-    return f"{roots[component]}.{path}".replace(".", "_")
+    return f"{roots[component]}.{_sd_scripts_path(component, path)}".replace(".", "_")
 
 
 def _read_tensors(source: str) -> dict[str, torch.Tensor]:
@@ -387,36 +393,6 @@ def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
-
-
-def _network_args(metadata: Mapping[str, str], source: str) -> dict[str, Any]:
-    raw = metadata.get("ss_network_args")
-    if not raw:
-        return {}
-    try:
-        args = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise AdapterFormatError(f"{source}: ss_network_args metadata is not JSON") from None
-    if not isinstance(args, dict):
-        raise AdapterFormatError(f"{source}: ss_network_args metadata is not a JSON object")
-    return args
-
-
-def _dropout(metadata: Mapping[str, str], source: str) -> float:
-    """``networks.boft``'s dropout: ``neuron_dropout`` (``ss_network_dropout``), else ``boft_dropout`` /
-    ``dropout`` of the network args (``_create_network_args``); 0 when none is recorded."""
-    args = _network_args(metadata, source)
-    for value in (metadata.get("ss_network_dropout"), args.get("boft_dropout", args.get("dropout"))):
-        if value in (None, "", "None", "none"):
-            continue
-        try:
-            dropout = float(value)
-        except (TypeError, ValueError):
-            raise AdapterFormatError(f"{source}: dropout {value!r} in the metadata is not a number") from None
-        if not 0.0 <= dropout < 1.0:
-            raise AdapterFormatError(f"{source}: dropout {dropout} in the metadata is not in [0, 1)")
-        return dropout
-    return 0.0
 
 
 def _boft_module_path(name: str, source: str) -> tuple[str, str]:
@@ -443,15 +419,16 @@ def _boft_module_path(name: str, source: str) -> tuple[str, str]:
     return component, path
 
 
-def _read_boft(network: KohyaNetwork) -> AdapterFile:
-    """A ``networks.boft`` file -> :class:`AdapterFile` (PEFT's layout under kohya names; module docstring)."""
+def _boft_modules(network: KohyaNetwork) -> dict[str, dict[str, str]]:
+    """``{component: {layer path: kohya module name}}`` of a ``networks.boft`` file, each module's tensors
+    checked to be ``boft_R (factors, blocks, b, b)`` and ``boft_s (out, 1)``."""
     source = network.source
     prefixes = {p for name in network.shapes for p in _BOFT_ROOTS if name.startswith(p)}
     if "lora_te_" in prefixes and prefixes & {"lora_te1_", "lora_te2_"}:
         raise AdapterFormatError(
             f"{source}: holds both lora_te_ (one text encoder) and lora_te1_/lora_te2_ (SDXL) modules"
         )
-    per_component: dict[str, dict[str, str]] = {}  # component -> {layer path: kohya module name}
+    per_component: dict[str, dict[str, str]] = {}
     for name, leaves in network.shapes.items():
         if set(leaves) != set(BOFT_LEAVES):
             raise AdapterFormatError(
@@ -465,9 +442,31 @@ def _read_boft(network: KohyaNetwork) -> AdapterFile:
             )
         component, path = _boft_module_path(name, source)
         per_component.setdefault(component, {})[path] = name
+    return per_component
+
+
+def _read_boft(network: KohyaNetwork) -> AdapterFile:
+    """A ``networks.boft`` file -> :class:`AdapterFile` (PEFT's layout under kohya names; module docstring).
+
+    Its ``ss_network_*`` metadata is parsed as sd-scripts' ``create_network`` parses it
+    (:func:`network_args_of`: a value sd-scripts could not parse is refused), the dropout taken from it, and
+    a warning names a layer those arguments would not rebuild."""
+    source = network.source
+    per_component = _boft_modules(network)
+    args = network_args_of(network.metadata, source)
+    if "ss_network_args" in network.metadata:
+        layers = [
+            _Layer(component, path, *network.shapes[name]["boft_R"][:3])
+            for component, paths in per_component.items()
+            for path, name in paths.items()
+        ]
+        problems = _rebuild_problems(args, layers)
+        if problems:
+            _warn_not_rebuilt(
+                f"{source}: its ss_network_args", problems, "write_kohya_adapter records arguments that do"
+            )
     tensors = _read_tensors(source)
     dtypes = {t.dtype for t in tensors.values()}
-    dropout = _dropout(network.metadata, source)
     out_tensors, configs = {}, {}
     for component, paths in per_component.items():
         local = {
@@ -476,7 +475,7 @@ def _read_boft(network: KohyaNetwork) -> AdapterFile:
             for leaf in BOFT_LEAVES
         }
         factors = {tensors[f"{name}.boft_R"].shape[0] for name in paths.values()}
-        raw = {"boft_n_butterfly_factor": min(factors), "boft_dropout": dropout}
+        raw = {"boft_n_butterfly_factor": min(factors), "boft_dropout": args.dropout or 0.0}
         configs[component], out_tensors[component] = _convert_from_peft(raw, local, Path(source))
     metadata = {
         **network.metadata,
@@ -550,11 +549,14 @@ def write_kohya_adapter(
     ``lora_te2_`` for SDXL: ``sdxl=None`` infers it from ``pipe``'s family if given, else from the
     components and metadata: a second text encoder, ``family``, ``ss_base_model_version``; pass ``sdxl`` or
     ``pipe`` for an SDXL adapter without a second text encoder), ``boft_R`` as full
-    skew matrices ``(m, r, b, b)`` and ``boft_s`` ``(out, 1)``; metadata ``ss_network_module`` =
-    ``networks.boft``, ``ss_network_args`` (JSON: block size or number, factors, dropout) and
-    ``ss_network_dim`` when none are recorded, the ``ss_*`` / ``modelspec.*`` metadata the adapter holds
-    (the ``sshs_*`` hashes only if the tensors are those read), then ``metadata``. ``dtype`` (default: the
-    dtype of the kohya file it was read from, else float32) is sd-scripts' ``--save_precision``.
+    skew matrices ``(m, r, b, b)`` and ``boft_s`` ``(out, 1)``. Metadata (:func:`_kohya_metadata`): the
+    ``ss_*`` / ``modelspec.*`` metadata the adapter holds (the ``sshs_*`` hashes only if the tensors are those
+    read), ``ss_network_module`` = ``networks.boft``, ``ss_network_args`` holding every argument of
+    :data:`~boft_diffusion.io.kohya_args.NETWORK_ARGS` so that sd-scripts' ``create_network`` rebuilds
+    exactly these layers with these layouts (a warning names what no arguments can express, e.g.
+    components with different factor counts),
+    ``ss_network_dim`` when none is recorded, then ``metadata``. ``dtype`` (default: the dtype of the kohya
+    file it was read from, else float32) is sd-scripts' ``--save_precision``.
 
     Refused (``ValueError`` / :class:`AdapterFormatError`, nothing written): an existing ``path`` unless
     ``overwrite``; components other than unet / text_encoder / text_encoder_2; trained biases or
@@ -572,12 +574,12 @@ def write_kohya_adapter(
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype {dtype!r}: a floating-point torch.dtype is needed")
     out: dict[str, torch.Tensor] = {}
-    layouts = set()
+    layers: list[_Layer] = []
+    dropouts = set()
     for component, config in adapter.configs.items():
         if component not in ("unet", "text_encoder", "text_encoder_2"):
             raise ValueError(f"{adapter.source}: component {component!r} has no networks.boft equivalent")
-        tensors = adapter.tensors.get(component, {})
-        for key, tensor in tensors.items():
+        for key, tensor in adapter.tensors.get(component, {}).items():
             module, _, leaf = key.rpartition(".")
             if leaf not in BOFT_LEAVES:
                 raise ValueError(
@@ -595,13 +597,33 @@ def write_kohya_adapter(
                 raise ValueError(f"{adapter.source}: {component}.{key} has {free} entries, no block size")
             _valid_for_sd_scripts(f"{component}.{module}", factors, blocks, block_size)
             out[f"{name}.boft_R"] = unpack_skew(tensor.detach().float(), block_size)
-            layouts.add((config.boft_block_size, config.boft_block_num, factors, config.boft_dropout))
+            layers.append(_Layer(component, module, factors, blocks, block_size))
+            dropouts.add(config.boft_dropout)
         missing = [k for k in out if k.endswith(".boft_R") and k.replace(".boft_R", ".boft_s") not in out]
         if missing:
             raise ValueError(f"{adapter.source}: {missing[0]} has no boft_s beside it")
     if not out:
         raise ValueError(f"{adapter.source}: the adapter holds no BOFT tensors to write")
     out = {k: v.to(dtype).contiguous() for k, v in out.items()}
+    info = _kohya_metadata(adapter, out, layers, dropouts, pipe if is_sdxl else None, is_sdxl, path)
+    info.update(metadata or {})
+    with atomic_file(path, replace=overwrite) as tmp:
+        save_file(out, tmp, metadata=info)
+    return path
+
+
+def _kohya_metadata(
+    adapter: AdapterFile,
+    out: Mapping[str, torch.Tensor],
+    layers: list[_Layer],
+    dropouts: set[float],
+    pipe: Any,
+    sdxl: bool,
+    path: Path,
+) -> dict[str, str]:
+    """The file's metadata. ``ss_network_args``: the adapter's own when it is the file read, unchanged
+    (same tensors), and they rebuild every layer; else :func:`_recorded_network_args`, with a warning naming
+    what they cannot express (:func:`_rebuild_problems`, different dropouts, SDXL encoder names)."""
     same_tensors = adapter.metadata.get(KOHYA_DIGEST) == _digest(out)
     info = {
         k: v
@@ -609,14 +631,17 @@ def write_kohya_adapter(
         if k.startswith(("ss_", "modelspec.")) or (k.startswith("sshs_") and same_tensors)
     }
     info["ss_network_module"] = BOFT_MODULE
-    if "ss_network_args" not in info:  # what every component shares (sd-scripts reads shapes from tensors)
-        names = ("boft_block_size", "boft_block_num", "boft_n_butterfly_factor", "boft_dropout")
-        shared = {n: {layout[i] for layout in layouts} for i, n in enumerate(names)}
-        args = {n: str(v.pop()) for n, v in shared.items() if len(v) == 1 and next(iter(v))}
-        info["ss_network_args"] = json.dumps(args)
-        if "ss_network_dim" not in info and ("boft_block_size" in args or "boft_block_num" in args):
-            info["ss_network_dim"] = args.get("boft_block_size") or args["boft_block_num"]
-    info.update(metadata or {})
-    with atomic_file(path, replace=overwrite) as tmp:
-        save_file(out, tmp, metadata=info)
-    return path
+    if same_tensors and "ss_network_args" in info and not _rebuild_problems(network_args_of(info), layers):
+        return info
+    args = _recorded_network_args(layers, set(dropouts))
+    info["ss_network_args"] = json.dumps(args)
+    info.pop("ss_network_dropout", None)  # --network_dropout would override the recorded boft_dropout
+    info.setdefault("ss_network_dim", str(int(args["boft_block_size"]) or args["boft_block_num"]))
+    problems = _rebuild_problems(network_args_of(info, str(path)), layers)
+    if len(dropouts) > 1:
+        problems.append(f"the components train with dropouts {sorted(dropouts)}; create_network takes one")
+    if sdxl:
+        problems += _shared_name_problems(layers, pipe)
+    if problems:
+        _warn_not_rebuilt(f"{path}: the arguments recorded", problems, "no one set of --network_args can")
+    return info

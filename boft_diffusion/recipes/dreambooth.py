@@ -701,11 +701,13 @@ def _usage(cfg: DreamBoothConfig) -> str:
             f'StableDiffusionPipeline.from_pretrained("{base}")',
         )
     else:
-        weights = "" if cfg.model.tiny_weights == "world" else f'seed={cfg.model.tiny_seed}, weights="random"'
-        imports, load = (
-            "from boft_diffusion.tiny import build_tiny_pipeline",
-            f"build_tiny_pipeline({weights})",
-        )
+        family, seed = cfg.model.tiny_family, cfg.model.tiny_seed
+        build = "build_tiny_pipeline" if family == "sd" else f"build_tiny_{family}_pipeline"
+        if family != "sd":  # random weights, the only ones these families have
+            weights = f"seed={seed}"
+        else:
+            weights = "" if cfg.model.tiny_pipeline_weights == "world" else f'seed={seed}, weights="random"'
+        imports, load = f"from boft_diffusion.tiny import {build}", f"{build}({weights})"
     return f"""
 {imports}
 from boft_diffusion.io import load_boft_weights

@@ -86,14 +86,16 @@ class ModelArgs:
     """Weight file variant to load, e.g. ``fp16``."""
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     """Override the scheduler's prediction type (null: keep the model's, e.g. v_prediction for SD 2.1-768)."""
-    tiny_weights: Literal["world", "random"] = "world"
+    tiny_weights: Literal["world", "random"] | None = None
     """The embedded tiny pipeline's weights (only without pretrained_model_name_or_path): world (pretrained on
-    the procedural world, shipped in the package) or random (initialised from tiny_seed; learns nothing real)."""
+    the procedural world, shipped in the package) or random (initialised from tiny_seed; learns nothing real);
+    null: world for tiny_family=sd, random for the others (the only weights they have)."""
     tiny_seed: int = 0
     """Seed of the random tiny pipeline (tiny_weights=random) and of the generated instance images."""
     tiny_family: Literal["sd", "sdxl", "sd3", "flux", "flux2"] = "sd"
     """Model family of the embedded tiny pipeline: sd (Stable Diffusion 1.x shape; world or random weights), sdxl,
-    sd3, flux or flux2 (random weights only; stock component classes in tiny configs, boft_diffusion.tiny)."""
+    sd3, flux or flux2 (random weights, chosen by default; stock component classes in tiny configs,
+    boft_diffusion.tiny)."""
 
     def __post_init__(self) -> None:
         _check_seed("model.tiny_seed", self.tiny_seed)
@@ -102,20 +104,21 @@ class ModelArgs:
             "sd, sdxl, sd3, flux or flux2",
             self.tiny_family,
         )  # fmt: skip
-        if self.pretrained_model_name_or_path is None and self.tiny_family != "sd":
-            _require(
-                self.tiny_weights == "random",
-                "model.tiny_weights",
-                f"random for model.tiny_family={self.tiny_family} (only the sd-shaped tiny pipeline has world weights)",
-                self.tiny_weights,
-            )
         _require(
-            self.tiny_weights in ("world", "random"),
+            self.tiny_weights in ("world", "random", None),
             "model.tiny_weights",
-            "world or random",
+            "world, random or null",
             self.tiny_weights,
         )
-        if self.pretrained_model_name_or_path is None and self.tiny_weights == "world":
+        if self.pretrained_model_name_or_path is None and self.tiny_family != "sd":
+            _require(
+                self.tiny_weights != "world",
+                "model.tiny_weights",
+                f"random or null for model.tiny_family={self.tiny_family} (only the sd-shaped tiny pipeline "
+                "has world weights)",
+                self.tiny_weights,
+            )
+        if self.pretrained_model_name_or_path is None and self.tiny_pipeline_weights == "world":
             _require(
                 self.prediction_type in (None, "epsilon"),
                 "model.prediction_type",
@@ -125,11 +128,19 @@ class ModelArgs:
             )
 
     @property
+    def tiny_pipeline_weights(self) -> Literal["world", "random"]:
+        """The weights the embedded tiny pipeline is built with: ``tiny_weights``, or for null the family's
+        default (world for sd, random for the others)."""
+        if self.tiny_weights is not None:
+            return self.tiny_weights
+        return "world" if self.tiny_family == "sd" else "random"
+
+    @property
     def name(self) -> str:
         """The base model as a model card and an adapter's metadata name it."""
         if self.pretrained_model_name_or_path:
             return self.pretrained_model_name_or_path
-        if self.tiny_weights == "world":
+        if self.tiny_pipeline_weights == "world":
             return "boft_diffusion.tiny (world)"
         family = "" if self.tiny_family == "sd" else f"{self.tiny_family}, "
         return f"boft_diffusion.tiny ({family}random, seed {self.tiny_seed})"

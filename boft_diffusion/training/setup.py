@@ -242,22 +242,7 @@ def load_pipeline(model: ModelArgs, torch_dtype: torch.dtype | None = None) -> A
     from ..families import UnsupportedFamilyError, family_of
 
     if model.pretrained_model_name_or_path is None:
-        from .. import tiny
-
-        builds = {
-            "sdxl": tiny.build_tiny_sdxl_pipeline, "sd3": tiny.build_tiny_sd3_pipeline,
-            "flux": tiny.build_tiny_flux_pipeline, "flux2": tiny.build_tiny_flux2_pipeline,
-        }  # fmt: skip
-        if model.tiny_family in builds:
-            pipe = builds[model.tiny_family](model.tiny_seed)
-            if model.prediction_type is not None:
-                pipe.scheduler.register_to_config(prediction_type=model.prediction_type)
-        else:
-            pipe = tiny.build_tiny_pipeline(
-                model.tiny_seed,
-                prediction_type=model.prediction_type or "epsilon",
-                weights=model.tiny_weights,
-            )
+        pipe = _tiny_pipeline(model)
     else:
         check_model_source(model.pretrained_model_name_or_path)
         source = model.pretrained_model_name_or_path
@@ -279,6 +264,33 @@ def load_pipeline(model: ModelArgs, torch_dtype: torch.dtype | None = None) -> A
         if model.prediction_type is not None:
             pipe.scheduler.register_to_config(prediction_type=model.prediction_type)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _tiny_pipeline(model: ModelArgs) -> Any:
+    """The embedded tiny pipeline of ``model.tiny_family``, with ``model.tiny_pipeline_weights``; a family
+    whose random weights were chosen by default says so in one line (from the main process)."""
+    from .. import tiny
+
+    if model.tiny_family == "sd":
+        return tiny.build_tiny_pipeline(
+            model.tiny_seed,
+            prediction_type=model.prediction_type or "epsilon",
+            weights=model.tiny_pipeline_weights,
+        )
+    builds = {
+        "sdxl": tiny.build_tiny_sdxl_pipeline, "sd3": tiny.build_tiny_sd3_pipeline,
+        "flux": tiny.build_tiny_flux_pipeline, "flux2": tiny.build_tiny_flux2_pipeline,
+    }  # fmt: skip
+    if model.tiny_weights is None and os.environ.get("RANK", "0") == "0":
+        print(
+            f"model.tiny_family={model.tiny_family}: random tiny weights (seed {model.tiny_seed}); "
+            "only the sd-shaped tiny pipeline has world weights",
+            flush=True,
+        )
+    pipe = builds[model.tiny_family](model.tiny_seed)
+    if model.prediction_type is not None:
+        pipe.scheduler.register_to_config(prediction_type=model.prediction_type)
     return pipe
 
 
