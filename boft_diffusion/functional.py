@@ -112,17 +112,49 @@ def pack_skew(matrix: torch.Tensor) -> torch.Tensor:
     return skew[..., rows.to(matrix.device), cols.to(matrix.device)]
 
 
+MAX_BATCHED_CPU_SOLVE = 64
+"""Largest block size ``b`` whose Cayley solve runs batched on the CPU; larger blocks go one at a time."""
+
+
 def cayley(skew: torch.Tensor) -> torch.Tensor:
     """Cayley transform ``R = (I - Q)(I + Q)^-1`` of skew-symmetric ``Q`` ``(..., b, b)``.
 
     Computed in float32 by a linear solve, never an explicit inverse: ``I - Q`` and ``(I + Q)^-1``
     commute, so ``R = (I + Q)^-1 (I - Q)`` solves ``(I + Q) R = I - Q``. ``I + Q`` is always
     invertible for real skew ``Q`` (its eigenvalues are ``1 + iλ``), so the solve skips the
-    singularity check. Returns float32 orthogonal blocks of the same shape.
+    singularity check. Returns float32 orthogonal blocks of the same shape. Every Cayley block of
+    the package (training, cached sampling rotations, merge, export, inspection) is solved here.
     """
     q = skew.float()
     eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype)
-    return torch.linalg.solve_ex(eye + q, eye - q)[0]
+    return _solve(eye + q, eye - q)
+
+
+def _solve(lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``X`` with ``lhs X = rhs`` for invertible ``lhs`` ``(..., b, b)``, ``rhs`` ``(..., b, b)``.
+
+    One batched ``solve_ex``, except on the CPU for ``b >`` :data:`MAX_BATCHED_CPU_SOLVE`, where each
+    matrix is solved on its own (issue #29): batched CPU LU (``solve_ex``, ``lu_factor``, ``inv``; float32
+    and float64) is broken in torch 2.13 + oneMKL 2024.2 once ``torch.set_num_threads`` has been called
+    (conftest, the benchmark, accelerate do). From ``b = 150`` on, batch 2 or more, it raises (MKL
+    ``SLASWP`` parameter 6, "Pivots given to lu_solve"), hangs, or with 4 threads returns blocks off by
+    0.1 without a word; one matrix at a time is right in every case tried (b up to 2880, 1-4 threads).
+    """
+    # Measured on 2 cores (min of repeats): the loop against the batched solve, solve only, batch × b:
+    # 160×8 17x, 80×16 5x, 40×32 2.4x, 20×64 1.5x, 10×96 1.4x, 8×160 1.4x, 4×320 1.2x, 4×720 1.14x;
+    # Cayley forward + backward (scripts/bench_cayley.py --large): 1.0-1.4x for b = 80..720. So the
+    # blocks training uses (b ≤ 64) keep the batched solve (bench_cayley: 0.99-1.01x of the code before),
+    # and the loop starts well below the failing sizes (MKL's threshold may differ on other CPUs).
+    # Cholesky of I - Q² = (I + Q)^T (I + Q), the other factorisation tried, batches without failing
+    # but is 1.1-1.5x slower than the loop for b ≥ 160 with 3-4x its error (it squares the condition
+    # number). A torch.set_num_threads(1) section also avoids the failure, but it changes the whole
+    # process (other threads, the caller's setting) and set_num_threads is the trigger itself.
+    # CUDA and other devices: the batched solve, as before.
+    size = lhs.shape[-1]
+    if size <= MAX_BATCHED_CPU_SOLVE or lhs.device.type != "cpu" or lhs.numel() == 0:
+        return torch.linalg.solve_ex(lhs, rhs)[0]
+    pairs = zip(lhs.reshape(-1, size, size), rhs.reshape(-1, size, size))
+    return torch.stack([torch.linalg.solve_ex(a, b)[0] for a, b in pairs]).view(lhs.shape)
 
 
 class _PackedCayley(torch.autograd.Function):
