@@ -6,7 +6,11 @@ under a temporary name beside its destination and renamed likewise. A crash, a f
 at any point leaves either the old content or the new one at the destination, never a half-written
 mix; the temporary, and any parent folder the call created, is removed on error. Results get the
 permissions a plain ``open``/``mkdir`` would give (the process umask), not the private ones of
-``tempfile``. This module imports nothing from the package (any layer may use it).
+``tempfile``. A write that fails for want of room or rights (a full disk, a file-size limit, a folder
+made read-only meanwhile; ``OSError`` or safetensors' I/O error) is raised as one :class:`WriteError`
+naming the destination, whoever wrote the bytes. :func:`replaced_input` tells whether writing an output
+would replace one of a command's inputs. This module imports nothing from the package (any layer may
+use it).
 """
 
 from __future__ import annotations
@@ -14,13 +18,36 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-__all__ = ["atomic_file", "atomic_write_text", "folder_write_problem", "staged_dir"]
+__all__ = [
+    "WriteError",
+    "atomic_file",
+    "atomic_write_text",
+    "folder_write_problem",
+    "replaced_input",
+    "staged_dir",
+]
+
+
+class WriteError(OSError):
+    """Writing ``path`` failed (no space, a file-size limit, no permission); nothing changed there.
+
+    Its message is one line naming the destination and the system's reason; ``errno`` is the system's
+    when known. It is an ``OSError``, so callers that catch those keep working.
+    """
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(code, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def _read_umask() -> int:
@@ -45,17 +72,23 @@ def atomic_file(path: str | os.PathLike[str], replace: bool = True) -> Iterator[
     if not replace and _exists(path):
         raise FileExistsError(f"{path}: output path already exists; choose a new one")
     created = _missing_folders(path.parent)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        _remove_folders(created)
+        _raise_write_error(err, path)
+        raise
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
         _flush(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_UMASK)
         _promote_file(tmp, path, replace)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
         _remove_folders(created)
+        _raise_write_error(err, path)
         raise
     tmp.unlink(missing_ok=True)  # still there after a hard link (``replace=False``)
 
@@ -85,15 +118,21 @@ def staged_dir(
     if _exists(target) and not _may_replace(target, replace):
         raise FileExistsError(f"{target}: output path already exists; choose a new one")
     created = _missing_folders(target.parent)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as err:
+        _remove_folders(created)
+        _raise_write_error(err, target)
+        raise
     try:
         yield staging
         os.chmod(staging, 0o777 & ~_UMASK)
         _promote_dir(staging, target, replace)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
         _remove_folders(created)
+        _raise_write_error(err, target)
         raise
 
 
@@ -115,6 +154,54 @@ def folder_write_problem(path: str | os.PathLike[str]) -> str | None:
     if not os.access(existing, os.R_OK | os.W_OK | os.X_OK):
         return "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
     return None
+
+
+def replaced_input(
+    output: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None], inside: bool = True
+) -> Path | None:
+    """The first of ``inputs`` that writing ``output`` would replace, or ``None``.
+
+    Links resolved on both sides, writing ``output`` (a file, or a folder written whole) replaces an
+    input when ``output`` *is* it, *holds* it (a folder around the input), or lies *inside* an input
+    folder where something already is (that entry would be overwritten); a hard link to an input is the
+    input. A new file inside an input folder replaces nothing. ``None`` entries are skipped.
+    ``inside=False`` leaves out the third case (for an entry known to be an earlier output).
+    """
+    given = Path(output).expanduser()
+    out = given.resolve()
+    for source in inputs:
+        if source is None:
+            continue
+        path = Path(source).expanduser()
+        real = path.resolve()
+        if out == real or out in real.parents or (inside and real in out.parents and _exists(given)):
+            return path
+        with contextlib.suppress(OSError):  # either side missing: no hard link
+            if os.path.samefile(given, path):
+                return path
+    return None
+
+
+_OS_ERROR = re.compile(r"os error (\d+)")
+
+
+def _raise_write_error(err: BaseException, path: Path) -> None:
+    """Raise ``err`` as a :class:`WriteError` for ``path`` if it is a failed write (else return).
+
+    ``OSError`` (not the refusals of this module, ``FileExistsError``) and safetensors' ``SafetensorError``
+    for an I/O failure, whose message carries the system's ``os error N``, are failed writes.
+    """
+    if isinstance(err, WriteError | FileExistsError):
+        return
+    if isinstance(err, OSError):
+        code, reason = err.errno, err.strerror or str(err)
+    elif type(err).__name__ == "SafetensorError" and "I/O error" in str(err):
+        found = _OS_ERROR.search(str(err))
+        code = int(found.group(1)) if found else None
+        reason = os.strerror(code) if code else str(err).splitlines()[0]
+    else:
+        return
+    raise WriteError(f"{path}: cannot write ({reason}); nothing was changed there", code) from err
 
 
 def _exists(path: Path) -> bool:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,15 +36,21 @@ from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedd
 from PIL import Image
 from torch import nn
 
+from .pipeline import base_fingerprint
+
 __all__ = [
     "CONTROL_COMPONENT",
     "CONTROL_METADATA",
+    "CONTROLNET_FINGERPRINTS",
     "LIGHT_CONTROL_METADATA",
-    "controlnet_for",
     "LightControl",
     "LightControlConfig",
     "add_light_control",
+    "claim_problem",
+    "condition_embedding_shapes",
     "control_tensor",
+    "controlnet_fingerprints",
+    "controlnet_from_unet",
     "controlnet_pipeline",
     "light_control",
     "load_light_control",
@@ -78,6 +84,13 @@ class LightControlConfig:
                 "LightControlConfig: embedding_channels, conditioning_channels and every block_out_channels "
                 f"entry must be integers >= 1 (got {self})"
             )
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """``{key: shape}`` of the encoder this config builds (``ControlNetConditioningEmbedding``'s state-dict
+        keys), computed on the meta device: nothing is allocated, whatever the widths claim."""
+        return condition_embedding_shapes(
+            self.embedding_channels, self.conditioning_channels, self.block_out_channels
+        )
 
     @property
     def downsample(self) -> int:
@@ -263,9 +276,11 @@ def save_light_control(control: LightControl, folder: str | Path, replace: bool 
 def load_light_control(pipe: Any, folder: str | Path) -> LightControl:
     """Attach the encoder :func:`save_light_control` wrote in ``folder`` to ``pipe`` (``pipe.control_encoder``).
 
-    Reads safetensors only (no code runs). A missing or malformed folder, weights that do not match
-    the config, or a UNet whose ``conv_in`` width differs is a ``ValueError`` naming the folder; the
-    pipeline is left as it was.
+    Reads these two files only, safetensors only (no code runs). The widths ``config.json`` claims are
+    checked against the weights' shapes before the encoder is built (:func:`claim_problem`), so a claim
+    of any size costs no memory. A missing or malformed folder, weights that do not match the config, or
+    a UNet whose ``conv_in`` width differs is a ``ValueError`` naming the folder; the pipeline is left as
+    it was.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -283,6 +298,12 @@ def load_light_control(pipe: Any, folder: str | Path) -> LightControl:
             raise ValueError(f"its _class_name is not {_LIGHT_CONTROL_CLASS!r}")
         config = LightControlConfig.from_dict(raw)
         tensors = load_file(str(weights_path))
+        problem = claim_problem(
+            f"{LIGHT_CONTROL_CONFIG_NAME} claims an encoder", config.block_out_channels,
+            config.shapes, {k: tuple(t.shape) for k, t in tensors.items()},
+        )  # fmt: skip
+        if problem:
+            raise ValueError(problem)
         control = LightControl(config)
         control.encoder.load_state_dict(tensors, strict=True)
     except (ValueError, TypeError, RecursionError, RuntimeError, OSError, SafetensorError) as err:
@@ -412,30 +433,82 @@ def residuals_in(controlnet: nn.Module, dtype: torch.dtype) -> Iterator[None]:
 # --- what an adapter file records about its control -------------------------------------------------------
 
 CONTROL_METADATA = "control"
-"""Adapter metadata key: JSON ``{"mode": "light" | "controlnet", ...}``; for a ControlNet, where it came
-from (``"controlnet"``: ``"from_unet"`` or its folder / hub id), its ``conditioning_embedding_out_channels``
-and the ``seed`` of its initialisation, so that loading the adapter can rebuild the ControlNet."""
+"""Adapter metadata key: JSON ``{"mode": "light" | "controlnet", ...}``. For a ControlNet: ``"controlnet"``,
+``"from_unet"`` or the folder / hub id the training run loaded it from (a hint for messages, never opened);
+its ``"conditioning_embedding_out_channels"`` and the ``"seed"`` of its initialisation (what a ``from_unet``
+ControlNet is rebuilt from); ``"conditioning_scale"``; and its :func:`controlnet_fingerprints`."""
 LIGHT_CONTROL_METADATA = "light_control"
 """Adapter metadata key of the light control encoder's :class:`LightControlConfig` (JSON)."""
+CONTROLNET_FINGERPRINTS = ("controlnet_fingerprint", "controlnet_fingerprint_float16")
+"""Keys of :data:`CONTROL_METADATA` holding the ControlNet's fingerprint as loaded, and cast to float16."""
+
+Shape = tuple[int, ...]
 
 
-def controlnet_for(unet: nn.Module, info: dict[str, Any]) -> nn.Module:
-    """The ControlNet an adapter's ``control`` metadata describes, before its adapter is loaded.
+def condition_embedding_shapes(
+    embedding_channels: int, conditioning_channels: int, widths: Sequence[int]
+) -> dict[str, Shape]:
+    """``{state-dict key: shape}`` of ``ControlNetConditioningEmbedding(embedding_channels,
+    conditioning_channels, widths)`` (the light encoder, a ControlNet's condition embedding), built on the
+    meta device: nothing is allocated, whatever the widths."""
+    with torch.device("meta"):
+        shell = ControlNetConditioningEmbedding(embedding_channels, conditioning_channels, tuple(widths))
+    return {key: tuple(tensor.shape) for key, tensor in shell.state_dict().items()}
 
-    ``from_unet``: a copy of the UNet's encoder (the trained condition embedding and zero convolutions
-    come from the adapter); else the stock ControlNet at that folder or hub id.
+
+def claim_problem(
+    what: str, widths: Sequence[int], shapes: Callable[[], Mapping[str, Shape]], found: Mapping[str, Shape]
+) -> str | None:
+    """Why a module whose sizes a file's metadata claims does not match the file's tensors, or ``None``.
+
+    ``widths``: the claimed widths; ``shapes()``: the module's ``{key: shape}`` (built on the meta device);
+    ``found``: the file's ``{key: shape}``. Every key must be in ``found`` with that shape. A claim of more
+    widths than the file has tensors is refused before ``shapes()`` runs, so no claim, however wide or
+    long, costs memory. ``what`` starts the message (``"its metadata claims an encoder"``).
+    """
+    if len(widths) > len(found):
+        return f"{what} of {len(widths)} widths; the file holds {len(found)} tensors for it"
+    for key, shape in shapes().items():
+        have = found.get(key)
+        if have != shape:
+            return f"{what} whose {key} has shape {shape}; the file's {key} is {'missing' if have is None else have}"
+    return None
+
+
+def controlnet_fingerprints(controlnet: nn.Module, trained_in_full: Iterable[str] = ()) -> dict[str, str]:
+    """The fingerprints of a ControlNet's weights (:func:`~boft_diffusion.pipeline.base_fingerprint` of
+    ``{"controlnet": ...}``), as loaded and cast to float16, under the keys :data:`CONTROLNET_FINGERPRINTS`.
+
+    Its top-level submodules that lie wholly inside ``trained_in_full`` (module paths: an adapter's
+    ``modules_to_save``, which the adapter brings its own copies of) are left out, so the fingerprint is
+    that of what the adapter builds on: the same for the ControlNet a run started from, for one that
+    already holds other adapters, and for a ``from_unet`` ControlNet whichever seed made its fresh parts.
+    The float16 one is what a float16 load of a float32 ControlNet gives; a ControlNet matches a recorded
+    pair when the two pairs share a value.
+    """
+    saved = tuple(trained_in_full)
+
+    def replaced(name: str, child: nn.Module) -> bool:
+        keys = [f"{name}.{key}" for key, _ in child.named_parameters()]
+        return name in saved or bool(keys) and all(any(k.startswith(s + ".") for s in saved) for k in keys)
+
+    kept = {"controlnet": nn.ModuleDict({n: c for n, c in controlnet.named_children() if not replaced(n, c)})}
+    return {
+        CONTROLNET_FINGERPRINTS[0]: base_fingerprint(kept),
+        CONTROLNET_FINGERPRINTS[1]: base_fingerprint(kept, as_dtype=torch.float16),
+    }
+
+
+def controlnet_from_unet(unet: nn.Module, widths: Sequence[int], seed: int = 0) -> nn.Module:
+    """``ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=widths)``, its fresh parts (the
+    condition embedding, zero convolutions) initialised from ``seed``, on the UNet's device, in eval mode.
+
+    Opens no file: everything but the fresh parts is the UNet's. ``widths`` sizes the condition embedding:
+    check what a file claims first (:func:`claim_problem`, :func:`condition_embedding_shapes`).
     """
     from diffusers import ControlNetModel
 
-    source = info.get("controlnet", "from_unet")
-    if source != "from_unet":
-        return ControlNetModel.from_pretrained(source).to(device=unet.conv_in.weight.device)
-    widths = info.get("conditioning_embedding_out_channels")
-    if not isinstance(widths, list) or not all(isinstance(w, int) and w >= 1 for w in widths):
-        raise ValueError(
-            f"conditioning_embedding_out_channels must be a list of positive integers, got {widths!r}"
-        )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(info.get("seed", 0)))
+        torch.manual_seed(seed)
         controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(widths))
     return controlnet.to(device=unet.conv_in.weight.device).eval()  # from_unet builds in training mode

@@ -67,7 +67,21 @@ def load_rgb(path: Path) -> Image.Image:
     Here 16-bit images (``I;16*``, and ``I`` holding values up to 65535) are scaled by ``255/65535``,
     float images (``F``) by 255 when they lie in ``[0, 1]`` (used as-is when in ``[0, 255]``).
     Other ranges raise :class:`DataError` naming the file: there is no safe guess for them.
+
+    This is the one place images are opened: whatever Pillow raises for a file it cannot decode
+    (a decompression bomb, a truncated or unidentified file, an unsupported mode; Pillow raises many
+    types) or the system for one it cannot read is a :class:`DataError` naming the file.
     """
+    try:
+        return _decoded_rgb(path)
+    except DataError:
+        raise
+    except Exception as err:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        name = path if isinstance(path, Path | str) else "(image bytes)"
+        raise DataError(f"{name}: not a readable image ({type(err).__name__}: {err})") from None
+
+
+def _decoded_rgb(path: Path) -> Image.Image:
     with Image.open(path) as raw:
         image = ImageOps.exif_transpose(raw)
         image.load()
@@ -94,7 +108,7 @@ def load_rgb(path: Path) -> Image.Image:
 def _readable(path: Path) -> str | None:
     """None if ``path`` decodes as an image, else why not."""
     try:
-        load_rgb(path)
+        _decoded_rgb(path)
     except Exception as err:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
         return f"{type(err).__name__}: {err}"
     return None

@@ -27,6 +27,7 @@ the T5 encoders of SD3 and Flux with the T5-style Unigram tokenizer of :func:`bu
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -221,7 +222,13 @@ def build_tiny_tokenizer() -> CLIPTokenizer:
 
     ``tok(prompts, padding="max_length", max_length=77, truncation=True)`` gives ids of shape
     ``(B, 77)``: ``<|startoftext|>``, the BPE tokens, ``<|endoftext|>``, then ``<|endoftext|>`` padding.
+    Each call returns a fresh copy of the one tokenizer built per process (its files are written once).
     """
+    return copy.deepcopy(_tiny_tokenizer())
+
+
+@lru_cache(maxsize=1)
+def _tiny_tokenizer() -> CLIPTokenizer:
     with tempfile.TemporaryDirectory(prefix="boft-tiny-tok-") as folder:
         _tokenizer_files(Path(folder))
         return CLIPTokenizer.from_pretrained(

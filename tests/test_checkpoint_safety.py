@@ -226,6 +226,26 @@ def test_check_resume_names_a_missing_or_corrupt_file(out, name, damage):
         checkpoint_module.check_resume(out / "checkpoint-2", cfg)
 
 
+@pytest.mark.parametrize("target", ["file", "folder"])
+def test_a_listed_name_that_links_out_of_the_checkpoint_is_refused_unread(out, tmp_path, target):
+    """The marker names files of the checkpoint; a link among them never makes the resume read elsewhere,
+    even when the size and hash the marker lists are the outside file's own."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.json").write_text('{"not": "a checkpoint file"}')
+    folder = out / "checkpoint-2"
+    link = folder / "notes.json" if target == "file" else folder / "notes"
+    link.symlink_to(outside / "secret.json" if target == "file" else outside)
+    name = "notes.json" if target == "file" else "notes/secret.json"
+    marker = json.loads((folder / CHECKPOINT_MARKER).read_text())
+    data = (outside / "secret.json").read_bytes()
+    marker["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / CHECKPOINT_MARKER).write_text(json.dumps(marker))
+    cfg = make_config(out, *SOURCE, "train.resume_from_checkpoint=latest")
+    with pytest.raises(ConfigError, match=f"lists '{name}', a path outside the checkpoint"):
+        checkpoint_module.check_resume(folder, cfg)
+
+
 # --- 3. a diverging run stops, keeping the last finite checkpoint ---------------------------------
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"

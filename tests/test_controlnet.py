@@ -203,6 +203,7 @@ def test_controlnet_mode_trains_its_embedding_zero_convs_and_attention(controlne
     with safe_open(out / "boft_weights.safetensors", "pt") as handle:
         control = json.loads(handle.metadata()["control"])
     assert control["mode"] == "controlnet" and control["controlnet"] == "from_unet"
+    assert control["controlnet_fingerprint"].startswith("sha256:")  # what loading checks the ControlNet by
     report = json.loads((out / "metrics.json").read_text())
     assert report["after"]["control_edge_f1"] is not None
 
@@ -211,7 +212,7 @@ def test_a_controlnet_adapter_reloads_rebuilding_its_controlnet_and_merges(contr
     recipe, out = controlnet_run
     trained = _samples(recipe.pipe)
     fresh = build_tiny_pipeline()
-    load_boft_weights(fresh, out)  # the ControlNet is rebuilt from the file's metadata
+    load_boft_weights(fresh, out)  # the ControlNet is rebuilt from the UNet, its fingerprint checked
     assert fresh.controlnet is not None
     assert torch.equal(_samples(fresh), trained)
     merge_boft(fresh)

@@ -123,6 +123,23 @@ def test_a_class_folder_cache_is_reused_by_matching_runs_and_a_mismatch_is_refus
     assert not (tmp_path / "refused").exists()
 
 
+def test_a_cache_whose_tensors_name_no_listed_prompt_is_refused_in_one_line(tmp_path, monkeypatch):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    dreambooth.run(_cfg(tmp_path / "run", CACHE))
+    path = tmp_path / "run" / PROMPT_EMBEDDINGS_NAME
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()  # the same family, encoders and prompts: the check passes
+    tensors = {name.replace("0/", "7/", 1): t for name, t in load_file(str(path)).items()}
+    save_file(tensors, str(path), metadata=metadata)
+    _no_encoding(monkeypatch)
+    with pytest.raises(
+        ConfigError, match=r"prompt_embeddings.safetensors holds tensors of no prompt it lists"
+    ):
+        dreambooth.run(_cfg(tmp_path / "run", CACHE))  # the same run again: the file is reused
+
+
 def test_caching_with_a_trained_text_encoder_is_refused_naming_both_keys(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"data.cache_prompt_embeddings.*boft.train_text_encoder=false"):
         _cfg(tmp_path / "run", CACHE, "boft.train_text_encoder=true")

@@ -17,12 +17,12 @@ import importlib
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ..atomic import folder_write_problem
+from ..atomic import folder_write_problem, replaced_input
 
 __all__ = [
     "COMMAND_NAMES",
@@ -31,8 +31,11 @@ __all__ = [
     "CommandError",
     "OneLineErrorParser",
     "add_example",
+    "adapter_inputs",
+    "base_inputs",
     "check_adapter_path",
     "check_new_output",
+    "check_steps",
     "input_errors",
     "load_base",
     "load_command",
@@ -76,10 +79,12 @@ class CommandError(ValueError):
 def input_errors() -> tuple[type[BaseException], ...]:
     """The exception types that mean bad input (the project's own, each raised for what a user gave).
 
-    ``CheckpointWriteError`` is a ``TrainingError``. Not here on purpose: bare ``ValueError``,
-    ``OSError`` and the like; a command turns those into :class:`CommandError` where it checks or
+    ``CheckpointWriteError`` is a ``TrainingError``; ``WriteError`` is any write through the atomic
+    helpers that failed for want of room or rights (one line naming the file, in every verb). Not here
+    on purpose: bare ``ValueError``, ``OSError`` and the like; a command turns those into :class:`CommandError` where it checks or
     writes a user's path, so that any other one is reported as the bug it is.
     """
+    from ..atomic import WriteError
     from ..data import DataError
     from ..io import AdapterFormatError
     from ..metrics import MetricsError, ScorerError
@@ -94,6 +99,7 @@ def input_errors() -> tuple[type[BaseException], ...]:
         MetricsError,
         ScorerError,
         TrainingError,
+        WriteError,
     )
 
 
@@ -164,10 +170,23 @@ def parse_adapter_spec(spec: str, default_weight: float = 1.0) -> tuple[Path, fl
     return Path(path), value
 
 
-def check_new_output(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Check an output path before any work: it must not exist (with ``overwrite``: unless it is a
-    file), and its nearest existing folder must be a writable folder. Returns it as a ``Path``."""
+def check_new_output(
+    path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike | None], overwrite: bool = False
+) -> Path:
+    """Check an output path before any work: it must not replace one of the command's ``inputs``
+    (:func:`~boft_diffusion.atomic.replaced_input`: be, hold or overwrite something inside one, links
+    resolved; whatever ``overwrite`` says), must not exist (with ``overwrite``: unless it is a file), and
+    its nearest existing folder must be a writable folder. Returns it as a ``Path``.
+
+    ``inputs`` is required: every verb that writes names what it reads (:func:`adapter_inputs` for an
+    adapter, the base folder, data), so that no verb can write over its own input.
+    """
     path = Path(path)
+    replaced = replaced_input(path, inputs)
+    if replaced is not None:
+        raise CommandError(
+            f"{path}: writing there would replace the input {replaced}; choose an output apart from the inputs"
+        )
     if path.exists() or path.is_symlink():
         if not overwrite:
             raise CommandError(f"{path}: output path already exists; choose a new one")
@@ -182,6 +201,39 @@ def check_new_output(path: str | os.PathLike, *, overwrite: bool = False) -> Pat
 def check_adapter_path(path: Path) -> None:
     if not path.exists():
         raise CommandError(f"{path}: no such adapter file or folder")
+
+
+def adapter_inputs(path: str | os.PathLike) -> list[Path]:
+    """The files reading the adapter at ``path`` opens (a folder's weights and configs), for
+    :func:`check_new_output`: a new file beside them (``eval``'s metrics) replaces none of them.
+
+    A folder whose format is not recognised counts as a whole (a command refuses it later anyway).
+    """
+    from ..io import AdapterFormatError, detect_format
+    from ..io.peft import CONFIG_NAME
+
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    try:
+        files = list(detect_format(path).files.values())
+    except (AdapterFormatError, OSError, ValueError):
+        return [path]
+    return files + [f.parent / CONFIG_NAME for f in files if (f.parent / CONFIG_NAME).is_file()]
+
+
+def base_inputs(base: str | None) -> list[Path]:
+    """A ``--base`` that is a local folder (all of it is read); a hub id or the embedded default: none."""
+    return [Path(base)] if base is not None and Path(base).expanduser().exists() else []
+
+
+def check_steps(pipe: Any, steps: int | None, flag: str = "--steps") -> None:
+    """``steps`` denoising steps fit the pipeline's scheduler (at most its training timesteps)."""
+    limit = getattr(getattr(pipe, "scheduler", None), "config", {}).get("num_train_timesteps")
+    if steps is not None and limit is not None and steps > limit:
+        raise CommandError(
+            f"{flag} {steps}: this pipeline's scheduler has {limit} timesteps; use at most {limit}"
+        )
 
 
 def load_base(base: str, torch_dtype: Any = None, device: str | None = None) -> Any:

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from ..benchmark import run as run_benchmark
 
     if args.json is not None:  # before minutes of measuring, not after
-        check_new_output(args.json, overwrite=True)
+        check_new_output(args.json, inputs=(), overwrite=True)  # the benchmark reads no file
     return run_benchmark(args)
 
 

@@ -22,12 +22,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..atomic import WriteError
 from . import (
     Command,
     CommandError,
+    adapter_inputs,
     add_example,
+    base_inputs,
     check_adapter_path,
     check_new_output,
+    check_steps,
     load_base,
     number,
     one_line,
@@ -143,9 +147,10 @@ def pixel_difference(
 @reports_input_errors
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
-    out = check_new_output(args.out, overwrite=args.overwrite)
     adapter = Path(args.adapter)
     check_adapter_path(adapter)
+    inputs = [*base_inputs(args.base), *adapter_inputs(adapter)]
+    out = check_new_output(args.out, inputs=inputs, overwrite=args.overwrite)
     check_pixels = args.to == "lora" if args.check_pixels is None else args.check_pixels
 
     from .. import load_boft_weights
@@ -155,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     metadata = read_adapter(adapter).metadata  # a broken file fails before any model loads
     pipe = _load(args.base)
+    if check_pixels:
+        check_steps(pipe, args.steps)
     if not metadata.get("base_fingerprint"):
         print(
             f"warning: adapter {adapter} records no base_fingerprint; cannot check that it was trained on this base",
@@ -177,6 +184,8 @@ def run(args: argparse.Namespace) -> int:
             report = export_diff(pipe, out, overwrite=args.overwrite)
     except ConvertError as err:
         raise CommandError(one_line(err)) from err
+    except WriteError:  # a failed atomic write: already one line naming the file
+        raise
     except OSError as err:
         raise CommandError(f"{out}: cannot write the file ({one_line(err)})") from err
     if args.to == "lora":

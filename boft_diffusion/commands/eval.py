@@ -24,12 +24,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..atomic import WriteError
 from . import (
     Command,
     CommandError,
+    adapter_inputs,
     add_example,
+    base_inputs,
     check_adapter_path,
     check_new_output,
+    check_steps,
     load_base,
     number,
     one_line,
@@ -101,14 +105,21 @@ def default_out(adapter: Path) -> Path:
     return (adapter if adapter.is_dir() else adapter.parent) / DEFAULT_OUT_NAME
 
 
+def _inputs(args: argparse.Namespace, adapter: Path) -> list[Path | str | None]:
+    """What eval reads: the adapter's files, the base folder, the subject's images, the scorers' folders."""
+    scorers = [part.partition(":")[2] for part in (args.scorer or "").split(",") if ":" in part]
+    return [*adapter_inputs(adapter), *base_inputs(args.base), args.instance_dir, *scorers]
+
+
 def _check_outputs(args: argparse.Namespace, adapter: Path) -> tuple[Path, Path | None]:
-    out = check_new_output(args.out or default_out(adapter), overwrite=args.overwrite)
+    inputs = _inputs(args, adapter)
+    out = check_new_output(args.out or default_out(adapter), inputs=inputs, overwrite=args.overwrite)
     grid = None
     if args.grid is not None:
         grid = Path(args.grid)
         if grid.suffix.lower() != ".png":
             raise CommandError(f"--grid {grid}: the grid is a PNG file; use a .png name")
-        check_new_output(grid, overwrite=args.overwrite)
+        check_new_output(grid, inputs=inputs, overwrite=args.overwrite)
         if grid.absolute() == out.absolute():
             raise CommandError(f"--grid and --out are the same file {out}")
     return out, grid
@@ -244,6 +255,8 @@ def _write_grid(before: Any, after: Any, path: Path) -> None:
     try:
         with atomic_file(path) as tmp:
             grid(before_after_rows(before, after)).save(tmp, format="PNG")
+    except WriteError:  # a failed atomic write: already one line naming the file
+        raise
     except OSError as err:
         raise CommandError(f"{path}: cannot write the grid ({one_line(err)})") from err
 
@@ -253,6 +266,8 @@ def _write_metrics(report: dict[str, Any], path: Path) -> None:
 
     try:
         atomic_write_text(path, json.dumps(report, indent=2) + "\n")
+    except WriteError:  # a failed atomic write: already one line naming the file
+        raise
     except OSError as err:
         raise CommandError(f"{path}: cannot write the metrics ({one_line(err)})") from err
 
@@ -281,6 +296,7 @@ def run(args: argparse.Namespace) -> int:
     device = _device()
     scorer = load_scorer(scorer_spec, device=device)
     pipe = _load_base(args.base, device)
+    check_steps(pipe, probe.num_inference_steps)
     fingerprint = check_same_base(adapter, metadata, pipe)
 
     before = measure_dreambooth(pipe, probe, images, scorer)

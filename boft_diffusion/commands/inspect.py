@@ -152,6 +152,7 @@ def boft_report(path: str | Path) -> dict[str, Any]:
 
     peft = is_peft_adapter(path)
     adapter = read_peft_adapter(path) if peft else read_adapter(path)
+    control = _checked_control(adapter)
     components = {}
     for comp, config in adapter.configs.items():
         tensors = adapter.tensors[comp]
@@ -196,9 +197,18 @@ def boft_report(path: str | Path) -> dict[str, Any]:
         "trainable_parameters": sum(c["trainable_parameters"] for c in components.values()),
         "max_orthogonality_error": worst[0],
         "max_orthogonality_error_layer": worst[1],
-        "control": control_info(adapter.metadata, adapter.source),
+        "control": control,
         "components": components,
     }
+
+
+def _checked_control(adapter: Any) -> dict[str, Any] | None:
+    """The adapter's control metadata, its claimed sizes checked against its own tensors (nothing built)."""
+    from ..io.load import check_control_claims, control_metadata
+
+    info = control_metadata(adapter.metadata, adapter.source)
+    check_control_claims(adapter, info)
+    return _reported(info)
 
 
 LOADS_WITH = {
@@ -379,25 +389,21 @@ def _pipeline_components(folder: Path) -> list[tuple[str, str]]:
 
 
 def control_info(metadata: dict[str, str], source: str) -> dict[str, Any] | None:
-    """What the adapter's control metadata says (``None``: not a control adapter); malformed is an error."""
-    from ..control import CONTROL_METADATA, LIGHT_CONTROL_METADATA, LightControlConfig
-    from ..io import AdapterFormatError
+    """What the adapter's control metadata says (``None``: not a control adapter); malformed is an error.
 
-    if CONTROL_METADATA not in metadata and LIGHT_CONTROL_METADATA not in metadata:
-        return None
-    try:
-        info = json.loads(metadata.get(CONTROL_METADATA, '{"mode": "light"}'))
-        if not isinstance(info, dict) or info.get("mode") not in ("light", "controlnet"):
-            raise ValueError(f"{CONTROL_METADATA!r} must be an object with mode light or controlnet")
-        if info["mode"] == "light":
-            raw = metadata.get(LIGHT_CONTROL_METADATA)
-            if raw is None:
-                raise ValueError(f"no {LIGHT_CONTROL_METADATA!r} metadata describes its encoder")
-            config = LightControlConfig.from_dict(json.loads(raw))
-            info = {**info, "encoder": config.to_dict(), "downsample": config.downsample}
-    except (ValueError, TypeError, RecursionError) as err:
-        raise AdapterFormatError(f"{source}: invalid control metadata ({err})") from None
-    return info
+    Parsed by :func:`~boft_diffusion.io.load.control_metadata`, the loader's own reader: a path or hub id it
+    records is reported, never opened."""
+    from ..io.load import control_metadata
+
+    return _reported(control_metadata(metadata, source))
+
+
+def _reported(info: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``info`` as the JSON report holds it (a light encoder's config as a dict, with its downsampling)."""
+    if info is None or info["mode"] != "light":
+        return info
+    config = info["encoder"]
+    return {**info, "encoder": config.to_dict(), "downsample": config.downsample}
 
 
 def _control_line(info: dict[str, Any]) -> str:
@@ -408,14 +414,24 @@ def _control_line(info: dict[str, Any]) -> str:
             f"{enc['conditioning_channels']}-channel control image at {info['downsample']}x the latent size, "
             f"adds {enc['embedding_channels']} channels to the UNet's conv_in output)"
         )
-    else:
-        source = info.get("controlnet", "from_unet")
-        made = "initialised from the UNet" if source == "from_unet" else f"from {source}"
-        what = (
-            f"ControlNetModel {made}, condition embedding widths "
-            f"{info.get('conditioning_embedding_out_channels')}, conditioning scale {info.get('conditioning_scale', 1.0)}"
-        )
-    return f"Control: {what}; sample with `boft-diffusion sample --control IMAGE`"
+        return f"Control: {what}; sample with `boft-diffusion sample --control IMAGE`"
+    source = info.get("controlnet", "from_unet")
+    made = "initialised from the UNet" if source == "from_unet" else f"trained on {_cut(source)!r}"
+    fingerprint = info.get("controlnet_fingerprint")
+    what = (
+        f"ControlNetModel {made}, condition embedding widths "
+        f"{info.get('conditioning_embedding_out_channels')}, conditioning scale {info.get('conditioning_scale', 1.0)}"
+        + (f", fingerprint {_cut(fingerprint)}" if fingerprint else "")
+    )
+    give = (
+        "" if source == "from_unet" else " --controlnet FOLDER (that ControlNet; never opened from the file)"
+    )
+    return f"Control: {what}; sample with `boft-diffusion sample{give} --control IMAGE`"
+
+
+def _cut(text: str, limit: int = 120) -> str:
+    """``text`` from a file's metadata, cut to ``limit`` characters for a report line."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _size(num_bytes: int) -> str:

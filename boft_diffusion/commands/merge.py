@@ -15,10 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..atomic import WriteError
 from . import (
     Command,
     CommandError,
+    adapter_inputs,
     add_example,
+    base_inputs,
     check_adapter_path,
     check_new_output,
     load_base,
@@ -91,18 +94,21 @@ def _export(pipe: Any, out: Path, args: argparse.Namespace, adapters: list[tuple
         )
     except ValueError as err:  # a merge to non-finite weights; a base that has no single-file layout
         raise CommandError(one_line(err)) from err
+    except WriteError:  # a failed atomic write: already one line naming the file
+        raise
     except OSError as err:  # a full disk, a folder made read-only meanwhile: nothing is left at --out
         raise CommandError(f"{out}: cannot write the merged checkpoint ({one_line(err)})") from err
 
 
 @reports_input_errors
 def run(args: argparse.Namespace) -> int:
-    out = check_new_output(args.out)
     if args.variant and args.format != "diffusers":
         raise CommandError("--variant applies to --format diffusers only")
     adapters = [parse_adapter_spec(spec) for spec in args.adapter]
     for path, _ in adapters:
         check_adapter_path(path)
+    inputs = [*base_inputs(args.base), *(f for path, _ in adapters for f in adapter_inputs(path))]
+    out = check_new_output(args.out, inputs=inputs)
 
     from .. import load_boft_weights, set_boft_adapters
 

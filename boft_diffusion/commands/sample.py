@@ -16,12 +16,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..atomic import WriteError
 from . import (
     Command,
     CommandError,
+    adapter_inputs,
     add_example,
+    base_inputs,
     check_adapter_path,
     check_new_output,
+    check_steps,
     load_base,
     number,
     one_line,
@@ -38,7 +42,9 @@ EXAMPLE = """example:
       --prompt "a photo of a house" --out grid.png          # an adapter trained with `train controlnet`
 
 --adapter PATH[:WEIGHT] may repeat (adapters compose); --scale is the weight of those given without one.
---control IMAGE samples under control: the adapter's light encoder or ControlNet follows the image."""
+--control IMAGE samples under control: the adapter's light encoder or ControlNet follows the image.
+--controlnet PATH gives the ControlNet an adapter was trained on (`inspect` names it); an adapter
+initialised from the UNet needs none."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,6 +75,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--conditioning-scale", type=number, default=1.0, help="ControlNet residual scale (with --control)"
     )
+    parser.add_argument(
+        "--controlnet",
+        default=None,
+        metavar="PATH",
+        help="the ControlNet (diffusers folder or hub id) an adapter trained on one was trained on; its "
+        "fingerprint must be the one the adapter records (an adapter never opens one itself)",
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="weights dtype")
     parser.add_argument("--out", required=True, help="output PNG grid (must not exist unless --overwrite)")
@@ -88,10 +101,16 @@ def _validate(args: argparse.Namespace) -> list[tuple[Path, float]]:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise CommandError(f"--out {out}: the grid is a PNG file; use a .png name")
-    check_new_output(out, overwrite=args.overwrite)
     adapters = [parse_adapter_spec(spec, args.scale) for spec in args.adapter]
     for path, _ in adapters:
         check_adapter_path(path)
+    inputs = [
+        *base_inputs(args.base),
+        *(f for path, _ in adapters for f in adapter_inputs(path)),
+        args.control,
+        *base_inputs(args.controlnet),
+    ]
+    check_new_output(out, inputs=inputs, overwrite=args.overwrite)
     if args.control is not None:
         from ..data import DataError, load_rgb
 
@@ -114,6 +133,8 @@ def _save_png(image: Any, path: Path, text: dict[str, str]) -> None:
     try:
         with atomic_file(path) as tmp:
             image.save(tmp, format="PNG", pnginfo=info)
+    except WriteError:  # a failed atomic write: already one line naming the file
+        raise
     except OSError as err:  # a full disk, a folder made read-only meanwhile
         raise CommandError(f"{path}: cannot write the grid ({one_line(err)})") from err
 
@@ -192,15 +213,37 @@ def _generate_controlled(pipe: Any, args: argparse.Namespace) -> list[Any]:
     )  # fmt: skip
 
 
+def _load_controlnet(source: str | None, torch_dtype: Any, device: str) -> Any:
+    """The ControlNet ``--controlnet`` names (a diffusers folder or hub id), or ``None``."""
+    if source is None:
+        return None
+    from diffusers import ControlNetModel
+
+    local = Path(source).expanduser()
+    if not local.exists() and (local.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1):
+        raise CommandError(f"--controlnet {source}: no such ControlNet folder")
+    try:
+        controlnet = ControlNetModel.from_pretrained(
+            str(local) if local.exists() else source, torch_dtype=torch_dtype
+        )
+    except (OSError, ValueError) as err:  # what diffusers raises for a folder or hub id it cannot load
+        raise CommandError(f"--controlnet {source}: cannot load a ControlNet ({one_line(err)})") from err
+    return controlnet.to(device).eval()
+
+
 def _load_merged(args: argparse.Namespace, adapters: list[tuple[Path, float]], device: str) -> Any:
     """The base pipeline with the adapters merged into its weights (sampling at base-model speed)."""
     from .. import load_boft_weights, merge_boft, set_boft_adapters
     from ..export import parse_dtype
 
     pipe = load_base(args.base, parse_dtype(args.dtype), device)
+    controlnet = _load_controlnet(args.controlnet, parse_dtype(args.dtype), device)
     names = [
-        load_boft_weights(pipe, path, adapter_name=f"adapter{i}") for i, (path, _) in enumerate(adapters)
+        load_boft_weights(pipe, path, adapter_name=f"adapter{i}", controlnet=controlnet)
+        for i, (path, _) in enumerate(adapters)
     ]
+    if controlnet is not None and getattr(pipe, "controlnet", None) is not controlnet:
+        raise CommandError(f"--controlnet {args.controlnet}: no adapter given holds ControlNet weights")
     if names:
         set_boft_adapters(pipe, names, [weight for _, weight in adapters])
         try:
@@ -218,6 +261,7 @@ def run(args: argparse.Namespace) -> int:
     adapters = _validate(args)
     device = _device(args.device)
     pipe = _load_merged(args, adapters, device)
+    check_steps(pipe, args.steps)
     images = _generate(pipe, args, device) if args.control is None else _generate_controlled(pipe, args)
     text = {
         "prompt": args.prompt,

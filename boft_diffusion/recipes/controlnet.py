@@ -42,6 +42,8 @@ from ..control import (
     CONTROL_METADATA,
     LightControl,
     add_light_control,
+    controlnet_fingerprints,
+    controlnet_from_unet,
     sample_with_control,
     save_light_control,
 )
@@ -301,6 +303,8 @@ class ControlNetRecipe(TrainingRecipe):
         self.examples: list[Any] | None = None
         self.controlnet: nn.Module | None = None
         """controlnet mode: the ControlNet (loaded or built in ``check_pipeline``)."""
+        self.controlnet_fingerprints: dict[str, str] = {}
+        """controlnet mode: its fingerprints as loaded (``control.controlnet_fingerprints``), for the adapter."""
 
     @property
     def tiny(self) -> bool:
@@ -370,7 +374,9 @@ class ControlNetRecipe(TrainingRecipe):
         return bool(self.cfg.validation.prompts) or self.probe is not None
 
     def input_paths(self) -> list[str | Path]:
-        return [p for p in (self.cfg.data.train_data_dir,) if p is not None]
+        controlnet = self.cfg.control.controlnet_model_name_or_path
+        local = [controlnet] if controlnet and Path(controlnet).expanduser().exists() else []
+        return [*super().input_paths(), *local, *(p for p in (self.cfg.data.train_data_dir,) if p is not None)]
 
     def check_pipeline(self) -> None:
         family = self.family
@@ -381,6 +387,8 @@ class ControlNetRecipe(TrainingRecipe):
             )
         if self.cfg.control.mode == "controlnet":
             self.controlnet = self._load_controlnet()
+            saved = controlnet_saved_modules(self.controlnet)  # the adapter brings its own copies of these
+            self.controlnet_fingerprints = controlnet_fingerprints(self.controlnet, saved)
         self._plan_adapters()
 
     def _load_controlnet(self) -> nn.Module:
@@ -398,12 +406,7 @@ class ControlNetRecipe(TrainingRecipe):
                 ) from None
             _check_controlnet_fits(controlnet, unet)
             return controlnet
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(c.seed)
-            controlnet = ControlNetModel.from_unet(
-                unet, conditioning_embedding_out_channels=c.widths(self.pipe.vae_scale_factor)
-            )
-        return controlnet
+        return controlnet_from_unet(unet, c.widths(self.pipe.vae_scale_factor), c.seed)  # as loading rebuilds it
 
     def _plan_adapters(self) -> dict[str, Any]:
         """The adapter of each trained component, checked against it (nothing is changed yet)."""
@@ -585,6 +588,7 @@ class ControlNetRecipe(TrainingRecipe):
             )
             info["seed"] = c.seed
             info["conditioning_scale"] = c.conditioning_scale
+            info |= self.controlnet_fingerprints  # loading checks the ControlNet the user gives against them
         return {CONTROL_METADATA: json.dumps(info, sort_keys=True)}
 
     def save_outputs(self, grid_path: Path | None) -> None:
@@ -677,6 +681,8 @@ def _usage(cfg: ControlNetConfig) -> str:
         if base
         else "from boft_diffusion.tiny import build_tiny_pipeline"
     )
+    if _controlnet_argument(cfg):
+        imports += "\nfrom diffusers import ControlNetModel"
     return f"""
 {imports}
 from PIL import Image
@@ -684,9 +690,17 @@ from boft_diffusion.control import sample_with_control
 from boft_diffusion.io import load_boft_weights
 
 pipe = {load}
-load_boft_weights(pipe, "{cfg.train.output_dir}")  # the BOFT adapter with its control (encoder or ControlNet)
+load_boft_weights(pipe, "{cfg.train.output_dir}"{_controlnet_argument(cfg)})  # the adapter with its control
 image = sample_with_control(pipe, ["a photo of a red star"], [Image.open("control.png")], [0])[0]
 """
+
+
+def _controlnet_argument(cfg: ControlNetConfig) -> str:
+    """The usage's ``controlnet=`` argument: the ControlNet a run started from is the user's to give."""
+    source = cfg.control.controlnet_model_name_or_path
+    if cfg.control.mode != "controlnet" or not source:
+        return ""  # the adapter brings its light encoder, or its ControlNet is rebuilt from the UNet
+    return f", controlnet=ControlNetModel.from_pretrained({source!r})"
 
 
 def run(cfg: ControlNetConfig, on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:

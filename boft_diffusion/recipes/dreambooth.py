@@ -311,7 +311,7 @@ class DreamBoothRecipe(TrainingRecipe):
 
     def input_paths(self) -> list[str | Path]:
         data = self.cfg.data
-        return [p for p in (data.instance_data_dir, data.class_data_dir) if p is not None]
+        return [*super().input_paths(), *(p for p in (data.instance_data_dir, data.class_data_dir) if p)]
 
     # --- build -----------------------------------------------------------------------------------
     def build(self) -> None:
@@ -448,7 +448,7 @@ class DreamBoothRecipe(TrainingRecipe):
         encoders = {name: getattr(self.pipe, name) for name in family.text_encoders}
         dtype = next(encoders[family.text_encoders[0]].parameters()).dtype
         if self.reuse_prompt_cache:
-            cache, meta = load_prompt_embeddings(path)
+            cache = _read_prompt_cache(path)
             missing = [p for p in prompts if p not in cache]
             if missing:  # the instance folder's captions changed since the check
                 raise ConfigError(f"data.cache_prompt_embeddings: {path} holds no embedding of {missing}")
@@ -636,6 +636,20 @@ class DreamBoothRecipe(TrainingRecipe):
 
 PER_BATCH_CONDITIONING = ("added_cond_kwargs.time_ids",)
 """Conditioning that depends on the batch's images, not its prompts (SDXL's size / crop ids): never cached."""
+
+
+def _read_prompt_cache(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The embeddings of the checked cache file; tensors named for no prompt it lists (an index out of its
+    list, or none) are a ConfigError naming the file. Its metadata chooses nothing: prompts are keys."""
+    try:
+        return load_prompt_embeddings(path)[0]
+    except DataError:  # not a cache file at all: its own message
+        raise
+    except (IndexError, ValueError) as err:
+        raise ConfigError(
+            f"data.cache_prompt_embeddings: {path} holds tensors of no prompt it lists ({err}); delete that file "
+            "to compute the embeddings anew"
+        ) from None
 
 
 @torch.no_grad()

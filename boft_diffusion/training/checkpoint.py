@@ -268,7 +268,8 @@ def _sha256(path: Path) -> str:
 
 def _open_checkpoint(folder: Path) -> dict[str, Any]:
     """The marker of ``folder``, after checking that every file it needs is listed, present and
-    intact (size and SHA-256 as saved)."""
+    intact (size and SHA-256 as saved). A listed name that leaves the folder (absolute, ``..``, or a
+    link out of it) is refused unread: the marker names files, it never chooses paths elsewhere."""
     marker = _read_marker(folder)
     listed = marker["files"]
     needed = [ADAPTER_WEIGHTS_NAME, OPTIMIZER_FILE, *map(rng_state_file, range(marker["num_processes"]))]
@@ -277,11 +278,15 @@ def _open_checkpoint(folder: Path) -> dict[str, Any]:
             raise ConfigError(
                 f"{folder / CHECKPOINT_MARKER} lists no {name}: the checkpoint is incomplete; {_FIX}"
             )
+    inside = folder.resolve()
     for name, info in listed.items():
         parts = PurePosixPath(name).parts
-        if not parts or PurePosixPath(name).is_absolute() or ".." in parts:
-            raise ConfigError(f"{folder / CHECKPOINT_MARKER} lists {name!r}, a path outside the checkpoint")
         path = folder / name
+        if not parts or PurePosixPath(name).is_absolute() or ".." in parts or not _resolves_in(path, inside):
+            raise ConfigError(
+                f"{folder / CHECKPOINT_MARKER} lists {name!r}, a path outside the checkpoint "
+                f"(a checkpoint's files are its own: none is read through a link out of it); {_FIX}"
+            )
         if not path.is_file():
             raise ConfigError(f"{path} is missing: the checkpoint is incomplete; {_FIX}")
         size = path.stat().st_size
@@ -292,6 +297,11 @@ def _open_checkpoint(folder: Path) -> dict[str, Any]:
         if _sha256(path) != info["sha256"]:
             raise ConfigError(f"{path} is corrupt (its SHA-256 differs from the one saved); {_FIX}")
     return marker
+
+
+def _resolves_in(path: Path, folder: Path) -> bool:
+    """Whether ``path``, its links resolved, lies inside ``folder`` (a resolved path)."""
+    return path.resolve().is_relative_to(folder)
 
 
 def _read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -29,14 +29,14 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
-from ..atomic import atomic_file, atomic_write_text
+from ..atomic import atomic_file, atomic_write_text, replaced_input
 from ..families import Family, family_of
 from ..inject import count_parameters, set_enabled, set_rotation_cache
 from ..io import ADAPTER_WEIGHTS_NAME, AdapterFile, write_adapter
 from ..io.load import FAMILY_METADATA
 from ..metrics import Measurement, before_after_rows, format_metrics, grid
 from ..pipeline import base_fingerprint
-from .args import config_to_dict, config_to_yaml
+from .args import ConfigError, config_to_dict, config_to_yaml
 from .checkpoint import (
     TrainingState,
     TrainProgress,
@@ -68,6 +68,7 @@ from .setup import (
     load_pipeline,
     make_accelerator,
     record_outputs,
+    recorded_outputs,
     weight_dtype,
     write_run_config,
 )
@@ -158,8 +159,13 @@ class TrainingRecipe:
         return paths + (["merged"] if t.export_merged else [])
 
     def input_paths(self) -> list[str | Path]:
-        """Inputs that may lie in output_dir and must survive an overwrite (data folders)."""
-        return []
+        """What the run reads from disk (a local base model folder; recipes add their data folders).
+
+        An overwrite of output_dir keeps them, and no planned output may replace them
+        (:meth:`check_inputs`). Recipes extend this list with ``super().input_paths()``.
+        """
+        model = self.cfg.model.pretrained_model_name_or_path
+        return [model] if model is not None and Path(model).expanduser().exists() else []
 
     def build(self) -> None:
         """Data, adapters (``self.components``) and ``self.dataloader`` / ``self.epoch_aware``."""
@@ -198,7 +204,22 @@ class TrainingRecipe:
         if self.resume is not None:
             check_resume(self.resume, cfg)  # the checkpoint's files and the keys its state depends on
         writes = self.planned_outputs() + (["checkpoint-*"] if t.checkpointing_steps else [])
+        self._check_outputs_apart()
         check_output_dir(t.output_dir, config_to_dict(cfg), self.run_identity, t.overwrite_output_dir, writes)
+
+    def _check_outputs_apart(self) -> None:
+        """No output of the run (output_dir's planned entries) replaces one of its inputs, whatever
+        ``train.overwrite_output_dir`` says: e.g. a base loaded from an earlier run's ``merged`` export."""
+        out = Path(self.cfg.train.output_dir).expanduser()
+        inputs = [*self.input_paths(), *([self.resume] if self.resume else [])]
+        earlier = set(recorded_outputs(out))  # an earlier run's output inside an input folder is the run's own
+        for rel in self.planned_outputs():
+            replaced = replaced_input(out / rel, inputs, inside=out / rel not in earlier)
+            if replaced is not None:
+                raise ConfigError(
+                    f"train.output_dir: this run writes {out / rel}, which would replace its input {replaced}; "
+                    "choose another train.output_dir or move the input away"
+                )
 
     def check_pipeline(self) -> None:
         """Checks that need the loaded pipeline (e.g. that the adapter fits it): before anything is written."""
