@@ -27,7 +27,6 @@ the T5 encoders of SD3 and Flux with the T5-style Unigram tokenizer of :func:`bu
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -222,18 +221,27 @@ def build_tiny_tokenizer() -> CLIPTokenizer:
 
     ``tok(prompts, padding="max_length", max_length=77, truncation=True)`` gives ids of shape
     ``(B, 77)``: ``<|startoftext|>``, the BPE tokens, ``<|endoftext|>``, then ``<|endoftext|>`` padding.
-    Each call returns a fresh copy of the one tokenizer built per process (its files are written once).
+    Its files are written once per process (:func:`_tokenizer_folder`); each call reads them.
     """
-    return copy.deepcopy(_tiny_tokenizer())
+    return CLIPTokenizer.from_pretrained(
+        _tokenizer_folder().name,
+        model_max_length=MAX_TOKENS, bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=EOS,
+    )  # fmt: skip
 
 
-@lru_cache(maxsize=1)
-def _tiny_tokenizer() -> CLIPTokenizer:
-    with tempfile.TemporaryDirectory(prefix="boft-tiny-tok-") as folder:
-        _tokenizer_files(Path(folder))
-        return CLIPTokenizer.from_pretrained(
-            folder, model_max_length=MAX_TOKENS, bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=EOS
-        )
+def _tokenizer_folder() -> tempfile.TemporaryDirectory:
+    """The tokenizer's ``vocab.json`` and ``merges.txt`` in a temporary folder, written once per process
+    (removed at exit), so that building the pipeline writes nothing more (a full disk fails a command at
+    its own output, not here); rewritten if the folder was removed meanwhile."""
+    folder = _TOKENIZER_FOLDER.get("folder")
+    if folder is None or not (Path(folder.name) / "merges.txt").is_file():
+        folder = tempfile.TemporaryDirectory(prefix="boft-tiny-tok-")
+        _tokenizer_files(Path(folder.name))
+        _TOKENIZER_FOLDER["folder"] = folder
+    return folder
+
+
+_TOKENIZER_FOLDER: dict[str, tempfile.TemporaryDirectory] = {}
 
 
 TINY_UNET_CONFIG: dict = dict(
