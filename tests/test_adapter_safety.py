@@ -151,6 +151,7 @@ def broken_pipe():
     return pipe
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["merge_boft", "merge_boft_safe", "merge_adapters", "layer"])
 def test_non_finite_merge_is_refused_before_anything_is_written(how):
     pipe = broken_pipe()
@@ -263,6 +264,7 @@ def test_inspect_broken_config_metadata_is_one_error_line(tmp_path, config, caps
 
 
 # --- adapter biases live with the adapter -------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("bias", ["none", "boft_only", "all"])
 def test_load_then_unload_restores_every_base_tensor(saved, bias):
     expected = state(fresh_pipe())
@@ -281,6 +283,7 @@ def test_load_then_unload_restores_every_base_tensor(saved, bias):
         assert_same_state(pipe, expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bias", ["none", "boft_only"])
 def test_strength_zero_is_exactly_the_base_model(saved, bias):
     pipe = fresh_pipe()
@@ -293,6 +296,7 @@ def test_strength_zero_is_exactly_the_base_model(saved, bias):
     np.testing.assert_array_equal(sample_images(pipe), adapter_images)
 
 
+@pytest.mark.slow
 def test_trained_bias_reaches_the_output_through_the_adapter(saved):
     """Loading the boft_only file gives the same images as the pipeline that trained it."""
     pipe = trained_pipe("boft_only")
@@ -308,6 +312,7 @@ def test_trained_bias_reaches_the_output_through_the_adapter(saved):
             assert torch.equal(tensor, file_bias[key])
 
 
+@pytest.mark.slow
 def test_merge_folds_bias_in_and_unmerge_restores_it(saved):
     base = fresh_pipe()
     pipe = fresh_pipe()

@@ -41,6 +41,7 @@ def perturb(state: dict[str, torch.Tensor], seed: int = 0) -> None:
             tensor.add_(torch.randn(tensor.shape, generator=g).to(tensor.dtype) * 0.1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("component", list(MODELS))
 @pytest.mark.parametrize("bias", ["none", "boft_only", "all"])
 def test_load_is_the_exact_inverse_of_save(component, bias):

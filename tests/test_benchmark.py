@@ -18,6 +18,7 @@ from boft_diffusion import benchmark
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_worker_measures_every_figure_in_process():
     result = benchmark.measure(benchmark.METHODS["boft-b8-m2"], benchmark.PRESETS["tiny"])
     preset = benchmark.PRESETS["tiny"]
@@ -30,11 +31,13 @@ def test_worker_measures_every_figure_in_process():
     assert result["input_shape"] == [1, 4, 16, 16] and result["latent_size"] == 16
 
 
+@pytest.mark.slow
 def test_floor_has_no_trainable_parameters_and_no_merge():
     result = benchmark.measure(benchmark.METHODS["floor"], benchmark.PRESETS["tiny"])
     assert result["trainable_params"] == 0 and result["merge_s"] == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["floor", "boft-b8-m1"])
 def test_training_step_needs_no_input_gradient_and_the_floor_reaches_the_adapted_layers(method):
     """The latents never require grad (as in the recipes); in the floor step autograd still reaches
@@ -68,6 +71,7 @@ def test_training_step_needs_no_input_gradient_and_the_floor_reaches_the_adapted
         assert all(p.grad is None for p in adapter.trainable_parameters())  # zero_grad(set_to_none=True)
 
 
+@pytest.mark.slow
 def test_command_line_runs_workers_and_writes_json(tmp_path, capsys, monkeypatch):
     methods = ["floor", "boft-b8-m1"]  # two workers (LoRA's ratios: the summary test below)
     # A method whose package is missing is listed with why, not run.
@@ -163,6 +167,7 @@ def test_profile_prints_its_categories(capsys):
     assert benchmark.profile_category("aten::addmm", []) == "base matmul"
 
 
+@pytest.mark.slow
 def test_a_failing_worker_keeps_the_other_methods(tmp_path, capsys, monkeypatch):
     command = benchmark._worker_command
 
@@ -238,6 +243,7 @@ def _gpu_script():
     return module
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour")
 def test_gpu_script_refuses_without_cuda_and_checks_its_format_on_the_cpu(tmp_path, capsys):
     script = _gpu_script()

@@ -165,6 +165,7 @@ def test_an_error_message_over_several_lines_is_printed_as_one(monkeypatch, caps
 
 
 # --- the installed entry points -------------------------------------------------------------------
+@pytest.mark.slow
 def test_console_script_and_thin_script(tmp_path):
     out = tmp_path / "out"
     config = str(REPO / "configs/dreambooth/tiny.yaml")

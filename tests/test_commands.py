@@ -195,6 +195,7 @@ def test_inspect_bad_input(files, bad, capsys):
     assert INSPECT_REFUSALS[bad] in one_error_line(capsys)
 
 
+@pytest.mark.slow
 def test_inspect_runs_as_a_module(files):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(

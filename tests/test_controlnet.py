@@ -219,6 +219,7 @@ def test_a_controlnet_adapter_reloads_rebuilding_its_controlnet_and_merges(contr
     assert (_samples(fresh) - trained).abs().max() <= 2
 
 
+@pytest.mark.slow
 def test_the_merged_controlnet_opens_with_stock_diffusers_alone(controlnet_run, tmp_path):
     recipe, out = controlnet_run
     folder = out / "merged" / "controlnet"
@@ -290,6 +291,7 @@ def test_sampling_with_a_control_image_needs_a_control_adapter(tmp_path):
         sample_with_control(pipe, ["a toy"], [Image.new("RGB", (64, 64))], [0], num_inference_steps=2)
 
 
+@pytest.mark.slow
 def test_cli_trains_and_samples_under_control(tmp_path):
     out, base = tmp_path / "run", tmp_path / "base"
     cli = [sys.executable, "-m", "boft_diffusion.cli"]
@@ -392,6 +394,7 @@ def test_a_stopped_and_resumed_control_run_ends_with_the_same_adapter(tmp_path, 
         torch.testing.assert_close(resumed.adapter[key], value, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_eval_refuses_a_control_adapter_with_a_pointer_to_its_metrics(light_run, tmp_path):
     _, out = light_run
     done = subprocess.run(
@@ -402,6 +405,7 @@ def test_eval_refuses_a_control_adapter_with_a_pointer_to_its_metrics(light_run,
     assert not (tmp_path / "g.png").exists()
 
 
+@pytest.mark.slow
 def test_each_mode_trains_and_measures_under_bf16_with_gradient_checkpointing(tmp_path):
     """Float32 trained parts next to a bf16 base: the ControlNet's residuals are cast to the UNet's dtype
     (they were added as float32 ahead of the UNet's bf16 norms), the light encoder's features to conv_in's.

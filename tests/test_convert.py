@@ -105,6 +105,7 @@ def test_fixed_rank_and_max_rank(trained, tmp_path):
     assert "rank" in capped.table() and "KiB" in capped.table()
 
 
+@pytest.mark.slow
 def test_diffusers_file_loads_without_this_package(trained, tmp_path):
     """A stock diffusers process (this package blocked) loads the file and samples what BOFT samples."""
     _, pipe, boft = trained

@@ -132,6 +132,7 @@ RESUME = [
 ]
 
 
+@pytest.mark.slow
 def test_stopped_and_resumed_run_ends_with_the_same_adapter(tmp_path):
     whole = run(make_config(tmp_path / "whole", *RESUME))
 
@@ -266,6 +267,7 @@ print("bf16 ok")
 """
 
 
+@pytest.mark.slow
 def test_bf16_keeps_boft_parameters_float32_with_gradient_checkpointing(tmp_path):
     # accelerate keeps one mixed precision per process: bf16 runs in a process of its own. The run
     # measures itself too: sampling with float32 trained parts over a bf16 VAE once failed there.

@@ -90,6 +90,7 @@ STOCK_LOADER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_both_formats_open_in_stock_diffusers_and_match_adapter_images(exports, base_dir, tmp_path):
     root, out = exports["root"], tmp_path / "images.npy"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}

@@ -304,6 +304,7 @@ def test_the_controlnet_recipe_records_the_fingerprint_of_the_controlnet_it_trai
 
 
 # --- 2. check before you allocate -------------------------------------------------------------------------
+@pytest.mark.slow
 def test_an_absurd_light_encoder_claim_is_one_line_and_costs_no_memory(files):
     result = under_memory_limit("load_into_fresh_pipeline", str(files["absurd_light"]))
     assert result["error"] == "AdapterFormatError", result
@@ -312,6 +313,7 @@ def test_an_absurd_light_encoder_claim_is_one_line_and_costs_no_memory(files):
     assert str(files["absurd_light"]) in result["message"] and result["untouched"]
 
 
+@pytest.mark.slow
 def test_an_absurd_controlnet_embedding_claim_is_one_line_and_costs_no_memory(files):
     result = under_memory_limit("load_into_fresh_pipeline", str(files["absurd_controlnet"]))
     assert result["error"] == "AdapterFormatError", result
@@ -357,6 +359,7 @@ def test_inspect_names_the_recorded_controlnet_without_opening_it(files, opened)
 
 
 # --- 3. every loader: nothing opened, nothing big allocated ---------------------------------------------------
+@pytest.mark.slow
 def test_no_loader_opens_what_a_file_names_or_allocates_what_it_claims(files):
     results = under_memory_limit("walk_every_loader", {k: str(v) for k, v in files.items()})
     assert results.pop("opened") == []

@@ -101,6 +101,7 @@ def test_replaced_input_is_holds_inside_links(tmp_path):
     assert replaced_input(tmp_path / "dirlink" / "a.png", inputs) == folder
 
 
+@pytest.mark.slow
 def test_failed_writes_are_write_errors_naming_the_destination_and_keep_the_old_file(tmp_path):
     target = tmp_path / "out.safetensors"
     target.write_bytes(b"old")

@@ -351,6 +351,7 @@ def test_fp16_without_a_gpu(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_a_device_that_does_not_exist(tmp_path):
     # accelerate picks the device once per process: a fresh process (no private reset of its state)
     out = tmp_path / "out"

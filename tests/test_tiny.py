@@ -245,6 +245,7 @@ def test_world_weights_round_trip_and_refusals(learned, tmp_path):
     assert all(torch.equal(v, learned.unet.state_dict()[k]) for k, v in before.items())  # nothing changed
 
 
+@pytest.mark.slow
 def test_learned_pipeline_draws_the_world(learned):
     """The shipped model draws what a world caption asks, held-out colour-shape pairs included."""
     from boft_diffusion.metrics import world_prompt_accuracy
