@@ -2,8 +2,9 @@
 
 DreamBooth (Ruiz et al., CVPR 2023) scores a finetuned model by sampling prompts and comparing:
 
-    subject_fidelity  samples of the instance prompt ("a photo of sks toy") against the instance images:
-                      the paper's DINO and CLIP-I, the mean cosine of image embeddings
+    subject_fidelity  samples of the instance prompt ("a photo of sks toy") and of every context prompt
+                      against the instance images: the paper's DINO and CLIP-I, the mean cosine of
+                      image embeddings over all prompts' samples (each prompt's own in ``per_prompt``)
     prompt_fidelity   samples of context prompts ("... sks toy on a striped green background") against
                       their prompts: the paper's CLIP-T, the cosine of image and text embeddings
     class_drift       samples of the class prompt ("a photo of a toy") against the instance images:
@@ -35,6 +36,7 @@ Sampling is deterministic: image ``i`` of every prompt starts from its own gener
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -98,6 +100,7 @@ __all__ = [
     "load_scorer",
     "measure_control",
     "measure_dreambooth",
+    "reconstruction_fidelity",
     "sample_images",
     "world_control_cases",
     "world_dreambooth_probe",
@@ -487,10 +490,13 @@ def sample_images(
 class Measurement:
     """``metrics``: ``subject_fidelity``, ``prompt_fidelity`` (None without a text scorer), ``class_drift``
     (:func:`measure_dreambooth`) or ``control_edge_f1``, ``control_mask_iou`` (:func:`measure_control`);
-    ``samples``: each prompt's images (a control case's condition first), for grids."""
+    ``samples``: each prompt's images (a control case's condition first), for grids; ``per_prompt``:
+    each prompt's own values of the metrics it takes part in, ``{prompt: {metric: value}}`` (empty
+    where a measurement has none)."""
 
     metrics: dict[str, float | None]
     samples: dict[str, list[Image.Image]]
+    per_prompt: dict[str, dict[str, float | None]] = dataclasses.field(default_factory=dict)
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -500,33 +506,72 @@ def _mean(values: Sequence[float]) -> float:
 def measure_dreambooth(
     pipe: Any, probe: DreamBoothProbe, instance_images: Sequence[Image.Image], scorer: Scorer
 ) -> Measurement:
-    """Sample the probe's instance, class and context prompts (one :func:`sample_images` call) and score:
+    """Sample the probe's instance, context and class prompts (one :func:`sample_images` call) and score
+    them as the DreamBooth paper does (its DINO / CLIP-I average over every prompt's samples):
 
-    subject_fidelity = mean subject_similarity(instance samples, instance_images)    (DINO / CLIP-I)
-    prompt_fidelity  = mean prompt_agreement(context samples, their prompts)          (CLIP-T)
-    class_drift      = mean subject_similarity(class samples, instance_images)       (PRES)
+    subject_fidelity = mean subject_similarity(instance and context samples, instance_images)  (DINO / CLIP-I)
+    prompt_fidelity  = mean prompt_agreement(context samples, their prompts)                    (CLIP-T)
+    class_drift      = mean subject_similarity(class samples, instance_images)                 (PRES)
+
+    Every prompt has ``probe.num_images`` samples, so subject fidelity is also the mean of the
+    prompts' own values; ``per_prompt`` holds those (``subject_fidelity`` of the instance and each
+    context prompt, their ``prompt_fidelity`` for the contexts, ``class_drift`` of the class prompt).
     """
     if not instance_images:
         raise MetricsError("no instance images: subject fidelity compares samples with the subject's images")
-    prompts = list(dict.fromkeys([probe.instance_prompt, probe.class_prompt, *probe.context_prompts]))
+    contexts = list(dict.fromkeys(probe.context_prompts))
+    subject_prompts = list(dict.fromkeys([probe.instance_prompt, *contexts]))
+    prompts = list(dict.fromkeys([probe.instance_prompt, probe.class_prompt, *contexts]))
+    n = probe.num_images
     sampled = sample_images(
-        pipe,
-        prompts,
-        probe.num_images,
-        seed=probe.seed,
-        num_inference_steps=probe.num_inference_steps,
+        pipe, prompts, n, seed=probe.seed, num_inference_steps=probe.num_inference_steps,
         guidance_scale=probe.guidance_scale,
-    )
+    )  # fmt: skip
     samples = dict(zip(prompts, sampled))
-    context_images = [image for p in probe.context_prompts for image in samples[p]]
-    context_prompts = [p for p in probe.context_prompts for _ in samples[p]]
-    agreement = scorer.prompt_agreement(context_images, context_prompts)
-    metrics = {
-        "subject_fidelity": _mean(scorer.subject_similarity(samples[probe.instance_prompt], instance_images)),
-        "prompt_fidelity": None if agreement is None else _mean(agreement),
-        "class_drift": _mean(scorer.subject_similarity(samples[probe.class_prompt], instance_images)),
+    every = [image for images in sampled for image in images]
+    likeness = _by_prompt(scorer.subject_similarity(every, instance_images), prompts, n)
+    agreement = scorer.prompt_agreement(
+        [image for p in contexts for image in samples[p]], [p for p in contexts for _ in range(n)]
+    )
+    obeyed = _by_prompt(agreement, contexts, n) if agreement is not None else None
+    per_prompt: dict[str, dict[str, float | None]] = {
+        p: {"subject_fidelity": _mean(likeness[p])} for p in subject_prompts
     }
-    return Measurement(metrics=metrics, samples=samples)
+    for p in contexts:
+        per_prompt[p]["prompt_fidelity"] = None if obeyed is None else _mean(obeyed[p])
+    per_prompt.setdefault(probe.class_prompt, {})["class_drift"] = _mean(likeness[probe.class_prompt])
+    metrics = {
+        "subject_fidelity": _mean([value for p in subject_prompts for value in likeness[p]]),
+        "prompt_fidelity": None if agreement is None else _mean(agreement),
+        "class_drift": _mean(likeness[probe.class_prompt]),
+    }
+    return Measurement(metrics=metrics, samples=samples, per_prompt=per_prompt)
+
+
+def _by_prompt(values: Sequence[float], prompts: Sequence[str], n: int) -> dict[str, list[float]]:
+    """``values`` of ``n`` images per prompt, in the prompts' order, as ``{prompt: its n values}``."""
+    return {p: list(values[k * n : (k + 1) * n]) for k, p in enumerate(prompts)}
+
+
+@torch.no_grad()
+def reconstruction_fidelity(
+    vae: Any, images: Sequence[Image.Image], scorer: Scorer | None = None
+) -> list[float]:
+    """Per image, ``subject_similarity(VAE(image), images)``: the ceiling of subject fidelity on a model.
+
+    Every sample leaves the model through its VAE's decoder, so a view whose own reconstruction (the
+    posterior mean, decoded) scores ``c`` cannot be matched better than about ``c``. ``images`` are the
+    subject's (RGB, one size); the scorer defaults to the world's.
+    """
+    if not images:
+        raise MetricsError("no images to reconstruct")
+    scorer = scorer or WorldScorer()
+    pixels = np.stack([np.asarray(image.convert("RGB")) for image in images])
+    parameter = next(vae.parameters())
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(parameter.device, parameter.dtype) / 127.5 - 1
+    decoded = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+    recon = ((decoded + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return scorer.subject_similarity([Image.fromarray(p) for p in recon], images)
 
 
 def world_prompt_accuracy(
@@ -966,13 +1011,26 @@ def before_after_control_rows(before: Measurement | None, after: Measurement) ->
 
 
 def format_metrics(
-    before: dict[str, float | None] | None, after: dict[str, float | None], scorer: str
+    before: dict[str, float | None] | None,
+    after: dict[str, float | None],
+    scorer: str,
+    per_prompt: dict[str, dict[str, dict[str, float | None]] | None] | None = None,
 ) -> str:
-    """The metrics as a small table: metric, before, after (``-`` where not measured)."""
+    """The metrics as a small table: metric, before, after (``-`` where not measured); with
+    ``per_prompt`` (``{"before": ..., "after": ...}`` of :attr:`Measurement.per_prompt`), each prompt's
+    own values below it."""
 
     def cell(value: float | None) -> str:
         return "    -  " if value is None else f"{value:7.3f}"
 
     lines = [f"What it taught (scorer: {scorer}):", f"  {'metric':<18} {'before':>7} {'after':>7}"]
     lines += [f"  {name:<18} {cell((before or {}).get(name))} {cell(v)}" for name, v in after.items()]
+    if per_prompt and per_prompt.get("after"):
+        earlier = per_prompt.get("before") or {}
+        lines.append("  per prompt:")
+        for prompt, values in per_prompt["after"].items():
+            lines += [
+                f"  {name:<18} {cell(earlier.get(prompt, {}).get(name))} {cell(v)}  {prompt}"
+                for name, v in values.items()
+            ]
     return "\n".join(lines)

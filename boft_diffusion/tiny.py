@@ -88,6 +88,7 @@ __all__ = [
     "make_instance_images",
     "save_tiny_pipeline",
     "save_world_weights",
+    "subject_views",
     "tiny_pipeline_path",
     "TINY_WORLD_WEIGHTS",
 ]
@@ -542,24 +543,31 @@ def tiny_pipeline_path(
     return target
 
 
-def make_instance_images(
-    out_dir: str | os.PathLike[str], num_images: int = 5, seed: int = 0, resolution: int = TINY_RESOLUTION
-) -> list[Path]:
-    """Write ``num_images`` RGB PNGs (``resolution`` x ``resolution``) of the DreamBooth subject; returns their paths.
+def subject_views(num_images: int = 5, seed: int = 0, resolution: int = TINY_RESOLUTION) -> list[Image.Image]:
+    """The DreamBooth subject's instance images, RGB ``resolution`` x ``resolution``: the quickstart's.
 
-    The subject is the world's ``sks toy`` (a pink-and-teal striped star the pretraining world never
-    shows) in views of varied size, place and background: ``world.subject_scenes(num_images, seed)``.
-    Files are named ``toy_00.png``, ``toy_01.png``, ...
+    The world's ``sks toy`` (a pink-and-teal striped star the pretraining world never shows) in
+    ``world.subject_scenes(num_images, seed)``: large, on varied plain backgrounds, in views the tiny
+    VAE reconstructs well (a test checks each against the shipped weights). ``boft-diffusion eval``
+    compares samples with the same images.
     """
     from .world import render, subject_scenes
 
+    scenes = subject_scenes(num_images, seed)
+    return [Image.fromarray(render(scene, resolution)[0], mode="RGB") for scene in scenes]
+
+
+def make_instance_images(
+    out_dir: str | os.PathLike[str], num_images: int = 5, seed: int = 0, resolution: int = TINY_RESOLUTION
+) -> list[Path]:
+    """Write :func:`subject_views` as PNGs ``toy_00.png``, ``toy_01.png``, ... in ``out_dir``; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, scene in enumerate(subject_scenes(num_images, seed)):
+    for i, image in enumerate(subject_views(num_images, seed, resolution)):
         path = out_dir / f"toy_{i:02d}.png"
         with atomic_file(path) as tmp:
-            Image.fromarray(render(scene, resolution)[0], mode="RGB").save(tmp, format="PNG")
+            image.save(tmp, format="PNG")
         paths.append(path)
     return paths
 

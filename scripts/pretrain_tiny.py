@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -55,6 +56,7 @@ from boft_diffusion.world import (
     partial_caption,
     render,
     sample_scenes,
+    subject_scenes,
 )
 
 
@@ -97,29 +99,26 @@ DENOISER_PAINTS = {"solid": 0.15, "banded": 0.10}
 
 @torch.no_grad()
 def check_subject_reconstruction(vae, views: int = 16) -> None:
-    """Log how well the VAE reconstructs the DreamBooth subject, which no stage ever shows it."""
-    from PIL import Image
+    """Log how well the VAE reconstructs the DreamBooth subject, which no stage ever shows it: per view
+    of the quickstart's instance images, and over ``views`` more. This is the ceiling of DreamBooth's
+    subject fidelity on this model, since every sample passes through this decoder."""
+    from boft_diffusion.metrics import reconstruction_fidelity
 
-    from boft_diffusion.metrics import WorldScorer
-    from boft_diffusion.world import subject_scenes
-
-    scenes = subject_scenes(views, seed=123)
-    images = images_tensor(scenes)
+    images = images_tensor(subject_scenes(views, seed=123))
     recon = vae.decode(vae.encode(images).latent_dist.mean).sample.clamp(-1, 1)
     error = (recon - images).abs().mean().item() * 127.5
-
-    def pil(batch: torch.Tensor) -> list:
-        pixels = ((batch + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-        return [Image.fromarray(p) for p in pixels]
-
-    # The ceiling of DreamBooth's subject fidelity on this model: samples pass through this decoder.
-    likeness = np.asarray(WorldScorer().subject_similarity(pil(recon), pil(images)))
-    sizes = np.asarray([scene.size for scene in scenes])
-    by_size = ", ".join(f"{size} {likeness[sizes == size].mean():.2f}" for size in sorted(set(sizes)))
+    likeness = reconstruction_fidelity(vae, tiny.subject_views(views, seed=123))
     log(
         f"VAE on {views} unseen subject views: mean abs error {error:.1f}/255, "
-        f"subject likeness {likeness.mean():.2f} ({by_size})"
+        f"subject likeness {np.mean(likeness):.2f} (lowest {min(likeness):.2f})"
     )
+    default = reconstruction_fidelity(vae, tiny.subject_views())
+    scenes = subject_scenes(len(default), seed=0)
+    per_view = ", ".join(
+        f"toy_{i:02d} ({scene.background}) {value:.2f}"
+        for i, (scene, value) in enumerate(zip(scenes, default))
+    )
+    log(f"subject fidelity ceiling per default instance view (its VAE reconstruction): {per_view}")
 
 
 def cosine_lr(optimizer, total: int, warmup: int):
@@ -278,6 +277,16 @@ def train_denoiser(pipe, scenes, paints, means, stds, scaling: float, args) -> N
     text_encoder.eval()
 
 
+def weights_or_exit(flag: str, load, *args, **kwargs):
+    """``load(*args, **kwargs)``; weights that cannot be read (a missing file, another format or
+    architecture: ``load_world_weights`` says which) end the script with one ``error:`` line, exit code 2."""
+    try:
+        return load(*args, **kwargs)
+    except (OSError, ValueError) as error:
+        print(f"error: {flag}: {' '.join(str(error).split())}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=tiny.TINY_WORLD_WEIGHTS)
@@ -320,15 +329,19 @@ def main() -> None:
     started = time.time()
 
     if args.report_only is not None:
-        report(args.report_only, args)
+        report(weights_or_exit("--report-only", tiny.build_tiny_pipeline, weights=args.report_only), args)
         return
     if args.stage4_from is not None:
         log(f"stages 1-3: from {args.stage4_from}")
-        stage4(tiny.build_tiny_pipeline(weights=args.stage4_from), args, started)
+        stage4(
+            weights_or_exit("--stage4-from", tiny.build_tiny_pipeline, weights=args.stage4_from),
+            args,
+            started,
+        )
         return
     pipe = tiny.build_tiny_pipeline(seed=args.seed, weights="random")
     if args.vae_from is not None:
-        tiny.load_world_weights(pipe, args.vae_from, components=("vae",))
+        weights_or_exit("--vae-from", tiny.load_world_weights, pipe, args.vae_from, components=("vae",))
         log(f"stage 1: VAE from {args.vae_from}")
     else:
         log(f"stage 1: VAE, {args.vae_steps} steps of {args.vae_batch} crops")
@@ -365,14 +378,14 @@ def stage4(pipe, args, started: float) -> None:
     tiny.save_world_weights(pipe, args.out, metadata={"pretraining": json.dumps(settings)})
     minutes = (time.time() - started) / 60
     log(f"wrote {args.out} ({args.out.stat().st_size / 2**20:.1f} MiB) after {minutes:.1f} min")
-    report(args.out, args)
+    report(tiny.build_tiny_pipeline(weights=args.out), args)
 
 
-def report(weights: Path, args) -> None:
-    """How often the world scorer reads the model's samples of world captions back as asked."""
+def report(learned, args) -> None:
+    """How well the pipeline's VAE reconstructs the subject, and how often the world scorer reads its
+    samples of world captions back as asked."""
     from boft_diffusion.metrics import world_prompt_accuracy
 
-    learned = tiny.build_tiny_pipeline(weights=weights)
     check_subject_reconstruction(learned.vae, views=32)
     for name, held_out in (("in-distribution pairs", False), ("held-out pairs", True)):
         accuracy = world_prompt_accuracy(

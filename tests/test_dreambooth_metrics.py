@@ -28,6 +28,17 @@ def test_run_writes_metrics_before_and_after(tmp_path, capsys):
         assert set(report[stage]) == {"subject_fidelity", "prompt_fidelity", "class_drift"}
         assert all(0.0 <= v <= 1.0 for v in report[stage].values())
     assert report["probe"]["class_prompt"] == "a photo of a toy"
+    probe = report["probe"]
+    for stage in ("before", "after"):  # each prompt's own values; subject fidelity is their mean
+        per_prompt = report["per_prompt"][stage]
+        subject_prompts = [probe["instance_prompt"], *probe["context_prompts"]]
+        assert list(per_prompt) == [*subject_prompts, probe["class_prompt"]]
+        assert per_prompt[probe["class_prompt"]] == {"class_drift": report[stage]["class_drift"]}
+        mean = sum(per_prompt[p]["subject_fidelity"] for p in subject_prompts) / len(subject_prompts)
+        assert report[stage]["subject_fidelity"] == pytest.approx(mean)
+        assert all(
+            set(per_prompt[p]) == {"subject_fidelity", "prompt_fidelity"} for p in probe["context_prompts"]
+        )
     assert (out / "metrics.png").is_file()
     card = (out / "README.md").read_text()
     assert "## What it learned" in card and "| subject_fidelity |" in card

@@ -175,8 +175,13 @@ def test_eval_writes_metrics_before_and_after_and_a_grid(files, tmp_path, capsys
     assert {"adapter", "base", "scorer", "probe", "before", "after"} <= set(report)
     assert report["probe"]["num_images"] == 1 and report["scorer"] == f"clip:{files['clip']}"
     assert set(report["before"]) == set(report["after"]) and report["before"]
+    prompts = ["a photo of sks toy", "a photo of sks toy on a blue background", "a photo of a star"]
+    for stage in ("before", "after"):
+        assert list(report["per_prompt"][stage]) == prompts
+        assert report["per_prompt"][stage][prompts[2]] == {"class_drift": report[stage]["class_drift"]}
     stdout = capsys.readouterr().out
     assert all(metric in stdout for metric in report["before"]) and "before" in stdout
+    assert "per prompt:" in stdout and "a photo of sks toy on a blue background" in stdout
     rows, cols, cell = 3, 2, 64  # instance, class and context prompt; one image before, one after
     with Image.open(grid) as image:
         assert image.size == (cols * cell + (cols - 1) * GUTTER, rows * cell + (rows - 1) * GUTTER)

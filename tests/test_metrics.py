@@ -27,14 +27,16 @@ from boft_diffusion.metrics import (
     MetricsError,
     ScorerError,
     WorldScorer,
+    format_metrics,
     grid,
     load_scorer,
     measure_dreambooth,
+    reconstruction_fidelity,
     sample_images,
     world_dreambooth_probe,
     world_prompt_accuracy,
 )
-from boft_diffusion.tiny import build_tiny_pipeline, build_tiny_tokenizer
+from boft_diffusion.tiny import build_tiny_pipeline, build_tiny_tokenizer, subject_views
 from boft_diffusion.world import (
     ATTRIBUTES,
     SUBJECT_TOKEN,
@@ -139,9 +141,9 @@ def test_world_scorer_gives_graded_credit_for_the_subjects_colours():
     """Like DINO's cosine, the score falls off gradually: stripes drawn muted still earn colour credit."""
     scorer = WorldScorer()
     references = _subject_views(4, seed=0)
-    scene = world.subject_scene(21)
+    scene = dataclasses.replace(world.subject_scene(21), background="white")  # apart from every paint below
     pink, teal = world.SUBJECT_STRIPES
-    plain = dataclasses.replace(scene, colour="red" if scene.background != "red" else "blue")
+    plain = dataclasses.replace(scene, colour="red")
 
     def painted(a, b):
         return Image.fromarray(render(plain, paint=[a, b])[0])
@@ -287,6 +289,7 @@ def test_measure_dreambooth_plumbing(pipe, scorer_kind, request):
     probe = world_dreambooth_probe(num_images=1, num_inference_steps=STEPS)
     measurement = measure_dreambooth(pipe, probe, _subject_views(3, seed=0), scorer)
     assert set(measurement.metrics) == {"subject_fidelity", "prompt_fidelity", "class_drift"}
+    assert set(measurement.per_prompt) == {probe.instance_prompt, probe.class_prompt, *probe.context_prompts}
     for name, value in measurement.metrics.items():
         if name == "prompt_fidelity" and scorer_kind == "dino":
             assert value is None
@@ -294,6 +297,82 @@ def test_measure_dreambooth_plumbing(pipe, scorer_kind, request):
             assert 0.0 <= value <= 1.0, (name, value)
     assert list(measurement.samples) == [probe.instance_prompt, probe.class_prompt, *probe.context_prompts]
     assert all(len(images) == 1 for images in measurement.samples.values())
+
+
+class ScenePipe:
+    """A stand-in pipeline that draws, for each prompt, the scene ``draw(prompt)`` (any seed, any steps)."""
+
+    def __init__(self, draw):
+        self.draw = draw
+
+    def __call__(self, prompt, generator, **_):
+        return type("Output", (), {"images": [scene_to_pil(self.draw(p)) for p in prompt]})()
+
+
+def test_subject_fidelity_averages_the_instance_and_every_context_prompt():
+    """The paper's DINO / CLIP-I: the mean over all prompts' samples, and each prompt's own value."""
+    probe = world_dreambooth_probe(num_images=2)
+    red_circle = Scene("circle", "red", "large", "blue")
+
+    def draw(prompt):  # the subject only in its contexts; a red circle for the bare prompt and the class
+        stated = parse_caption(prompt)
+        if "background" not in stated:
+            return red_circle
+        return Scene("star", world.SUBJECT_COLOUR, "large", stated["background"], stated["texture"])
+
+    result = measure_dreambooth(ScenePipe(draw), probe, _subject_views(3, seed=0), WorldScorer())
+    contexts = probe.context_prompts
+    assert result.metrics == pytest.approx(
+        {"subject_fidelity": 4 / 5, "prompt_fidelity": 1.0, "class_drift": 0.0}, abs=0.03
+    )  # 0 for the bare instance prompt, 1 for each of the four contexts
+    assert list(result.per_prompt) == [probe.instance_prompt, *contexts, probe.class_prompt]
+    assert result.per_prompt[probe.instance_prompt] == {"subject_fidelity": pytest.approx(0.0, abs=0.03)}
+    for prompt in contexts:
+        assert result.per_prompt[prompt] == pytest.approx(
+            {"subject_fidelity": 1.0, "prompt_fidelity": 1.0}, abs=0.03
+        )
+    assert result.per_prompt[probe.class_prompt] == {"class_drift": result.metrics["class_drift"]}
+    subject = [result.per_prompt[p]["subject_fidelity"] for p in (probe.instance_prompt, *contexts)]
+    assert result.metrics["subject_fidelity"] == pytest.approx(sum(subject) / len(subject))
+
+
+def test_format_metrics_lists_each_prompt():
+    before = {"subject_fidelity": 0.1, "prompt_fidelity": 0.5, "class_drift": 0.0}
+    after = {"subject_fidelity": 0.4, "prompt_fidelity": None, "class_drift": 0.2}
+    per_prompt = {
+        "before": {"a photo of sks toy": {"subject_fidelity": 0.25}},
+        "after": {"a photo of sks toy": {"subject_fidelity": 0.5}, "a photo of a toy": {"class_drift": 0.2}},
+    }
+    lines = format_metrics(before, after, "world", per_prompt).splitlines()
+    assert lines[:2] == ["What it taught (scorer: world):", "  metric              before   after"]
+    assert lines[3].split() == ["prompt_fidelity", "0.500", "-"]
+    assert lines[5] == "  per prompt:"
+    assert lines[6].split() == ["subject_fidelity", "0.250", "0.500", "a", "photo", "of", "sks", "toy"]
+    assert lines[7].split()[:3] == ["class_drift", "-", "0.200"]
+    assert format_metrics(before, after, "world") == "\n".join(lines[:5])
+
+
+def test_the_default_subject_views_survive_the_shipped_vae():
+    """The ship check: every default instance view, encoded and decoded by the shipped tiny VAE, still
+    scores >= 0.7 as the subject (the comparison subject fidelity makes). A view below that caps what any
+    finetuning can show (small stars and checkered backgrounds reconstructed at 0.10-0.26)."""
+    vae = build_tiny_pipeline().vae
+    views = subject_views()
+    assert len(views) == 5
+    ceiling = reconstruction_fidelity(vae, views)
+    assert min(ceiling) >= 0.7, ceiling
+    # eval compares with the very images the quickstart trains on
+    from boft_diffusion.commands.eval import instance_images
+
+    assert [np.asarray(i).tolist() for i in instance_images(None)] == [np.asarray(i).tolist() for i in views]
+    # what a view of the old kind scores: a small star on a checkered background
+    small = Scene("star", world.SUBJECT_COLOUR, "small", "orange", "checkered", x=0.3, y=0.6, radius=0.18)
+    assert reconstruction_fidelity(vae, [scene_to_pil(small)], WorldScorer())[0] < 0.5
+
+
+def test_reconstruction_fidelity_needs_images():
+    with pytest.raises(MetricsError, match="no images"):
+        reconstruction_fidelity(build_tiny_pipeline(weights="random").vae, [])
 
 
 def test_measure_dreambooth_needs_instance_images(pipe):

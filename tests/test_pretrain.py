@@ -56,3 +56,44 @@ def test_short_pretraining_is_reproducible_and_loads(tmp_path):
     c = tmp_path / "c.safetensors"
     pretrain(c, "--seed", "1")
     assert hashlib.sha256(c.read_bytes()).hexdigest() != digest[0]
+
+
+def other_architecture(path: Path) -> Path:
+    """The shipped world weights with one tensor of another shape: a world file of another architecture."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(tiny.TINY_WORLD_WEIGHTS), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(tiny.TINY_WORLD_WEIGHTS))
+    tensors["unet.conv_in.weight"] = torch.zeros(64, 8, 3, 3, dtype=torch.float16)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("weights", "expect"),
+    [
+        (other_architecture, "unet.conv_in.weight has shape (64, 8, 3, 3), the model (32, 4, 3, 3)"),
+        (lambda p: save_file_of({"w": torch.zeros(2)}, p), "w.safetensors is not a tiny world weights file"),
+        (lambda p: p, "no tiny world weights at"),
+    ],
+    ids=["another architecture", "another file format", "missing"],
+)
+def test_report_only_on_weights_it_cannot_read_is_one_error_line(tmp_path, weights, expect):
+    path = weights(tmp_path / "w.safetensors")
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--report-only", str(path)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    # (transformers may warn on import, e.g. that torchvision is missing: not the script's lines)
+    ours = [line for line in done.stderr.splitlines() if not line.startswith("[transformers]")]
+    assert len(ours) == 1 and ours[0].startswith("error: --report-only: ") and expect in ours[0], ours
+    assert done.stdout == ""
+
+
+def save_file_of(tensors: dict, path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path))
+    return path

@@ -179,12 +179,19 @@ def test_sampler_refuses_unknown_or_empty_pair_sets():
         sample_scenes(1, 0, include=HELD_OUT_PAIRS, exclude=HELD_OUT_PAIRS)
 
 
-def test_subject_views_vary_and_are_never_sampled_otherwise():
+def test_subject_views_vary_within_what_a_model_can_show_and_are_never_sampled_otherwise():
     views = world.subject_scenes(12, seed=0)
     assert all(v.is_subject and v.shape == world.SUBJECT_SHAPE for v in views)
     assert all(v.caption.startswith(f"a photo of {SUBJECT_TOKEN} on ") for v in views)
-    assert len({(v.x, v.y, v.radius, v.background, v.texture) for v in views}) == len(views)
-    assert {v.size for v in views} == set(world.SIZES)
+    assert len({(v.x, v.y, v.radius) for v in views}) == len(views)
+    # Large, on plain backgrounds far from pink and teal (the VAE keeps those; test_metrics checks it).
+    assert {(v.size, v.texture) for v in views} == {("large", "plain")}
+    assert {v.background for v in views} == set(world.SUBJECT_BACKGROUNDS)
+    assert {v.background for v in world.subject_scenes(4, seed=9)} == set(world.SUBJECT_BACKGROUNDS)
+    assert not {"purple", "orange"} & set(world.SUBJECT_BACKGROUNDS)
+    for view in views:
+        (x0, y0, x1, y1), side = render(view)[1].box, 64
+        assert min(x0, y0) >= MARGIN * side - 1 and max(x1, y1) <= (1 - MARGIN) * side + 1
     image, maps = world.render_subject(seed=3)
     expected_image, expected_maps = render(world.subject_scene(3))
     assert np.array_equal(image, expected_image) and np.array_equal(maps.mask, expected_maps.mask)
@@ -236,8 +243,15 @@ def test_scorer_is_robust_to_mild_noise_and_blur(scenes, renders):
     assert np.mean([mask_iou(r.mask, m.mask) for r, (_, m) in zip(readings, renders)]) > 0.9
 
 
+def subject_in_any_view(n: int, seed: int) -> list[Scene]:
+    """The subject in every kind of view the world draws (small or large, any background or texture)."""
+    stars = sample_scenes(n, seed, include=[(colour, "star") for colour in world.COLOURS])
+    return [dataclasses.replace(star, colour=world.SUBJECT_COLOUR) for star in stars]
+
+
 def test_scorer_recognises_the_subject_and_nothing_else_as_it(renders):
-    views = world.subject_scenes(20, seed=5)
+    views = [*world.subject_scenes(10, seed=5), *subject_in_any_view(30, seed=5)]
+    assert {v.size for v in views} == set(world.SIZES) and {v.texture for v in views} == set(world.TEXTURES)
     readings = [score_image(render(v)[0]) for v in views]
     assert all(r.is_subject for r in readings)
     assert attribute_accuracy(readings, views)["background"] == 1.0

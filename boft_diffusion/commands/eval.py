@@ -2,9 +2,10 @@
 
 The probe (instance prompt, class prompt, context prompts, images per prompt, seed, steps, guidance)
 samples the base alone, then the base with the adapter merged in, and the scorer turns both into
-:func:`boft_diffusion.metrics.measure_dreambooth`'s metrics: subject fidelity (the instance prompt's
-images against the instance images), prompt fidelity (the context prompts' images against their
-prompts) and class drift (the class prompt's images, before against after).
+:func:`boft_diffusion.metrics.measure_dreambooth`'s metrics: subject fidelity (the images of the
+instance prompt and of every context prompt against the instance images), prompt fidelity (the context
+prompts' images against their prompts) and class drift (the class prompt's images against the instance
+images), each also per prompt (``per_prompt`` in the JSON).
 
 Without ``--base`` it measures the embedded tiny pipeline pretrained on the world, with the world's
 probe, subject images and scorer. A user's base needs its instance images, prompts and a scorer
@@ -178,15 +179,14 @@ def make_probe(args: argparse.Namespace) -> Any:
 
 # --- loading -------------------------------------------------------------------------------------
 def instance_images(folder: str | None) -> list[Any]:
-    """The subject's images as RGB PIL images: from ``folder``, else the world's subject (seeds 0..4)."""
-    from PIL import Image
-
+    """The subject's images as RGB PIL images: from ``folder``, else the world subject's views that
+    ``train dreambooth`` generates by default (:func:`boft_diffusion.tiny.subject_views`)."""
     from ..data import list_images, load_rgb
 
     if folder is None:
-        from ..world import render_subject
+        from ..tiny import subject_views
 
-        return [Image.fromarray(render_subject(seed)[0]) for seed in range(5)]
+        return subject_views()
     return [load_rgb(path) for path in list_images(folder, role="instance")]
 
 
@@ -311,13 +311,14 @@ def run(args: argparse.Namespace) -> int:
         "probe": asdict(probe),
         "before": before.metrics,
         "after": after.metrics,
+        "per_prompt": {"before": before.per_prompt, "after": after.per_prompt},
     }
     _write_metrics(report, out)
     if grid_path is not None:
         _write_grid(before, after, grid_path)
     from ..metrics import format_metrics
 
-    print(format_metrics(before.metrics, after.metrics, report["scorer"]))
+    print(format_metrics(before.metrics, after.metrics, report["scorer"], report["per_prompt"]))
     print(f"Wrote {out}" + (f" and {grid_path}" if grid_path else ""))
     return 0
 

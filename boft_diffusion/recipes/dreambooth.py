@@ -147,9 +147,10 @@ class DreamBoothDataArgs:
 @dataclass
 class DreamBoothMetricsArgs:
     """What the run taught, measured on the base before training and on the result after it, as the
-    DreamBooth paper does: subject fidelity (instance prompt vs instance images), prompt fidelity
-    (the subject in a context: is the context obeyed) and class drift (class prompt samples that show
-    the subject). Written to metrics.json, the model card and the trackers."""
+    DreamBooth paper does: subject fidelity (the samples of the instance prompt and of every context
+    prompt vs the instance images), prompt fidelity (the subject in a context: is the context obeyed)
+    and class drift (class prompt samples that show the subject). Written to metrics.json (each
+    prompt's own values under per_prompt), the model card and the trackers."""
 
     scorer: str = "auto"
     """auto (the world scorer on the embedded tiny model, none otherwise), world, none, clip:PATH, dino:PATH or dino:PATH,clip:PATH (local transformers folders: subject by the first, prompts by CLIP)."""
@@ -224,6 +225,8 @@ class DreamBoothRecipe(TrainingRecipe):
         self.probe: DreamBoothProbe | None = None
         self.references: list[Path] = []
         """The instance images subject fidelity compares samples with (set by ``build``)."""
+        self.measured: Measurement | None = None
+        """The latest :meth:`measure` (after training: the trained model's, for metrics.json's per_prompt)."""
         self.prompt_cache: dict[str, dict[str, torch.Tensor]] | None = None
         """``data.cache_prompt_embeddings``: each prompt's conditioning (flattened keys, batch of 1, CPU)."""
         self.prompt_cache_info: dict[str, str] = {}
@@ -285,10 +288,16 @@ class DreamBoothRecipe(TrainingRecipe):
 
     def measure(self) -> Measurement:
         references = [load_rgb(path) for path in self.references]
-        return measure_dreambooth(self.pipe, self.probe, references, self.scorer)
+        self.measured = measure_dreambooth(self.pipe, self.probe, references, self.scorer)
+        return self.measured
 
     def measure_info(self) -> dict[str, Any]:
-        return {"scorer": self.scorer.name, "probe": asdict(self.probe)}
+        """Scorer, probe, and each prompt's own metrics before and after (``per_prompt``)."""
+        per_prompt = {
+            "before": self.before.per_prompt if self.before is not None else None,
+            "after": self.measured.per_prompt if self.measured is not None else None,
+        }
+        return {"scorer": self.scorer.name, "probe": asdict(self.probe), "per_prompt": per_prompt}
 
     def _check_class_folder(self) -> None:
         """Class images are there already, or their folder can be created and filled."""

@@ -15,7 +15,8 @@ A scene is one simple object on a background, 64 × 64 RGB by default (any size 
 ``edges``, its ``box``), the condition maps a ControlNet learns from. :func:`sample_scenes` draws
 scenes from a seed and leaves out ``HELD_OUT_PAIRS`` (colour, shape) so that composition can be
 tested on pairs pretraining never saw. The DreamBooth subject, ``"sks toy"``, is a pink-and-teal
-striped star, an object the world never contains otherwise (:func:`render_subject`).
+striped star, an object the world never contains otherwise (:func:`render_subject`), shown in
+views a model can reproduce: large, on plain backgrounds (:func:`subject_scenes`).
 
 :func:`score_image` reads an image back into a :class:`Reading` (background, texture, colour,
 shape, size, mask, edges, box): this world's analogue of DINO / CLIP scores, exact on clean renders
@@ -32,6 +33,7 @@ from .scenes import (
     SHAPES,
     SIZE_RADII,
     SIZES,
+    SUBJECT_BACKGROUNDS,
     SUBJECT_COLOUR,
     SUBJECT_SHAPE,
     SUBJECT_STRIPES,
@@ -80,6 +82,7 @@ __all__ = [
     "SHAPES",
     "SIZES",
     "SIZE_RADII",
+    "SUBJECT_BACKGROUNDS",
     "SUBJECT_COLOUR",
     "SUBJECT_SHAPE",
     "SUBJECT_STRIPES",
