@@ -225,8 +225,6 @@ class DreamBoothRecipe(TrainingRecipe):
         self.probe: DreamBoothProbe | None = None
         self.references: list[Path] = []
         """The instance images subject fidelity compares samples with (set by ``build``)."""
-        self.measured: Measurement | None = None
-        """The latest :meth:`measure` (after training: the trained model's, for metrics.json's per_prompt)."""
         self.prompt_cache: dict[str, dict[str, torch.Tensor]] | None = None
         """``data.cache_prompt_embeddings``: each prompt's conditioning (flattened keys, batch of 1, CPU)."""
         self.prompt_cache_info: dict[str, str] = {}
@@ -288,16 +286,10 @@ class DreamBoothRecipe(TrainingRecipe):
 
     def measure(self) -> Measurement:
         references = [load_rgb(path) for path in self.references]
-        self.measured = measure_dreambooth(self.pipe, self.probe, references, self.scorer)
-        return self.measured
+        return measure_dreambooth(self.pipe, self.probe, references, self.scorer)
 
     def measure_info(self) -> dict[str, Any]:
-        """Scorer, probe, and each prompt's own metrics before and after (``per_prompt``)."""
-        per_prompt = {
-            "before": self.before.per_prompt if self.before is not None else None,
-            "after": self.measured.per_prompt if self.measured is not None else None,
-        }
-        return {"scorer": self.scorer.name, "probe": asdict(self.probe), "per_prompt": per_prompt}
+        return {"scorer": self.scorer.name, "probe": asdict(self.probe)}
 
     def _check_class_folder(self) -> None:
         """Class images are there already, or their folder can be created and filled."""

@@ -392,7 +392,7 @@ class TrainingRecipe:
 
         Main process only (every process when sharded, in lockstep; the main one writes), trained
         modules in eval mode, the RNG state forked (measuring never changes
-        what training draws). After training, writes ``metrics.json`` (before, after, scorer, probe),
+        what training draws). After training, writes ``metrics.json`` (before, after, per prompt where measured, scorer, probe),
         the before / after sample grid ``metrics.png``, and logs the numbers to the trackers; returns
         metrics.json's content (``None`` for "before" and on other processes).
         """
@@ -427,6 +427,8 @@ class TrainingRecipe:
             "before": before.metrics if before is not None else None,
             "after": after.metrics,
         }
+        if after.per_prompt or (before is not None and before.per_prompt):  # each prompt's own values
+            report["per_prompt"] = {"before": before.per_prompt if before else None, "after": after.per_prompt}
         atomic_write_text(out / METRICS_NAME, json.dumps(report, indent=2) + "\n")
         with atomic_file(out / METRICS_GRID_NAME) as tmp:
             grid(self.metrics_rows(before, after)).save(tmp, format="PNG")
