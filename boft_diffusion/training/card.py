@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,5 +87,35 @@ Measured on the base model before training and on the adapter after it (scorer: 
 | metric | before | after |
 | --- | --- | --- |
 {rows}
+
+{_per_prompt_section(report.get("per_prompt"), cell)}"""
+
+
+def _per_prompt_section(per_prompt: Mapping[str, Any] | None, cell: Callable[[Any], str]) -> str:
+    """Each prompt's own values (metrics.json's ``per_prompt``): a row per prompt, a column per metric,
+    each cell ``before → after``; blank where the prompt takes no part in the metric."""
+    if not per_prompt or not (per_prompt.get("after") or per_prompt.get("before")):
+        return ""
+    before, after = per_prompt.get("before") or {}, per_prompt.get("after") or {}
+    prompts = list(dict.fromkeys([*after, *before]))
+    names = list(dict.fromkeys(name for p in prompts for name in (*after.get(p, {}), *before.get(p, {}))))
+
+    def pair(prompt: str, name: str) -> str:
+        was, now = before.get(prompt, {}), after.get(prompt, {})
+        if name not in was and name not in now:
+            return ""
+        return f"{cell(was.get(name))} → {cell(now.get(name))}"
+
+    def row(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(cells) + " |"
+
+    rows = [row(["prompt", *names]), row(["---"] * (len(names) + 1))]
+    rows += [row([p.replace("|", "\\|"), *(pair(p, n) for n in names)]) for p in prompts]
+    table = "\n".join(rows)
+    return f"""### Per prompt
+
+Each prompt's own values, before → after.
+
+{table}
 
 """

@@ -513,7 +513,9 @@ class TrainingRecipe:
         self.save()
         if self.report is not None:
             r = self.report
-            accelerator.print(format_metrics(r["before"], r["after"], r.get("scorer", "?")))
+            accelerator.print(
+                format_metrics(r["before"], r["after"], r.get("scorer", "?"), r.get("per_prompt"))
+            )
         accelerator.print(
             f"Done in {time.perf_counter() - start:.1f}s; adapter in {self.cfg.train.output_dir}"
         )
