@@ -21,10 +21,10 @@ from .pipeline import (
     unload_boft,
     unmerge_boft,
 )
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
+    "__version__",
     "TEXT_ENCODER_TARGETS",
     "UNET_ATTENTION_TARGETS",
     "UNET_ATTENTION_TARGETS_WITH_ADDED_KV",

@@ -134,7 +134,7 @@ def pixel_difference(
     """
     import numpy as np
 
-    from .. import unload_boft
+    from ..pipeline import unload_boft
 
     boft = sample_images(pipe, prompts, seed, steps, size)
     unload_boft(pipe)
@@ -153,9 +153,8 @@ def run(args: argparse.Namespace) -> int:
     out = check_new_output(args.out, inputs=inputs, overwrite=args.overwrite)
     check_pixels = args.to == "lora" if args.check_pixels is None else args.check_pixels
 
-    from .. import load_boft_weights
     from ..export.lora import ConvertError, check_base_fingerprint, convert_to_lora, export_diff
-    from ..io import read_adapter
+    from ..io import load_boft_weights, read_adapter
 
     start = time.perf_counter()
     metadata = read_adapter(adapter).metadata  # a broken file fails before any model loads

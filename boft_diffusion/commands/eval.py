@@ -237,7 +237,8 @@ def check_same_base(adapter: Path, metadata: dict[str, str], pipe: Any) -> str:
 
 def _merge_adapter(pipe: Any, adapter: Path) -> None:
     """Load the adapter and merge it into the weights (sampling at base-model speed)."""
-    from .. import load_boft_weights, merge_boft
+    from ..io import load_boft_weights
+    from ..pipeline import merge_boft
 
     load_boft_weights(pipe, adapter)
     try:

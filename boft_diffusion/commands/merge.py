@@ -110,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     inputs = [*base_inputs(args.base), *(f for path, _ in adapters for f in adapter_inputs(path))]
     out = check_new_output(args.out, inputs=inputs)
 
-    from .. import load_boft_weights, set_boft_adapters
+    from ..io import load_boft_weights
+    from ..pipeline import set_boft_adapters
 
     start = time.perf_counter()
     pipe = load_base(args.base)  # merge in the checkpoint's own precision; export casts once at the end

@@ -233,8 +233,9 @@ def _load_controlnet(source: str | None, torch_dtype: Any, device: str) -> Any:
 
 def _load_merged(args: argparse.Namespace, adapters: list[tuple[Path, float]], device: str) -> Any:
     """The base pipeline with the adapters merged into its weights (sampling at base-model speed)."""
-    from .. import load_boft_weights, merge_boft, set_boft_adapters
     from ..export import parse_dtype
+    from ..io import load_boft_weights
+    from ..pipeline import merge_boft, set_boft_adapters
 
     pipe = load_base(args.base, parse_dtype(args.dtype), device)
     controlnet = _load_controlnet(args.controlnet, parse_dtype(args.dtype), device)

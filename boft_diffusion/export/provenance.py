@@ -36,7 +36,7 @@ def _active_adapters(pipe: Any) -> list[dict[str, Any]]:
 
 def provenance(pipe: Any, base_model: str | None = None, **extra: Any) -> dict[str, Any]:
     """What the export holds: base model, adapters with strengths, the tool that wrote it."""
-    from .. import __version__
+    from ..version import __version__
 
     base = (
         base_model
