@@ -86,6 +86,9 @@ class BOFTLayer(nn.Module):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
+        # A new module starts in training mode; wrapping one of a pipeline in eval mode (any loader does)
+        # must not switch multiplicative dropout on at inference: the wrapper takes the layer's mode.
+        self.train(base_layer.training)
         self.boft_R = nn.ParameterDict()
         self.boft_s = nn.ParameterDict()
         self.boft_bias = nn.ParameterDict()
