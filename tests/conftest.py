@@ -13,6 +13,10 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 DREAMBOOTH_FAST = [
     "train.max_train_steps=2",
+    "train.train_batch_size=1",
+    "boft.block_size=0",  # the small layout the tests vary: 4 blocks, 2 factors (block_size off)
+    "boft.block_num=4",
+    "boft.n_butterfly_factor=2",
     "train.checkpointing_steps=0",
     "train.report_to=none",
     "metrics.scorer=none",

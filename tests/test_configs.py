@@ -126,7 +126,7 @@ def test_wrong_types_and_choices():
 
 def test_invalid_combinations():
     with pytest.raises(ConfigError, match="boft_block_size and boft_block_num"):
-        load_config(DreamBoothConfig, None, ["boft.block_size=4"])
+        load_config(DreamBoothConfig, None, ["boft.block_num=4"])
     with pytest.raises(ConfigError, match="multiple of 8"):
         load_config(DreamBoothConfig, None, ["data.resolution=60"])
     with pytest.raises(ConfigError, match="train.train_batch_size must be >= 1"):

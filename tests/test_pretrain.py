@@ -1,11 +1,14 @@
-"""scripts/pretrain_tiny.py: a short run is deterministic from its seed and writes loadable weights."""
+"""scripts/pretrain_tiny.py: a short run is deterministic from its seed, writes loadable weights, and a run
+killed at any moment continues where it stopped to the same weights."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,13 +30,24 @@ SHORT = [
     "2",
     "--decoder-steps",
     "2",
+    "--name-steps",
+    "2",
 ]
 
 
+def command(out: Path, *extra: str) -> list[str]:
+    state = out.with_suffix(".state")  # each output its own run
+    return [
+        *(sys.executable, str(SCRIPT), "--out", str(out), "--state", str(state), *SHORT),
+        *("--eval-prompts", "1", "--threads", "1", *extra),
+    ]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def pretrain(out: Path, *extra: str) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, str(SCRIPT), "--out", str(out), *SHORT, "--eval-prompts", "1", "--threads", "1"]
-    done = subprocess.run([*args, *extra], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command(out, *extra), env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -56,6 +70,35 @@ def test_short_pretraining_is_reproducible_and_loads(tmp_path):
     c = tmp_path / "c.safetensors"
     pretrain(c, "--seed", "1")
     assert hashlib.sha256(c.read_bytes()).hexdigest() != digest[0]
+    # The same --state with other settings is refused, naming what differs.
+    done = subprocess.run(command(c, "--seed", "2"), env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "seed differ" in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["denoiser", "names"])
+def test_a_killed_run_continues_to_the_same_weights(tmp_path, stage):
+    """Killed (SIGKILL) right after a mid-stage save, then run again: the weights of an uninterrupted run."""
+    longer = ["--unet-steps", "6", "--name-steps", "6", "--save-every", "0"]  # saves after every step
+    pretrain(tmp_path / "whole.safetensors", *longer)
+    out = tmp_path / "resumed.safetensors"
+    saved = out.with_suffix(".state") / f"{stage}.loop.pt"
+    run = subprocess.Popen(command(out, *longer), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not saved.exists() and run.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert not out.exists(), "the run ended before it could be killed mid-stage"
+    log = pretrain(out, *longer)
+    assert f"{stage}: resuming at step" in log
+    from safetensors.torch import load_file
+
+    whole, resumed = load_file(str(tmp_path / "whole.safetensors")), load_file(str(out))
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole), [
+        k for k in whole if not torch.equal(whole[k], resumed[k])
+    ][:5]
 
 
 def other_architecture(path: Path) -> Path:

@@ -32,6 +32,7 @@ from boft_diffusion.training.setup import recorded_outputs
 
 QUICK = [
     "train.max_train_steps=2",
+    "train.train_batch_size=1",  # the cache encodes each prompt alone; a batch of several rounds otherwise
     "train.checkpointing_steps=0",
     "validation.validation_steps=0",
     "validation.prompts=[]",
