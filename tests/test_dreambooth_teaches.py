@@ -1,10 +1,11 @@
-"""The main job teaches: a shortened quickstart raises subject fidelity far beyond seed noise (slow tier).
+"""The main job teaches: the quickstart's DreamBooth raises subject fidelity far beyond seed noise (slow tier).
 
-At full length (`boft-diffusion train dreambooth`, 500 steps) seeds 0, 1, 2 end at subject fidelity
-0.64, 0.47 and 0.63 from 0.07 before (README, "DreamBooth training"). This run is the same job cut to
-fit a minute: 250 steps, no prior preservation, two images per prompt, no checkpoints or validation
-grids. A model that learned nothing stays within a few hundredths of its starting value (the untrained
-model's score over other sampling seeds moves by less than 0.05), so a rise of 0.15 is learning.
+This is `boft-diffusion train dreambooth` as the README runs it, without checkpoints, validation
+grids or trackers: about two minutes on two CPU cores. That is more than the minute the issue asked
+for. Shorter runs (250 or 400 steps, with or without prior preservation, two images per prompt)
+rose by only 0.1 or fell, within the noise of a two-image measurement, so they could not show
+learning. At full length, seeds 0, 1 and 2 end at 0.64, 0.47 and 0.63 from 0.07 before (README,
+"What it teaches"), so a rise of at least 0.25 is learning.
 """
 
 from __future__ import annotations
@@ -16,14 +17,7 @@ import pytest
 from boft_diffusion.recipes.dreambooth import DreamBoothConfig, run
 from boft_diffusion.training.args import load_config
 
-SHORT = [
-    "train.max_train_steps=250",
-    "data.with_prior_preservation=false",
-    "train.checkpointing_steps=0",
-    "validation.validation_steps=0",
-    "train.report_to=none",
-    "metrics.num_images=2",
-]
+SHORT = ["train.checkpointing_steps=0", "validation.validation_steps=0", "train.report_to=none"]
 
 
 @pytest.mark.slow
@@ -32,6 +26,6 @@ def test_a_short_dreambooth_run_teaches_the_subject(tmp_path):
     run(load_config(DreamBoothConfig, None, [f"train.output_dir={out}", *SHORT]))
     metrics = json.loads((out / "metrics.json").read_text())
     before, after = metrics["before"]["subject_fidelity"], metrics["after"]["subject_fidelity"]
-    assert after - before >= 0.15, (before, after, metrics["per_prompt"]["after"])
+    assert after - before >= 0.25, (before, after, metrics["per_prompt"]["after"])
     # Not bought with the class: samples of "a photo of a toy" still rarely show the subject.
     assert metrics["after"]["class_drift"] <= 0.25, metrics["after"]
