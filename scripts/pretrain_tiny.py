@@ -184,7 +184,7 @@ class Progress:
         path = self.folder / f"{stage}.loop.pt"
         if not path.is_file():
             return None
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=True)  # tensors and plain values only: loading runs no code
         log(f"{stage}: resuming at step {state['step']}")
         return state
 
