@@ -185,7 +185,7 @@ DREAMBOOTH_UNET_TARGETS = (
 """DreamBooth's default UNet targets: attention, the transformer blocks' projections and feed-forward, and
 the ResNet convolutions and time projections (PEFT's BOFT DreamBooth example adapts these too). On the
 tiny model, attention alone never taught the subject (subject fidelity 0.07 -> 0.10 at 300 steps); with
-these it does (README, "DreamBooth training")."""
+these it does (README, "What it teaches")."""
 
 
 def _dreambooth_boft() -> BOFTArgs:
