@@ -118,7 +118,7 @@ def test_short_comparison_writes_the_table_and_json(tmp_path):
     assert set(data["before"]) == set(measures)
     assert list(data["methods"]) == ["full", "boft-m2"]
     full, boft = data["methods"]["full"], data["methods"]["boft-m2"]
-    assert (full["learning_rate"], boft["learning_rate"]) == (1e-4, 2e-3)
+    assert (full["learning_rate"], boft["learning_rate"]) == (3e-4, 2e-3)
     assert full["trainable_parameters"] > 5 * boft["trainable_parameters"] > 0
     for row in (full, boft):
         for key in (*measures, "seconds_per_step", "peak_memory_bytes"):
