@@ -130,6 +130,6 @@ def test_short_comparison_writes_the_table_and_json(tmp_path):
     assert [(r["method"], r["seed"], r["steps"]) for r in data["runs"]] == [("full", 0, 2), ("boft-m2", 0, 2)]
     lines = result.stdout.splitlines()
     assert lines[0].startswith("| method |") and lines[2].startswith("| before (the base model) |")
-    assert lines[3].startswith("| full finetune (UNet) | 0.0001 |") and lines[4].startswith(
+    assert lines[3].startswith("| full finetune (UNet) | 0.0003 |") and lines[4].startswith(
         "| BOFT (m=2, b=8) |"
     )
