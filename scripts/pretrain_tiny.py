@@ -197,7 +197,7 @@ class Progress:
         self.last = time.time()
 
 
-def loop_state(step_from: int, modules: dict, optimizer, scheduler, generator, **extra):
+def loop_state(modules: dict, optimizer, scheduler, generator, **extra):
     """What a training loop needs to continue exactly: a callable for :meth:`Progress.tick`."""
 
     def state() -> dict:
@@ -236,7 +236,7 @@ def train_vae(vae, steps: int, batch: int, seed: int, progress: Progress) -> Non
     scheduler = cosine_lr(optimizer, steps, warmup=50)
     modules = {"vae": vae}
     start = restore(progress.resume("vae"), modules, optimizer, scheduler, generator)
-    state = loop_state(start, modules, optimizer, scheduler, generator)
+    state = loop_state(modules, optimizer, scheduler, generator)
     vae.train()
     running = 0.0
     for step in range(start, steps):
@@ -272,7 +272,7 @@ def finetune_decoder(vae, steps: int, batch: int, seed: int, progress: Progress)
     scheduler = cosine_lr(optimizer, steps, warmup=50)
     modules = {"vae": vae}
     start = restore(progress.resume("decoder"), modules, optimizer, scheduler, generator)
-    state = loop_state(start, modules, optimizer, scheduler, generator)
+    state = loop_state(modules, optimizer, scheduler, generator)
     vae.decoder.train()
     running = 0.0
 
@@ -380,7 +380,7 @@ def train_denoiser(pipe, data, scaling: float, args, stage: str, progress: Progr
         ema.load_state_dict(saved["ema"])
         rng.bit_generator.state = saved["rng"]
     state = loop_state(
-        start, modules, optimizer, scheduler, generator,
+        modules, optimizer, scheduler, generator,
         ema=ema.state_dict, rng=lambda: rng.bit_generator.state,
     )  # fmt: skip
     unet.train()
