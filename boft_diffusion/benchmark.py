@@ -65,7 +65,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
@@ -611,6 +611,27 @@ class Adapter:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         return (m for m in self.model.modules() if isinstance(m, BaseTunerLayer))
+
+
+def lora_width(layer: nn.Module) -> int:
+    """Parameters per unit of LoRA rank on ``layer``: ``d_in + d_out`` for a Linear; for a Conv2d, PEFT's
+    ``lora_A`` is a conv of the layer's kernel (``in_channels * k_h * k_w`` per rank) and ``lora_B`` a 1 x 1
+    conv (``out_channels``)."""
+    if isinstance(layer, nn.Conv2d):
+        return layer.in_channels // layer.groups * math.prod(layer.kernel_size) + layer.out_channels
+    if isinstance(layer, nn.Linear):
+        return layer.in_features + layer.out_features
+    raise TypeError(f"LoRA's width is defined here for Linear and Conv2d layers, not {type(layer).__name__}")
+
+
+def lora_rank_for(layers: Iterable[nn.Module], budget: int) -> int:
+    """The LoRA rank (at least 1) whose factors on ``layers`` hold closest to ``budget`` parameters: the
+    rank that matches another adapter's trainable count in a comparison (a rank-r pair holds
+    ``r * lora_width``)."""
+    per_rank = sum(map(lora_width, layers))
+    if per_rank == 0:
+        raise ValueError("no layers to size a LoRA rank for")
+    return max(1, round(budget / per_rank))
 
 
 class _Tap(torch.autograd.Function):

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from torch import nn
 
+from boft_diffusion.benchmark import lora_rank_for
 from boft_diffusion.inject import count_parameters
 from boft_diffusion.recipes.controlnet import ControlNetConfig, ControlNetRecipe, controlnet_saved_modules
 from boft_diffusion.training.args import load_config
@@ -63,7 +64,11 @@ class LoRAControlNetRecipe(ControlNetRecipe):
                 "the LoRA row compares ControlNet adapters: control.mode=controlnet, train_unet=false"
             )
         controlnet, targets = self.controlnet, list(self.cfg.boft.controlnet_target_modules)
-        self.rank = lora_rank_for(controlnet, targets, self.budget)
+        adapted = [  # the layers PEFT's target_modules will pick: a name equal to or ending in a target
+            m for name, m in controlnet.named_modules()
+            if isinstance(m, nn.Linear) and any(name == t or name.endswith(f".{t}") for t in targets)
+        ]  # fmt: skip
+        self.rank = lora_rank_for(adapted, self.budget)
         config = LoraConfig(
             r=self.rank, lora_alpha=self.rank, init_lora_weights="gaussian",
             target_modules=targets,
@@ -76,16 +81,6 @@ class LoRAControlNetRecipe(ControlNetRecipe):
             controlnet.enable_gradient_checkpointing()
         self.pipe.controlnet = controlnet
         return {"controlnet": controlnet}
-
-
-def lora_rank_for(controlnet: nn.Module, targets: list[str], budget: int) -> int:
-    """The LoRA rank whose factors on the ``targets`` layers hold closest to ``budget`` parameters."""
-    per_rank = sum(
-        m.in_features + m.out_features
-        for name, m in controlnet.named_modules()
-        if isinstance(m, nn.Linear) and any(name == t or name.endswith(f".{t}") for t in targets)
-    )
-    return max(1, round(budget / per_rank))
 
 
 def fully_trained(recipe: ControlNetRecipe) -> int:

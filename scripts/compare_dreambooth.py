@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from boft_diffusion.atomic import atomic_file
+from boft_diffusion.benchmark import lora_rank_for
 from boft_diffusion.benchmark import peak_memory_bytes as process_peak_rss
 from boft_diffusion.commands import (
     CommandError,
@@ -101,7 +102,8 @@ class LoRADreamBoothRecipe(DreamBoothRecipe):
         plans = self._plan_adapters()  # the BOFT adapter the budget is matched to (nothing changes)
         budget = sum(math.prod(shape) for plan in plans.values() for shape in plan.shapes().values())
         layers = {name: list(plan.targets) for name, plan in plans.items()}
-        self.rank = lora_rank_for({getattr(self.pipe, name): paths for name, paths in layers.items()}, budget)
+        modules = [getattr(self.pipe, name).get_submodule(p) for name, paths in layers.items() for p in paths]
+        self.rank = lora_rank_for(modules, budget)
         components = {}
         for name, paths in layers.items():
             config = LoraConfig(
@@ -112,24 +114,6 @@ class LoRADreamBoothRecipe(DreamBoothRecipe):
                     config, getattr(self.pipe, name)
                 )  # only LoRA trains
         return components
-
-
-def lora_rank_for(layers: dict[nn.Module, list[str]], budget: int) -> int:
-    """The LoRA rank whose factors on ``layers`` (``{model: [layer paths]}``) hold closest to ``budget``
-    parameters (a rank-r factor pair holds r * :func:`_lora_width`)."""
-    per_rank = sum(
-        map(_lora_width, (model.get_submodule(path) for model, paths in layers.items() for path in paths))
-    )
-    return max(1, round(budget / per_rank))
-
-
-def _lora_width(layer: nn.Module) -> int:
-    """Parameters per unit of LoRA rank on ``layer``: ``d_in + d_out`` for a Linear; for a Conv2d, PEFT's
-    ``lora_A`` is a conv of the layer's kernel (``in_channels * k_h * k_w`` per rank) and ``lora_B`` a 1 x 1
-    conv (``out_channels``)."""
-    if isinstance(layer, nn.Conv2d):
-        return layer.in_channels // layer.groups * math.prod(layer.kernel_size) + layer.out_channels
-    return layer.in_features + layer.out_features
 
 
 @dataclass(frozen=True)

@@ -363,3 +363,25 @@ def test_shrunk_presets_run_through_the_input_hook_and_the_worker(name):
     del model
     result = benchmark.measure(benchmark.METHODS["boft-b8-m1"], preset)
     assert result["trainable_params"] > 0 and len(result["step_s"]) == len(result["merge_s"]) == 1
+
+
+def test_lora_rank_matches_a_parameter_budget_on_linear_and_conv_layers():
+    """A rank-r LoRA holds r * (d_in + d_out) on a Linear and r * (c_in * k * k + c_out) on a Conv2d
+    (PEFT's lora_A is a conv of the layer's kernel, lora_B a 1 x 1 conv)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.Conv2d(8, 4, 3))
+    assert benchmark.lora_width(model[0]) == 48 and benchmark.lora_width(model[1]) == 8 * 9 + 4
+    rank = benchmark.lora_rank_for(model, 3 * (48 + 76))
+    assert rank == 3
+    inject_adapter_in_model(LoraConfig(r=rank, target_modules=["0", "1"]), model)
+    held = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert held == 3 * (48 + 76)
+    assert benchmark.lora_rank_for([torch.nn.Linear(4, 4)], 1) == 1  # never below one
+
+
+def test_lora_rank_refuses_layers_it_cannot_size():
+    with pytest.raises(TypeError, match="Linear and Conv2d"):
+        benchmark.lora_width(torch.nn.LayerNorm(4))
+    with pytest.raises(ValueError, match="no layers"):
+        benchmark.lora_rank_for([], 10)
