@@ -29,6 +29,20 @@ DREAMBOOTH_FAST = [
 ]
 """Overrides that make a DreamBooth run take seconds: tests add theirs after these (later ones win)."""
 
+FAMILY_FAST = [
+    "train.max_train_steps=2",
+    "train.checkpointing_steps=0",
+    "validation.validation_steps=0",
+    "validation.num_inference_steps=2",
+    "validation.num_images_per_prompt=1",
+    "data.num_generated_images=2",
+    "data.with_prior_preservation=false",
+    "metrics.scorer=none",
+    "train.report_to=none",
+]
+"""Overrides that make a DreamBooth run on any model family take seconds with the recipe's own BOFT
+layout (DREAMBOOTH_FAST also pins a small layout); tests add theirs after these."""
+
 
 @pytest.fixture
 def tiny_pipe():

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import FAMILY_FAST
 
 from boft_diffusion import cli
 from boft_diffusion.config import BOFTConfig
@@ -30,17 +31,7 @@ from boft_diffusion.tiny import (
     build_tiny_sdxl_pipeline,
 )
 
-QUICK = [
-    "train.max_train_steps=2",
-    "train.checkpointing_steps=0",
-    "validation.validation_steps=0",
-    "validation.num_inference_steps=2",
-    "validation.num_images_per_prompt=1",
-    "data.num_generated_images=2",
-    "data.with_prior_preservation=false",
-    "metrics.scorer=none",
-    "train.report_to=none",
-]
+QUICK = FAMILY_FAST
 
 
 def _images(pipe, prompt="a photo of sks toy", seed=0) -> np.ndarray:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAMILY_FAST
 
 from boft_diffusion import cli
 from boft_diffusion.data import (
@@ -31,15 +32,9 @@ from boft_diffusion.training.args import ConfigError, load_config
 from boft_diffusion.training.setup import recorded_outputs
 
 QUICK = [
-    "train.max_train_steps=2",
+    *FAMILY_FAST,
     "train.train_batch_size=1",  # the cache encodes each prompt alone; a batch of several rounds otherwise
-    "train.checkpointing_steps=0",
-    "validation.validation_steps=0",
     "validation.prompts=[]",
-    "data.num_generated_images=2",
-    "data.with_prior_preservation=false",
-    "metrics.scorer=none",
-    "train.report_to=none",
     "model.tiny_family=sd3",
     "model.tiny_weights=random",
     "train.weighting_scheme=logit_normal",
