@@ -37,6 +37,7 @@ from PIL import Image
 from torch import nn
 
 from .pipeline import base_fingerprint
+from .sampling import seeded_images
 
 __all__ = [
     "CONTROL_COMPONENT",
@@ -380,7 +381,8 @@ def sample_with_control(
 
     A light control encoder (:func:`light_control`) samples with the stock pipeline under
     :meth:`LightControl.conditioned`; a ControlNet (``pipe.controlnet``) through the stock
-    ``StableDiffusionControlNetPipeline``. Image ``i`` starts from ``torch.Generator().manual_seed(seeds[i])``.
+    ``StableDiffusionControlNetPipeline``. Image ``i`` starts from seed ``seeds[i]``
+    (:func:`~boft_diffusion.sampling.seeded_images`).
     """
     if not (len(prompts) == len(conditions) == len(seeds)) or not prompts:
         raise ValueError(
@@ -388,16 +390,15 @@ def sample_with_control(
             f"{len(conditions)} control images, {len(seeds)} seeds)"
         )
     size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     common = dict(
-        prompt=list(prompts), generator=generators, num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale, height=size, width=size, output_type="pil",
+        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=size, width=size,
+        output_type="pil",
     )  # fmt: skip
     control = light_control(pipe)
     if control is not None:
         condition = control_tensor(conditions, size)
         with control.conditioned(condition):
-            return pipe(**common).images
+            return seeded_images(pipe, prompts, seeds, **common)
     if getattr(pipe, "controlnet", None) is None:
         raise ValueError(
             "this pipeline has no control (no light control encoder, no ControlNet): load an adapter trained "
@@ -405,9 +406,10 @@ def sample_with_control(
         )
     images = [c.convert("RGB").resize((size, size), Image.BILINEAR) for c in conditions]
     with residuals_in(pipe.controlnet, pipe.unet.dtype):
-        return controlnet_pipeline(pipe)(
-            **common, image=images, controlnet_conditioning_scale=conditioning_scale
-        ).images
+        return seeded_images(
+            controlnet_pipeline(pipe), prompts, seeds, **common, image=images,
+            controlnet_conditioning_scale=conditioning_scale,
+        )  # fmt: skip
 
 
 @contextmanager

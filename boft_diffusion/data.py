@@ -26,6 +26,7 @@ from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
 from .atomic import atomic_file, staged_dir
+from .sampling import seeded_images
 from .world import caption_of, condition_image, render, sample_scenes
 
 __all__ = [
@@ -421,7 +422,8 @@ def generate_class_images(
     """Fill ``class_dir`` up to ``num_images`` images of ``class_prompt`` sampled from ``pipe``.
 
     Images already there (from an earlier run) are reused; only the missing ones are generated,
-    image ``k`` from seed ``seed + k`` as ``class_{k:05d}.png``. Returns the first ``num_images``.
+    image ``k`` from seed ``seed + k`` (:func:`~boft_diffusion.sampling.seeded_images`) as
+    ``class_{k:05d}.png``. Returns the first ``num_images``.
     """
     class_dir = Path(class_dir)
     class_dir.mkdir(parents=True, exist_ok=True)
@@ -433,14 +435,14 @@ def generate_class_images(
         bar = tqdm(total=missing, desc="Generating class images", disable=not show_progress)
         for start in range(0, missing, batch_size):
             chunk = indices[start : start + batch_size]
-            generators = [torch.Generator().manual_seed(seed + k) for k in chunk]
-            images = pipe(
-                prompt=[class_prompt] * len(chunk),
+            images = seeded_images(
+                pipe,
+                [class_prompt] * len(chunk),
+                [seed + k for k in chunk],
                 num_inference_steps=num_inference_steps,
-                generator=generators,
                 height=resolution,
                 width=resolution,
-            ).images
+            )
             for k, image in zip(chunk, images):
                 # Atomic: a killed run leaves no half image for the next run to reuse.
                 with atomic_file(class_dir / f"class_{k:05d}.png") as tmp:

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from .sampling import image_seeds, seeded_images
 from .tiny import TINY_CLASS_PROMPT, TINY_INSTANCE_PROMPT
 from .world import (
     ATTRIBUTES,
@@ -456,9 +457,9 @@ def sample_images(
 ) -> list[list[Image.Image]]:
     """``num_images`` PIL images per prompt, ``[per prompt [images]]``.
 
-    Image ``i`` of every prompt starts from ``torch.Generator("cpu").manual_seed(seed + i)``, one
-    generator per image, so it is the same however the calls are batched (up to float rounding of
-    batched kernels) and however many images are asked for. The pipeline is called with chunks of
+    Image ``i`` of every prompt starts from seed ``seed + i`` (:func:`~boft_diffusion.sampling.seeded_images`:
+    one CPU generator per image), so it is the same however the calls are batched (up to float rounding
+    of batched kernels) and however many images are asked for. The pipeline is called with chunks of
     at most ``batch_size`` images and left as it was.
     """
     if isinstance(prompts, str) or not prompts:
@@ -469,17 +470,15 @@ def sample_images(
     for name, value in (("num_images", num_images), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
             raise MetricsError(f"{name} must be an integer >= 1, got {value!r}")
-    jobs = [(prompt, i) for prompt in prompts for i in range(num_images)]
-    images: list[Image.Image] = []
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start : start + batch_size]
-        images += pipe(
-            prompt=[prompt for prompt, _ in chunk],
-            generator=[torch.Generator("cpu").manual_seed(seed + i) for _, i in chunk],
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            output_type="pil",
-        ).images
+    images = seeded_images(
+        pipe,
+        [prompt for prompt in prompts for _ in range(num_images)],
+        image_seeds(seed, num_images) * len(prompts),
+        batch_size=batch_size,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        output_type="pil",
+    )
     return [images[k * num_images : (k + 1) * num_images] for k in range(len(prompts))]
 
 

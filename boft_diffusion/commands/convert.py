@@ -116,12 +116,17 @@ def _load(base: str | None) -> Any:
 
 
 def sample_images(pipe: Any, prompts: list[str], seed: int, steps: int, size: int | None) -> Any:
-    """``len(prompts)`` images as a float array in [0, 1], one seeded generator (CPU) for the batch."""
-    import torch
+    """``len(prompts)`` images as a float array in [0, 1]; image ``i`` from seed ``seed + i`` (the package's
+    one seeding rule, ``sampling.seeded_images``), all in one call."""
+    import numpy as np
 
-    generator = torch.Generator().manual_seed(seed)
+    from ..sampling import image_seeds, seeded_images
+
     kwargs = {"height": size, "width": size} if size else {}
-    return pipe(prompts, num_inference_steps=steps, generator=generator, output_type="np", **kwargs).images
+    images = seeded_images(
+        pipe, prompts, image_seeds(seed, len(prompts)), num_inference_steps=steps, output_type="np", **kwargs
+    )
+    return np.stack(images)
 
 
 def pixel_difference(

@@ -9,7 +9,6 @@ weight) is one ``error:`` line and exit code 2, and no image is written.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import sys
@@ -156,40 +155,40 @@ def _device(name: str | None) -> str:
     return name
 
 
-def _generate(pipe: Any, args: argparse.Namespace, device: str) -> list[Any]:
-    """One image per seed with a single progress bar over all denoising steps."""
-    import torch
+def _generate(pipe: Any, args: argparse.Namespace) -> list[Any]:
+    """Image ``i`` from seed ``--seed + i`` (the package's one seeding rule, ``sampling.seeded_images``), one
+    at a time, with a single progress bar over all denoising steps."""
     from tqdm.auto import tqdm
 
-    images = []
+    from ..sampling import image_seeds, seeded_images
+
     with tqdm(total=args.num_images * args.steps, desc="Sampling", unit="step", file=sys.stderr) as bar:
+        done = 0
 
         def step_done(pipeline: Any, step: int, timestep: Any, kwargs: dict) -> dict:
             bar.update(1)
             return kwargs
 
-        # FLUX.2 [klein] takes no negative prompt (and an image first): pass what the pipeline accepts, by name
-        negative = (
-            {"negative_prompt": args.negative_prompt}
-            if "negative_prompt" in inspect.signature(pipe.__call__).parameters
-            else {}
-        )
-        for i in range(args.num_images):
-            generator = torch.Generator(device=device).manual_seed(args.seed + i)
-            result = pipe(
-                prompt=args.prompt,
-                **negative,
-                num_inference_steps=args.steps,
-                guidance_scale=args.guidance_scale,
-                height=args.height,
-                width=args.width,
-                generator=generator,
-                callback_on_step_end=step_done,
-            )
-            images.append(result.images[0])
-            bar.n = (i + 1) * args.steps  # schedulers may run a different number of steps
+        def image_done(n: int) -> None:
+            nonlocal done
+            done += n
+            bar.n = done * args.steps  # schedulers may run a different number of steps
             bar.refresh()
-    return images
+
+        # a pipeline without a negative prompt (FLUX.2 [klein]) is called without one
+        return seeded_images(
+            pipe,
+            [args.prompt] * args.num_images,
+            image_seeds(args.seed, args.num_images),
+            batch_size=1,
+            on_batch=image_done,
+            negative_prompt=args.negative_prompt,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            height=args.height,
+            width=args.width,
+            callback_on_step_end=step_done,
+        )
 
 
 def _generate_controlled(pipe: Any, args: argparse.Namespace) -> list[Any]:
@@ -263,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
     device = _device(args.device)
     pipe = _load_merged(args, adapters, device)
     check_steps(pipe, args.steps)
-    images = _generate(pipe, args, device) if args.control is None else _generate_controlled(pipe, args)
+    images = _generate(pipe, args) if args.control is None else _generate_controlled(pipe, args)
     text = {
         "prompt": args.prompt,
         "seed": str(args.seed),

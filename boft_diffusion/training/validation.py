@@ -18,6 +18,7 @@ from PIL import Image
 from torch import nn
 
 from ..atomic import atomic_file
+from ..sampling import image_seeds, seeded_images
 from .args import ValidationArgs
 from .sharding import samples_on_every_process
 from .tracking import log_images
@@ -32,21 +33,23 @@ def _image_format(path: Path) -> str:
 
 @torch.no_grad()
 def sample_grid(pipe: Any, args: ValidationArgs, resolution: int, **pipe_kwargs: Any) -> Image.Image:
-    """Sample ``args.num_images_per_prompt`` images per prompt (image ``j`` from seed ``args.seed + j``)."""
+    """Sample ``args.num_images_per_prompt`` images per prompt (image ``j`` from seed ``args.seed + j``,
+    :func:`~boft_diffusion.sampling.seeded_images`), one call per prompt."""
     size = args.resolution or resolution
+    n = args.num_images_per_prompt
     images = []
     for prompt in args.prompts:
-        generators = [torch.Generator().manual_seed(args.seed + j) for j in range(args.num_images_per_prompt)]
-        images += pipe(
-            prompt=[prompt] * args.num_images_per_prompt,
+        images += seeded_images(
+            pipe,
+            [prompt] * n,
+            image_seeds(args.seed, n),
             num_inference_steps=args.num_inference_steps,
             guidance_scale=args.guidance_scale,
-            generator=generators,
             height=size,
             width=size,
             **pipe_kwargs,
-        ).images
-    return make_image_grid(images, len(args.prompts), args.num_images_per_prompt)
+        )
+    return make_image_grid(images, len(args.prompts), n)
 
 
 def sampling_context(accelerator: Accelerator) -> Any:
