@@ -1,0 +1,69 @@
+"""Training data, a package by concern: image files (:mod:`.images`), DreamBooth instance and class images
+(:mod:`.dreambooth`), prompt-embedding files (:mod:`.embeddings`), control data (:mod:`.control`) and the
+embedded world's control data (:mod:`.world`).
+
+Images are checked when listed (a file that does not decode is skipped with a warning naming it),
+loaded lazily, and turned into ``(3, R, R)`` tensors in ``[-1, 1]``: shorter side resized to ``R``,
+then a center or random ``R x R`` crop and an optional horizontal flip. Random choices are a pure
+function of ``(seed, epoch, index)``, so an interrupted run that resumes sees the same pixels.
+"""
+
+from __future__ import annotations
+
+from .control import (
+    ControlColumns,
+    ControlDataset,
+    ControlExample,
+    collate_control,
+    load_control_examples,
+)
+from .dreambooth import (
+    DreamBoothDataset,
+    EpochSampler,
+    collate_dreambooth,
+    dreambooth_prompts,
+    generate_class_images,
+    tokenize_prompts,
+)
+from .embeddings import (
+    PROMPT_EMBEDDINGS_NAME,
+    load_prompt_embeddings,
+    read_prompt_embeddings_metadata,
+    save_prompt_embeddings,
+)
+from .images import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    image_to_tensor,
+    list_images,
+    load_rgb,
+    read_caption,
+)
+from .world import (
+    write_world_control_data,
+)
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "PROMPT_EMBEDDINGS_NAME",
+    "ControlColumns",
+    "ControlDataset",
+    "ControlExample",
+    "DataError",
+    "DreamBoothDataset",
+    "EpochSampler",
+    "collate_control",
+    "collate_dreambooth",
+    "generate_class_images",
+    "image_to_tensor",
+    "list_images",
+    "load_control_examples",
+    "dreambooth_prompts",
+    "load_prompt_embeddings",
+    "load_rgb",
+    "read_caption",
+    "read_prompt_embeddings_metadata",
+    "save_prompt_embeddings",
+    "tokenize_prompts",
+    "write_world_control_data",
+]

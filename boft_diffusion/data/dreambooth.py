@@ -1,0 +1,198 @@
+"""DreamBooth data: instance and class images with their prompts, batches, the epoch sampler and
+class-image generation."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Sampler
+from tqdm.auto import tqdm
+
+from ..atomic import atomic_file
+from ..sampling import seeded_images
+from .images import DataError, image_to_tensor, list_images, read_caption
+
+
+class DreamBoothDataset(Dataset):
+    """Instance images with their prompts, optionally paired with class images (prior preservation).
+
+    Item ``i`` holds ``instance_pixel_values`` ``(3, R, R)`` and ``instance_prompt`` (the image's
+    caption file, else ``instance_prompt``); with class images also ``class_pixel_values`` and
+    ``class_prompt``. The length is the larger of the two sets; the smaller one cycles.
+    """
+
+    def __init__(
+        self,
+        instance_images: Sequence[Path],
+        instance_prompt: str,
+        resolution: int,
+        center_crop: bool = False,
+        random_flip: bool = False,
+        class_images: Sequence[Path] | None = None,
+        class_prompt: str | None = None,
+        caption_extension: str = ".txt",
+        seed: int = 0,
+    ) -> None:
+        if not instance_images:
+            raise DataError("DreamBoothDataset needs at least one instance image")
+        if class_images and not class_prompt:
+            raise DataError("Class images need a class prompt")
+        self.instance_images = list(instance_images)
+        self.prompts = [read_caption(p, caption_extension) or instance_prompt for p in self.instance_images]
+        self.class_images = list(class_images or [])
+        self.class_prompt = class_prompt
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return max(len(self.instance_images), len(self.class_images))
+
+    def _load(self, path: Path, role: str, index: int) -> torch.Tensor:
+        rng = random.Random(f"{self.seed}/{self.epoch}/{role}/{index}")
+        flip = self.random_flip and rng.random() < 0.5
+        return image_to_tensor(path, self.resolution, self.center_crop, flip, rng)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        i = index % len(self.instance_images)
+        item = {
+            "instance_pixel_values": self._load(self.instance_images[i], "instance", index),
+            "instance_prompt": self.prompts[i],
+        }
+        if self.class_images:
+            item["class_pixel_values"] = self._load(
+                self.class_images[index % len(self.class_images)], "class", index
+            )
+            item["class_prompt"] = self.class_prompt
+        return item
+
+
+def tokenize_prompts(tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
+    """Token ids ``(B, tokenizer.model_max_length)``: padded to the maximum length, truncated."""
+    return tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+def collate_dreambooth(
+    examples: list[dict[str, Any]],
+    tokenizer: Any = None,
+    tokenize: Callable[[list[str]], dict[str, torch.Tensor]] | None = None,
+) -> dict[str, Any]:
+    """One batch: ``pixel_values`` ``(B, 3, R, R)`` and ``prompts``, instance items first.
+
+    With class images the batch is ``2B`` long: the first half instance, the second half class
+    (the loss splits it the same way). With a tokenizer, ``input_ids`` ``(B, L)`` too; with
+    ``tokenize`` (a model family's, e.g. two tokenizers for SDXL), every entry it returns.
+    """
+    pixels = [e["instance_pixel_values"] for e in examples]
+    prompts = [e["instance_prompt"] for e in examples]
+    if "class_pixel_values" in examples[0]:
+        pixels += [e["class_pixel_values"] for e in examples]
+        prompts += [e["class_prompt"] for e in examples]
+    batch = {"pixel_values": torch.stack(pixels).contiguous(), "prompts": prompts}
+    if tokenizer is not None:
+        batch["input_ids"] = tokenize_prompts(tokenizer, prompts)
+    if tokenize is not None:
+        batch.update(tokenize(prompts))
+    return batch
+
+
+def dreambooth_prompts(
+    instance_images: Sequence[Path],
+    instance_prompt: str,
+    caption_extension: str = ".txt",
+    class_prompt: str | None = None,
+) -> list[str]:
+    """Every distinct prompt a :class:`DreamBoothDataset` of these images gives, in first-use order:
+    each image's caption file (else ``instance_prompt``; ``instance_prompt`` alone without images),
+    then ``class_prompt`` if given."""
+    prompts = [read_caption(p, caption_extension) or instance_prompt for p in instance_images]
+    prompts = prompts or [instance_prompt]
+    return list(dict.fromkeys([*prompts, *([class_prompt] if class_prompt else [])]))
+
+
+class EpochSampler(Sampler[int]):
+    """A fresh permutation of ``range(n)`` each epoch, drawn from ``(seed, epoch)`` only.
+
+    Every process draws the same order (accelerate shards it by batches), and a resumed run
+    replays the same order from any epoch, independent of the global RNG.
+    """
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True) -> None:
+        self.n = n
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.n))
+        rng = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=rng).tolist())
+
+
+@torch.no_grad()
+def generate_class_images(
+    pipe: Any,
+    class_dir: str | os.PathLike[str],
+    class_prompt: str,
+    num_images: int,
+    batch_size: int = 4,
+    num_inference_steps: int = 25,
+    resolution: int | None = None,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> list[Path]:
+    """Fill ``class_dir`` up to ``num_images`` images of ``class_prompt`` sampled from ``pipe``.
+
+    Images already there (from an earlier run) are reused; only the missing ones are generated,
+    image ``k`` from seed ``seed + k`` (:func:`~boft_diffusion.sampling.seeded_images`) as
+    ``class_{k:05d}.png``. Returns the first ``num_images``.
+    """
+    class_dir = Path(class_dir)
+    class_dir.mkdir(parents=True, exist_ok=True)
+    existing = list_images(class_dir, role="class", must_exist=False)
+    missing = num_images - len(existing)
+    if missing > 0:
+        taken = {p.name for p in class_dir.iterdir()}
+        indices = [k for k in range(num_images + len(taken)) if f"class_{k:05d}.png" not in taken][:missing]
+        bar = tqdm(total=missing, desc="Generating class images", disable=not show_progress)
+        for start in range(0, missing, batch_size):
+            chunk = indices[start : start + batch_size]
+            images = seeded_images(
+                pipe,
+                [class_prompt] * len(chunk),
+                [seed + k for k in chunk],
+                num_inference_steps=num_inference_steps,
+                height=resolution,
+                width=resolution,
+            )
+            for k, image in zip(chunk, images):
+                # Atomic: a killed run leaves no half image for the next run to reuse.
+                with atomic_file(class_dir / f"class_{k:05d}.png") as tmp:
+                    image.save(tmp, format="PNG")
+            bar.update(len(chunk))
+        bar.close()
+        existing = list_images(class_dir, role="class")
+    return existing[:num_images]

@@ -1,0 +1,170 @@
+"""Image files: the one opener (`load_rgb`), listing with a check that each decodes, caption files, and
+images as ``(3, R, R)`` tensors in ``[-1, 1]`` (resize, center or random crop, flip)."""
+
+from __future__ import annotations
+
+import codecs
+import os
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class DataError(ValueError):
+    """Training data the run cannot use; the message names the folder or file."""
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Open ``path`` as an 8-bit RGB image, mapping high-bit-depth and float pixels by their real range.
+
+    Pillow's ``convert("RGB")`` clips 16/32-bit integer pixels to white and float pixels to black.
+    Here 16-bit images (``I;16*``, and ``I`` holding values up to 65535) are scaled by ``255/65535``,
+    float images (``F``) by 255 when they lie in ``[0, 1]`` (used as-is when in ``[0, 255]``).
+    Other ranges raise :class:`DataError` naming the file: there is no safe guess for them.
+
+    This is the one place images are opened: whatever Pillow raises for a file it cannot decode
+    (a decompression bomb, a truncated or unidentified file, an unsupported mode; Pillow raises many
+    types) or the system for one it cannot read is a :class:`DataError` naming the file.
+    """
+    try:
+        return _decoded_rgb(path)
+    except DataError:
+        raise
+    except Exception as err:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        name = path if isinstance(path, Path | str) else "(image bytes)"
+        raise DataError(f"{name}: not a readable image ({type(err).__name__}: {err})") from None
+
+
+def _decoded_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as raw:
+        image = ImageOps.exif_transpose(raw)
+        image.load()
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        if not np.isfinite(array).all():
+            raise DataError(f"{path}: image holds non-finite pixel values")
+        if image.mode == "F" and low >= 0.0 and high <= 1.0:
+            scale = 255.0
+        elif image.mode == "F" and low >= 0.0 and high <= 255.0:
+            scale = 1.0
+        elif image.mode != "F" and low >= 0 and high <= 65535:
+            scale = 255.0 / 65535.0
+        else:
+            raise DataError(
+                f"{path}: {image.mode} image with pixel range [{low:g}, {high:g}]; expected 16-bit "
+                "(0..65535) or float (0..1) values; save it as an 8- or 16-bit PNG"
+            )
+        image = Image.fromarray(np.clip(np.rint(array * scale), 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
+def _readable(path: Path) -> str | None:
+    """None if ``path`` decodes as an image, else why not."""
+    try:
+        _decoded_rgb(path)
+    except Exception as err:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def list_images(
+    folder: str | os.PathLike[str],
+    role: str = "instance",
+    caption_extension: str = ".txt",
+    must_exist: bool = True,
+) -> list[Path]:
+    """Sorted readable images in ``folder`` (caption files and hidden files are not images).
+
+    A file that does not decode is skipped with a warning naming it. For the ``instance`` role the
+    caption files are read too, so one that cannot be decoded fails here, before training. Raises
+    :class:`DataError` when the folder is missing (unless ``must_exist`` is False: then ``[]``), empty, or has no
+    readable image.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.exists():
+        if not must_exist:
+            return []
+        raise DataError(f"The {role} image folder {folder} does not exist")
+    if not folder.is_dir():
+        raise DataError(f"The {role} image folder {folder} is not a folder")
+    candidates = sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() != caption_extension.lower()
+    )
+    if not candidates:
+        if not must_exist:
+            return []
+        raise DataError(f"The {role} image folder {folder} is empty")
+    images, skipped = [], []
+    for path in candidates:
+        problem = _readable(path)
+        if problem is None:
+            images.append(path)
+        else:
+            skipped.append(path.name)
+            warnings.warn(f"Skipping {path}: not a readable image ({problem})", stacklevel=2)
+    if not images and must_exist:
+        raise DataError(
+            f"No readable image in the {role} image folder {folder} (skipped: {', '.join(skipped)})"
+        )
+    if role == "instance":
+        for path in images:
+            read_caption(path, caption_extension)  # a caption that cannot be read fails now, not mid-run
+    return images
+
+
+def read_caption(image: Path, caption_extension: str = ".txt") -> str | None:
+    """The text of ``<image stem><caption_extension>`` beside the image, if that file exists.
+
+    UTF-8 (with or without a byte-order mark) and UTF-16 with a byte-order mark are read; any other
+    encoding raises :class:`DataError` naming the file.
+    """
+    path = image.with_suffix(caption_extension)
+    if not path.is_file():
+        return None
+    raw = path.read_bytes()
+    encoding = "utf-16" if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"Caption file {path} is not UTF-8 text (byte {err.start}: {raw[err.start : err.start + 1]!r}); "
+            "save it as UTF-8"
+        ) from None
+    text = " ".join(text.split())
+    return text or None
+
+
+def image_to_tensor(
+    path: Path,
+    resolution: int,
+    center_crop: bool = False,
+    flip: bool = False,
+    rng: random.Random | None = None,
+) -> torch.Tensor:
+    """Load an image as a ``(3, resolution, resolution)`` float tensor in ``[-1, 1]``.
+
+    The shorter side is resized to ``resolution`` (bilinear, antialiased), then cropped square:
+    centered, or at a position drawn from ``rng``; ``flip`` mirrors it left-right.
+    """
+    image = load_rgb(path)
+    scale = resolution / min(image.size)
+    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+    image = image.resize(size, Image.Resampling.BILINEAR)
+    if center_crop or rng is None:
+        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    else:
+        left, top = rng.randint(0, size[0] - resolution), rng.randint(0, size[1] - resolution)
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
