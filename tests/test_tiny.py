@@ -151,7 +151,7 @@ def test_cached_path_is_built_once(tmp_path, monkeypatch, offline):
     def fail(*args, **kwargs):
         raise AssertionError("cache was rebuilt")
 
-    monkeypatch.setattr(tiny, "save_tiny_pipeline", fail)
+    monkeypatch.setattr(tiny.sd, "save_tiny_pipeline", fail)
     assert tiny.tiny_pipeline_path() == path
     assert tiny.tiny_pipeline_path(cache_dir=tmp_path, seed=3) == path  # the seed is the random build's
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-sd-world"]  # no staging left over
