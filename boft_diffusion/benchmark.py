@@ -46,8 +46,9 @@ count (forward and backward of BOFT b=8, m=2 and LoRA r=8) with ``torch.profiler
 time by category (Cayley solve, permutation, block product, layout copies, base matmul, autograd
 overhead, other): see :func:`profile_layer`.
 
-What differs between model kinds (which class, how its inputs are made and how it is called, which
-layers are adapted) is one :class:`Family` per kind; the measurements are the same code for all.
+What differs between model shapes (which class, how its inputs are made and how it is called, which
+layers are adapted) is one :class:`ModelShape` each; the measurements are the same code for all. (Not a
+model family of :mod:`boft_diffusion.families`: the benchmark builds bare denoisers, no pipelines.)
 """
 
 from __future__ import annotations
@@ -80,11 +81,11 @@ from .inject import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS
 
 __all__ = [
     "DEFAULT_BAR",
-    "FAMILIES",
     "METHODS",
+    "MODEL_SHAPES",
+    "ModelShape",
     "PRESETS",
     "PROFILE_CATEGORIES",
-    "Family",
     "FloorTaps",
     "Method",
     "ModelInputs",
@@ -95,6 +96,8 @@ __all__ = [
     "format_profile",
     "format_report",
     "format_table",
+    "lora_rank_for",
+    "lora_width",
     "main",
     "make_inputs",
     "measure",
@@ -114,10 +117,10 @@ class Preset:
     """A model shape and how long to measure it."""
 
     name: str
-    family: str
-    """Key of :data:`FAMILIES`: the model class, how it is fed and called, which layers are adapted."""
+    shape: str
+    """Key of :data:`MODEL_SHAPES`: the model class, how it is fed and called, which layers are adapted."""
     model: dict[str, Any]
-    """The family's model config (``UNet2DConditionModel`` or ``FluxTransformer2DModel`` kwargs)."""
+    """The model's config (``UNet2DConditionModel`` or ``FluxTransformer2DModel`` kwargs)."""
     text_encoder: dict[str, Any] | None
     """``CLIPTextConfig`` kwargs of a text encoder whose adapter is merged with the model's (or none)."""
     latent_size: int
@@ -384,8 +387,8 @@ def _flux_inputs(preset: Preset, randn: Randn, device: torch.device) -> ModelInp
 
 
 @dataclass(frozen=True)
-class Family:
-    """What the benchmark needs to know about one kind of model; everything else is shared."""
+class ModelShape:
+    """What the benchmark needs to know about one kind of bare denoiser; everything else is shared."""
 
     model_class: str
     """The ``diffusers`` model class."""
@@ -395,15 +398,15 @@ class Family:
     """Builds one batch from a seeded ``randn(*shape)`` that returns tensors on the device."""
 
 
-FAMILIES = {
-    "unet": Family("UNet2DConditionModel", tuple(UNET_ATTENTION_TARGETS), _unet_inputs),
-    "flux": Family(
+MODEL_SHAPES = {
+    "unet": ModelShape("UNet2DConditionModel", tuple(UNET_ATTENTION_TARGETS), _unet_inputs),
+    "flux": ModelShape(
         "FluxTransformer2DModel",
         (*UNET_ATTENTION_TARGETS, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
         _flux_inputs,
     ),
 }
-"""Model kinds by :attr:`Preset.family`."""
+"""Model shapes by :attr:`Preset.shape`."""
 
 
 def build_model(preset: Preset, device: torch.device, seed: int = 0) -> nn.Module:
@@ -414,7 +417,7 @@ def build_model(preset: Preset, device: torch.device, seed: int = 0) -> nn.Modul
     import diffusers
 
     with torch.device("meta"):
-        model = getattr(diffusers, FAMILIES[preset.family].model_class)(**preset.model)
+        model = getattr(diffusers, MODEL_SHAPES[preset.shape].model_class)(**preset.model)
     if device.type == "meta":
         return model.requires_grad_(False)
     if next(model.buffers(), None) is not None:  # buffers would need their real values
@@ -439,13 +442,13 @@ def build_text_encoder(preset: Preset, device: torch.device) -> nn.Module:
 
 
 def make_inputs(preset: Preset, device: torch.device, seed: int = 0) -> ModelInputs:
-    """One seeded batch of the preset's shape, through its family's hook."""
+    """One seeded batch of the preset's shape, through its model shape's hook."""
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g).to(device)
 
-    return FAMILIES[preset.family].make_inputs(preset, randn, device)
+    return MODEL_SHAPES[preset.shape].make_inputs(preset, randn, device)
 
 
 def with_overrides(
@@ -808,7 +811,7 @@ def measure(method: Method, preset: Preset, device: torch.device | str = "cpu") 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model = build_model(preset, device)  # the only copy of the weights
-    targets = present_targets(model, FAMILIES[preset.family].targets)
+    targets = present_targets(model, MODEL_SHAPES[preset.shape].targets)
     adapter = Adapter(method, model, targets)
     taps = FloorTaps(model, targets)
     trainable = sum(p.numel() for p in adapter.trainable_parameters())
@@ -1082,7 +1085,7 @@ def profile_shape(preset: Preset) -> tuple[int, int]:
     """``(tokens, width)`` of the preset's first adapted attention projection: a UNet's first
     cross-attention block (its widest token count), Flux's image-token projections."""
     config = preset.model
-    if preset.family == "flux":
+    if preset.shape == "flux":
         return preset.latent_size**2, config["num_attention_heads"] * config["attention_head_dim"]
     level = next(i for i, kind in enumerate(config["down_block_types"]) if "CrossAttn" in kind)
     side = max(1, preset.latent_size // 2**level)

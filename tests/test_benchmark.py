@@ -44,7 +44,7 @@ def test_training_step_needs_no_input_gradient_and_the_floor_reaches_the_adapted
     every adapted layer (their outputs require grad) but nothing below the earliest one (its input)."""
     preset = dataclasses.replace(benchmark.PRESETS["tiny"], warmup_steps=0, timed_steps=1)
     model = benchmark.build_model(preset, torch.device("cpu"))
-    targets = benchmark.present_targets(model, benchmark.FAMILIES["unet"].targets)
+    targets = benchmark.present_targets(model, benchmark.MODEL_SHAPES["unet"].targets)
     adapter = benchmark.Adapter(benchmark.METHODS[method], model, targets)
     taps = benchmark.FloorTaps(model, targets)
     inputs = benchmark.make_inputs(preset, torch.device("cpu"))
@@ -204,7 +204,7 @@ def test_lycoris_boft_wraps_exactly_the_targets_and_switches_off_to_the_base():
     cpu = torch.device("cpu")
     preset = benchmark.PRESETS["tiny"]
     model = benchmark.build_model(preset, cpu)
-    targets = benchmark.present_targets(model, benchmark.FAMILIES["unet"].targets)
+    targets = benchmark.present_targets(model, benchmark.MODEL_SHAPES["unet"].targets)
     inputs = benchmark.make_inputs(preset, cpu)
     with torch.no_grad():
         base = inputs(model)
@@ -287,7 +287,7 @@ def test_presets_are_listed():
     assert {"tiny", "sd15", "sdxl", "flux"} <= set(benchmark.PRESETS)
     for name in benchmark.PRESETS:
         preset = benchmark.PRESETS[name]
-        assert preset.name == name and preset.family in benchmark.FAMILIES
+        assert preset.name == name and preset.shape in benchmark.MODEL_SHAPES
 
 
 def _params(model: torch.nn.Module) -> int:
@@ -328,7 +328,7 @@ def test_flux_preset_is_flux_shaped_at_full_width():
     attn = flux.transformer_blocks[0].attn
     assert attn.heads == 24 and attn.to_q.weight.shape == attn.add_q_proj.weight.shape == (3072, 3072)
     assert 500e6 < _params(flux) < 600e6
-    assert benchmark.present_targets(flux, benchmark.FAMILIES["flux"].targets) == [
+    assert benchmark.present_targets(flux, benchmark.MODEL_SHAPES["flux"].targets) == [
         "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"
     ]  # fmt: skip
     inputs = benchmark.make_inputs(preset, torch.device("cpu"))
