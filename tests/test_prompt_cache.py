@@ -20,7 +20,7 @@ from boft_diffusion.data import (
 from boft_diffusion.families import SD3, SDXL
 from boft_diffusion.pipeline import base_fingerprint
 from boft_diffusion.recipes import dreambooth
-from boft_diffusion.recipes.dreambooth import DreamBoothConfig, DreamBoothRecipe, encode_prompts
+from boft_diffusion.recipes.dreambooth import DreamBoothConfig
 from boft_diffusion.tiny import (
     TINY_CLASS_PROMPT,
     TINY_INSTANCE_PROMPT,
@@ -28,7 +28,9 @@ from boft_diffusion.tiny import (
     build_tiny_sdxl_pipeline,
     make_instance_images,
 )
+from boft_diffusion.training import prompt_cache
 from boft_diffusion.training.args import ConfigError, load_config
+from boft_diffusion.training.prompt_cache import cached_conditioning, encode_prompts
 from boft_diffusion.training.setup import recorded_outputs
 
 QUICK = [
@@ -53,7 +55,7 @@ def _no_encoding(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("the text encoders were called")
 
-    monkeypatch.setattr(dreambooth, "encode_prompts", refuse)
+    monkeypatch.setattr(prompt_cache, "encode_prompts", refuse)
     monkeypatch.setattr(type(SD3), "encode_prompt", refuse)
 
 
@@ -162,13 +164,12 @@ def test_sdxl_conditioning_from_the_cache_is_what_the_encoders_give(tmp_path):
         for n in SDXL.text_encoders
     }
     prompts = ["a photo of sks toy", "a photo of a toy"]
-    recipe = DreamBoothRecipe(_cfg(tmp_path / "run"))
-    recipe.prompt_cache = encode_prompts(SDXL, encoders, tokenizers, prompts, "cpu", 64)
-    assert "added_cond_kwargs.time_ids" not in recipe.prompt_cache[prompts[0]]
+    embeddings = encode_prompts(SDXL, encoders, tokenizers, prompts, "cpu", 64)
+    assert "added_cond_kwargs.time_ids" not in embeddings[prompts[0]]
     batch = {"prompts": [prompts[1], prompts[0]], "pixel_values": torch.zeros(2, 3, 48, 48)}
     with torch.no_grad():
         want = SDXL.encode_prompt(encoders, {**batch, **SDXL.tokenize(tokenizers, batch["prompts"])}, "cpu")
-    got = recipe.cached_conditioning(batch, "cpu")
+    got = cached_conditioning(SDXL, embeddings, batch, "cpu")
     torch.testing.assert_close(got["encoder_hidden_states"], want["encoder_hidden_states"])
     torch.testing.assert_close(
         got["added_cond_kwargs"]["text_embeds"], want["added_cond_kwargs"]["text_embeds"]

@@ -50,6 +50,9 @@ class Family:
     diffusers' DreamBooth scripts do)."""
     max_sequence_length: int | None = None
     """Token length for T5 encoders (diffusers' DreamBooth default for the family), capped by the tokenizer's."""
+    per_batch_conditioning: tuple[str, ...] = ()
+    """Conditioning keys (nested keys joined by dots) that depend on the batch's images, not its prompts
+    (SDXL's ``added_cond_kwargs.time_ids``): never cached, made by :meth:`add_batch_conditioning`."""
 
     # --- what a pipeline is ---------------------------------------------------------------------
     def matches(self, pipe: Any) -> bool:
@@ -115,6 +118,13 @@ class Family:
         per-sample ``original_sizes`` / ``crop_top_lefts``): keyword arguments for :meth:`denoise`.
         ``encoders`` maps each text-encoder name to the module to call (the trained, prepared one)."""
         raise NotImplementedError
+
+    def add_batch_conditioning(
+        self, conditioning: dict[str, Any], batch: Mapping[str, Any], device: Any
+    ) -> dict[str, Any]:
+        """``conditioning`` of ``batch``'s prompts (cached, without :attr:`per_batch_conditioning`) completed
+        with what depends on the batch's images, as :meth:`encode_prompt` computes it; by default nothing."""
+        return conditioning
 
     # --- latents --------------------------------------------------------------------------------
     def encode_latents(self, vae: Any, pixel_values: torch.Tensor) -> torch.Tensor:

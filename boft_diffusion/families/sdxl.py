@@ -31,23 +31,32 @@ class _SDXL(Family):
     ) -> dict[str, Any]:
         """As ``StableDiffusionXLPipeline.encode_prompt``: each encoder's penultimate hidden state,
         concatenated ``(B, 77, d1 + d2)``; the second encoder's projected pooled output as ``text_embeds``;
-        the size / crop ``time_ids`` (the batch's ``original_sizes`` and ``crop_top_lefts``, ``(B, 2)``
-        each; without them the image's own size, uncropped)."""
+        the size / crop ``time_ids`` (:meth:`add_batch_conditioning`)."""
         states, pooled = [], None
         for name, key in (("text_encoder", "input_ids"), ("text_encoder_2", "input_ids_2")):
             out = encoders[name](batch[key].to(device), output_hidden_states=True, return_dict=True)
             states.append(out.hidden_states[-2])
             if name == "text_encoder_2":
                 pooled = out.text_embeds
+        conditioning = {
+            "encoder_hidden_states": torch.cat(states, dim=-1),
+            "added_cond_kwargs": {"text_embeds": pooled},
+        }
+        return self.add_batch_conditioning(conditioning, batch, device)
+
+    def add_batch_conditioning(
+        self, conditioning: dict[str, Any], batch: Mapping[str, Any], device: Any
+    ) -> dict[str, Any]:
+        """The size / crop ``time_ids`` ``(B, 6)`` in ``added_cond_kwargs``: the batch's ``original_sizes`` and
+        ``crop_top_lefts`` (``(B, 2)`` each; without them the image's own size, uncropped) and its image size."""
+        added = conditioning["added_cond_kwargs"]
+        pooled = added["text_embeds"]
         size = tuple(batch["pixel_values"].shape[-2:])
         n = pooled.shape[0]
         original = batch.get("original_sizes", torch.tensor([size] * n))
         crops = batch.get("crop_top_lefts", torch.zeros(n, 2, dtype=torch.long))
         ids = time_ids(torch.as_tensor(original), torch.as_tensor(crops), size).to(device, pooled.dtype)
-        return {
-            "encoder_hidden_states": torch.cat(states, dim=-1),
-            "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids},
-        }
+        return {**conditioning, "added_cond_kwargs": {**added, "time_ids": ids}}
 
 
 SDXL = _SDXL(
@@ -57,6 +66,7 @@ SDXL = _SDXL(
     denoiser="unet",
     denoiser_classes=("UNet2DConditionModel",),
     text_encoders=("text_encoder", "text_encoder_2"),
+    per_batch_conditioning=("added_cond_kwargs.time_ids",),
     default_targets={
         "unet": tuple(UNET_ATTENTION_TARGETS),
         "text_encoder": tuple(TEXT_ENCODER_TARGETS),

@@ -13,11 +13,10 @@ module supplies the data, the adapters, the loss and the model card.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import re
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -38,13 +37,8 @@ from ..data import (
     dreambooth_prompts,
     generate_class_images,
     list_images,
-    load_prompt_embeddings,
     load_rgb,
-    read_prompt_embeddings_metadata,
-    save_prompt_embeddings,
 )
-from ..families import Family
-from ..families.sdxl import time_ids
 from ..inject import apply_adapter_plan, plan_adapter
 from ..io import load_boft_weights
 from ..metrics import (
@@ -60,7 +54,6 @@ from ..metrics import (
     measure_dreambooth,
     world_dreambooth_probe,
 )
-from ..pipeline import base_fingerprint
 from ..tiny import TINY_CLASS_PROMPT, TINY_INSTANCE_PROMPT, TINY_RESOLUTION, make_instance_images
 from ..training.args import (
     BOFTArgs,
@@ -75,6 +68,7 @@ from ..training.noise import (
     diffusion_loss,
     noise_latents,
 )
+from ..training.prompt_cache import PromptCache
 from ..training.recipe import TrainingRecipe, TrainResult
 from ..training.setup import load_pipeline, record_outputs
 from ..training.sharding import is_sharded
@@ -256,14 +250,8 @@ class DreamBoothRecipe(TrainingRecipe):
         self.probe: DreamBoothProbe | None = None
         self.references: list[Path] = []
         """The instance images subject fidelity compares samples with (set by ``build``)."""
-        self.prompt_cache: dict[str, dict[str, torch.Tensor]] | None = None
-        """``data.cache_prompt_embeddings``: each prompt's conditioning (flattened keys, batch of 1, CPU)."""
-        self.prompt_cache_info: dict[str, str] = {}
-        """What a prompt-embedding file must have been made by (family, text-encoder fingerprint)."""
-        self.reuse_prompt_cache = False
-        """Whether the prompt-embedding file found by ``check_pipeline`` is this run's (else it is computed)."""
-        self.encoders_offloaded = False
-        """Whether the text encoders wait in CPU memory (cached prompts on an accelerator)."""
+        self.prompt_cache: PromptCache | None = None
+        """``data.cache_prompt_embeddings``: the run's prompt embeddings (checked by ``check_pipeline``)."""
 
     # --- check -----------------------------------------------------------------------------------
     def class_folder(self) -> Path:
@@ -353,7 +341,12 @@ class DreamBoothRecipe(TrainingRecipe):
         classes = self._class_images()
         self.components = self._add_adapters()
         if self.cfg.data.cache_prompt_embeddings:
-            self._build_prompt_cache(instance)
+            if self.prompt_cache is None:
+                self._check_prompt_cache()
+            out = Path(self.cfg.train.output_dir)
+            self.prompt_cache.build(
+                self.training_prompts(instance), self.accelerator, self.cfg.data.resolution, out
+            )
         self.dataloader, self.epoch_aware = self._dataloader(instance, classes)
 
     def _instance_images(self) -> list[Path]:
@@ -428,105 +421,18 @@ class DreamBoothRecipe(TrainingRecipe):
     def _check_prompt_cache(self) -> None:
         """A prompt-embedding file already there must be of this family, these encoders and prompts (else a
         ConfigError saying which differs); a missing one must be writable. Nothing is written."""
-        family, path = self.family, self.prompt_cache_path()
-        self.prompt_cache_info = {
-            "family": family.name,
-            "text_encoder_fingerprint": base_fingerprint(self.pipe, components=list(family.text_encoders)),
-        }
-        self.reuse_prompt_cache = path.exists() and not self._overwritten(path)
-        if not self.reuse_prompt_cache:
-            problem = folder_write_problem(path.parent)
-            if problem:
-                raise ConfigError(f"data.cache_prompt_embeddings: the folder {path.parent} {problem}")
-            return
-        meta = read_prompt_embeddings_metadata(path)
-        stored, now = set(meta["prompts"]), set(self.training_prompts())
-        problems = []
-        if meta.get("family") != family.name:
-            problems.append(f"another model family ({meta.get('family')!r} there, {family.name!r} now)")
-        elif meta.get("text_encoder_fingerprint") != self.prompt_cache_info["text_encoder_fingerprint"]:
-            problems.append(
-                "other text-encoder weights (fingerprint "
-                f"{meta.get('text_encoder_fingerprint')} there, {self.prompt_cache_info['text_encoder_fingerprint']} "
-                "now: another model, seed or revision)"
-            )
-        if stored != now:
-            missing, extra = sorted(now - stored), sorted(stored - now)
-            detail = "; ".join(
-                part
-                for part in (
-                    f"not there: {json.dumps(missing)}" if missing else "",
-                    f"not used now: {json.dumps(extra)}" if extra else "",
-                )
-                if part
-            )
-            problems.append(f"other prompts ({detail})")
-        if problems:
-            raise ConfigError(
-                f"data.cache_prompt_embeddings: {path} holds prompt embeddings of {' and of '.join(problems)}; "
-                "delete that file to compute them anew, or use another "
-                + (
-                    "data.class_data_dir"
-                    if path.parent != Path(self.cfg.train.output_dir)
-                    else "train.output_dir"
-                )
-            )
+        path = self.prompt_cache_path()
+        elsewhere = (
+            "data.class_data_dir" if path.parent != Path(self.cfg.train.output_dir) else "train.output_dir"
+        )
+        self.prompt_cache = PromptCache(self.family, self.pipe, path, elsewhere)
+        self.prompt_cache.check(self.training_prompts(), self._overwritten(path))
 
-    def _build_prompt_cache(self, instance: list[Path]) -> None:
-        """Each prompt's conditioning, loaded from the checked file or encoded once and written; then the text
-        encoders are freed from training (moved to the CPU on an accelerator)."""
-        accelerator, path, family = self.accelerator, self.prompt_cache_path(), self.family
-        prompts = self.training_prompts(instance)
-        encoders = {name: getattr(self.pipe, name) for name in family.text_encoders}
-        dtype = next(encoders[family.text_encoders[0]].parameters()).dtype
-        if self.reuse_prompt_cache:
-            cache = _read_prompt_cache(path)
-            missing = [p for p in prompts if p not in cache]
-            if missing:  # the instance folder's captions changed since the check
-                raise ConfigError(f"data.cache_prompt_embeddings: {path} holds no embedding of {missing}")
-            self.prompt_cache = {
-                p: {k: v.to(dtype) if v.is_floating_point() else v for k, v in cache[p].items()}
-                for p in prompts
-            }
-        else:
-            self.prompt_cache = encode_prompts(
-                family,
-                encoders,
-                self.family.tokenizers(self.pipe),
-                prompts,
-                accelerator.device,
-                self.cfg.data.resolution,
-            )
-            if accelerator.is_main_process:
-                out = Path(self.cfg.train.output_dir)
-                if path.resolve().is_relative_to(out.resolve()):
-                    record_outputs(out, path)
-                meta = {**self.prompt_cache_info, "dtype": str(dtype).removeprefix("torch.")}
-                save_prompt_embeddings(path, self.prompt_cache, meta)
-            accelerator.wait_for_everyone()
-        if accelerator.device.type != "cpu":
-            for module in encoders.values():
-                module.to("cpu")
-            self.encoders_offloaded = True
-            if accelerator.device.type == "cuda":
-                torch.cuda.empty_cache()
-
-    @contextlib.contextmanager
-    def text_encoders_on_device(self) -> Iterator[None]:
+    def text_encoders_on_device(self) -> contextlib.AbstractContextManager[None]:
         """The offloaded text encoders back on the accelerator for the block (sampling calls the pipeline)."""
-        if not self.encoders_offloaded:
-            yield
-            return
-        encoders = [getattr(self.pipe, name) for name in self.family.text_encoders]
-        for module in encoders:
-            module.to(self.accelerator.device)
-        try:
-            yield
-        finally:
-            for module in encoders:
-                module.to("cpu")
-            if self.accelerator.device.type == "cuda":
-                torch.cuda.empty_cache()
+        if self.prompt_cache is None:
+            return contextlib.nullcontext()
+        return self.prompt_cache.encoders_on(self.accelerator.device)
 
     def validate(self, name: str, tag: str = "validation") -> Path | None:
         with self.text_encoders_on_device():
@@ -535,22 +441,6 @@ class DreamBoothRecipe(TrainingRecipe):
     def measure_run(self, stage: str) -> dict[str, Any] | None:
         with self.text_encoders_on_device():
             return super().measure_run(stage)
-
-    def cached_conditioning(self, batch: Mapping[str, Any], device: Any) -> dict[str, Any]:
-        """The conditioning ``family.encode_prompt`` gives ``batch``, from the cache: each sample's prompt's
-        tensors, stacked; SDXL's ``time_ids`` from the batch's image size as ``encode_prompt`` computes them."""
-        rows = [self.prompt_cache[prompt] for prompt in batch["prompts"]]
-        flat = {key: torch.cat([row[key] for row in rows]).to(device) for key in rows[0]}
-        conditioning = _unflatten(flat)
-        added = conditioning.get("added_cond_kwargs")
-        if added is not None and "text_embeds" in added and "time_ids" not in added:
-            size = tuple(batch["pixel_values"].shape[-2:])
-            n = len(rows)
-            original = batch.get("original_sizes", torch.tensor([size] * n))
-            crops = batch.get("crop_top_lefts", torch.zeros(n, 2, dtype=torch.long))
-            ids = time_ids(torch.as_tensor(original), torch.as_tensor(crops), size)
-            added["time_ids"] = ids.to(device, added["text_embeds"].dtype)
-        return conditioning
 
     def _plan_adapters(self) -> dict[str, Any]:
         """The BOFT adapter of each trained component, checked against it (nothing is changed yet)."""
@@ -611,7 +501,7 @@ class DreamBoothRecipe(TrainingRecipe):
         family = self.family
         noised = noise_latents(family.objective, scheduler, latents, cfg.train)
         if self.prompt_cache is not None:
-            conditioning = self.cached_conditioning(batch, latents.device)
+            conditioning = self.prompt_cache.conditioning(batch, latents.device)
         else:
             encoders = {
                 name: self.prepared(name) if name in self.components else getattr(self.pipe, name)
@@ -664,79 +554,6 @@ class DreamBoothRecipe(TrainingRecipe):
                 return
             with self.text_encoders_on_device():
                 export_merged(self.pipe, out / "merged")
-
-
-PER_BATCH_CONDITIONING = ("added_cond_kwargs.time_ids",)
-"""Conditioning that depends on the batch's images, not its prompts (SDXL's size / crop ids): never cached."""
-
-
-def _read_prompt_cache(path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """The embeddings of the checked cache file; tensors named for no prompt it lists (an index out of its
-    list, or none) are a ConfigError naming the file. Its metadata chooses nothing: prompts are keys."""
-    try:
-        return load_prompt_embeddings(path)[0]
-    except DataError:  # not a cache file at all: its own message
-        raise
-    except (IndexError, ValueError) as err:
-        raise ConfigError(
-            f"data.cache_prompt_embeddings: {path} holds tensors of no prompt it lists ({err}); delete that file "
-            "to compute the embeddings anew"
-        ) from None
-
-
-@torch.no_grad()
-def encode_prompts(
-    family: Family,
-    encoders: Mapping[str, nn.Module],
-    tokenizers: Mapping[str, Any],
-    prompts: list[str],
-    device: Any,
-    resolution: int,
-) -> dict[str, dict[str, torch.Tensor]]:
-    """``{prompt: conditioning}``: ``family.encode_prompt`` of each prompt alone (batch of 1) with the frozen
-    ``encoders`` in eval mode, nested keys flattened (``added_cond_kwargs.text_embeds``), on the CPU, less
-    :data:`PER_BATCH_CONDITIONING`."""
-    modes = {name: module.training for name, module in encoders.items()}
-    for module in encoders.values():
-        module.eval()
-    try:
-        cache = {}
-        for prompt in prompts:
-            batch = dict(family.tokenize(tokenizers, [prompt]))
-            batch["pixel_values"] = torch.zeros(()).expand(1, 3, resolution, resolution)  # its size only
-            conditioning = family.encode_prompt(encoders, batch, device)
-            cache[prompt] = {
-                key: value.detach().cpu()
-                for key, value in _flatten(conditioning).items()
-                if key not in PER_BATCH_CONDITIONING
-            }
-        return cache
-    finally:
-        for name, module in encoders.items():
-            module.train(modes[name])
-
-
-def _flatten(conditioning: Mapping[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
-    flat = {}
-    for key, value in conditioning.items():
-        if isinstance(value, Mapping):
-            flat |= _flatten(value, f"{prefix}{key}.")
-        elif isinstance(value, torch.Tensor):
-            flat[f"{prefix}{key}"] = value
-        else:
-            raise TypeError(f"conditioning {prefix}{key} is a {type(value).__name__}, not a tensor")
-    return flat
-
-
-def _unflatten(flat: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    nested: dict[str, Any] = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split(".")
-        node = nested
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = value
-    return nested
 
 
 def _usage(cfg: DreamBoothConfig) -> str:

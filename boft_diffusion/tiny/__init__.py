@@ -30,7 +30,6 @@ weights) and :mod:`.families` (the other families' tiny pipelines).
 
 from __future__ import annotations
 
-from . import families, sd, tokenizers  # noqa: F401 - the submodules, as attributes of the package
 from .families import (
     TINY_FLUX_TRANSFORMER_CONFIG,
     TINY_SDXL_UNET_CONFIG,
@@ -42,11 +41,13 @@ from .families import (
 )
 from .sd import (
     TINY_CLASS_PROMPT,
+    TINY_FORMAT_VERSION,
     TINY_INSTANCE_PROMPT,
     TINY_RESOLUTION,
     TINY_TEXT_CONFIG,
     TINY_UNET_CONFIG,
     TINY_WORLD_WEIGHTS,
+    WORLD_WEIGHTS_FORMAT,
     build_tiny_controlnet,
     build_tiny_pipeline,
     load_world_weights,
@@ -64,6 +65,8 @@ from .tokenizers import (
 )
 
 __all__ = [
+    "TINY_FORMAT_VERSION",
+    "WORLD_WEIGHTS_FORMAT",
     "MAX_TOKENS",
     "TINY_FLUX_TRANSFORMER_CONFIG",
     "TINY_SDXL_UNET_CONFIG",

@@ -345,7 +345,7 @@ def subject_views(num_images: int = 5, seed: int = 0, resolution: int = TINY_RES
     VAE reconstructs well (a test checks each against the shipped weights). ``boft-diffusion eval``
     compares samples with the same images.
     """
-    from .world import render, subject_scenes
+    from ..world import render, subject_scenes
 
     scenes = subject_scenes(num_images, seed)
     return [Image.fromarray(render(scene, resolution)[0], mode="RGB") for scene in scenes]
