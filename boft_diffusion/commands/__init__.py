@@ -12,12 +12,13 @@ keeps its traceback (``BOFT_DIFFUSION_DEBUG=1`` shows the traceback of bad input
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import math
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -44,6 +45,7 @@ __all__ = [
     "number",
     "parse_adapter_spec",
     "reports_input_errors",
+    "writing",
 ]
 
 COMMAND_NAMES = ("train", "sample", "merge", "export", "convert", "inspect", "eval", "bench")
@@ -106,6 +108,21 @@ def input_errors() -> tuple[type[BaseException], ...]:
 def one_line(err: BaseException) -> str:
     """The message of ``err`` on one line (its type name if it has none)."""
     return " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike[str], what: str) -> Iterator[None]:
+    """The block writes ``what`` to ``path``: an ``OSError`` in it (a full disk, a folder made read-only
+    meanwhile) becomes one :class:`CommandError` line naming both; a failed atomic write
+    (:class:`~boft_diffusion.atomic.WriteError`) already is one line naming the file and passes as it is."""
+    from ..atomic import WriteError
+
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as err:
+        raise CommandError(f"{path}: cannot write {what} ({one_line(err)})") from err
 
 
 def reports_input_errors(

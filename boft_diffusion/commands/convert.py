@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..atomic import WriteError
 from . import (
     Command,
     CommandError,
@@ -36,6 +35,7 @@ from . import (
     number,
     one_line,
     reports_input_errors,
+    writing,
 )
 
 HELP = "convert a BOFT adapter to a LoRA file (truncated SVD) or an exact full-difference patch"
@@ -171,27 +171,26 @@ def run(args: argparse.Namespace) -> int:
             f"warning: adapter {adapter} records no base_fingerprint; cannot check that it was trained on this base",
             file=sys.stderr,
         )
-    try:
-        check_base_fingerprint(pipe, metadata.get("base_fingerprint") or None)  # before the adapter goes in
-        load_boft_weights(pipe, adapter)
-        if args.to == "lora":
-            report = convert_to_lora(
-                pipe,
-                out,
-                rank=args.rank,
-                budget=args.error_budget,
-                max_rank=args.max_rank,
-                format=args.format,
-                overwrite=args.overwrite,
-            )
-        else:
-            report = export_diff(pipe, out, overwrite=args.overwrite)
-    except ConvertError as err:
-        raise CommandError(one_line(err)) from err
-    except WriteError:  # a failed atomic write: already one line naming the file
-        raise
-    except OSError as err:
-        raise CommandError(f"{out}: cannot write the file ({one_line(err)})") from err
+    with writing(out, "the file"):
+        try:
+            check_base_fingerprint(
+                pipe, metadata.get("base_fingerprint") or None
+            )  # before the adapter goes in
+            load_boft_weights(pipe, adapter)
+            if args.to == "lora":
+                report = convert_to_lora(
+                    pipe,
+                    out,
+                    rank=args.rank,
+                    budget=args.error_budget,
+                    max_rank=args.max_rank,
+                    format=args.format,
+                    overwrite=args.overwrite,
+                )
+            else:
+                report = export_diff(pipe, out, overwrite=args.overwrite)
+        except ConvertError as err:
+            raise CommandError(one_line(err)) from err
     if args.to == "lora":
         print(report.table())
     else:

@@ -25,7 +25,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..atomic import WriteError
 from . import (
     Command,
     CommandError,
@@ -39,6 +38,7 @@ from . import (
     number,
     one_line,
     reports_input_errors,
+    writing,
 )
 
 HELP = "measure an adapter's subject fidelity, prompt fidelity and class drift, before and after it"
@@ -253,24 +253,15 @@ def _write_grid(before: Any, after: Any, path: Path) -> None:
     from ..atomic import atomic_file
     from ..metrics import before_after_rows, grid
 
-    try:
-        with atomic_file(path) as tmp:
-            grid(before_after_rows(before, after)).save(tmp, format="PNG")
-    except WriteError:  # a failed atomic write: already one line naming the file
-        raise
-    except OSError as err:
-        raise CommandError(f"{path}: cannot write the grid ({one_line(err)})") from err
+    with writing(path, "the grid"), atomic_file(path) as tmp:
+        grid(before_after_rows(before, after)).save(tmp, format="PNG")
 
 
 def _write_metrics(report: dict[str, Any], path: Path) -> None:
     from ..atomic import atomic_write_text
 
-    try:
+    with writing(path, "the metrics"):
         atomic_write_text(path, json.dumps(report, indent=2) + "\n")
-    except WriteError:  # a failed atomic write: already one line naming the file
-        raise
-    except OSError as err:
-        raise CommandError(f"{path}: cannot write the metrics ({one_line(err)})") from err
 
 
 @reports_input_errors

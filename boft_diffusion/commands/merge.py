@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..atomic import WriteError
 from . import (
     Command,
     CommandError,
@@ -28,6 +27,7 @@ from . import (
     one_line,
     parse_adapter_spec,
     reports_input_errors,
+    writing,
 )
 
 HELP = "merge BOFT adapters (blended by weight) into a base pipeline and export it (alias: export)"
@@ -82,22 +82,19 @@ def _export(pipe: Any, out: Path, args: argparse.Namespace, adapters: list[tuple
     """``export_merged``, its refusals of what the user gave as one :class:`CommandError`."""
     from ..export import export_merged
 
-    try:
-        export_merged(
-            pipe,
-            out,
-            format=args.format.replace("-", "_"),
-            dtype=args.dtype,
-            variant=args.variant,
-            base_model=args.base,
-            extra_provenance={"adapter_files": [{"path": str(p), "weight": w} for p, w in adapters]},
-        )
-    except ValueError as err:  # a merge to non-finite weights; a base that has no single-file layout
-        raise CommandError(one_line(err)) from err
-    except WriteError:  # a failed atomic write: already one line naming the file
-        raise
-    except OSError as err:  # a full disk, a folder made read-only meanwhile: nothing is left at --out
-        raise CommandError(f"{out}: cannot write the merged checkpoint ({one_line(err)})") from err
+    with writing(out, "the merged checkpoint"):  # a full disk, a folder made read-only meanwhile
+        try:
+            export_merged(
+                pipe,
+                out,
+                format=args.format.replace("-", "_"),
+                dtype=args.dtype,
+                variant=args.variant,
+                base_model=args.base,
+                extra_provenance={"adapter_files": [{"path": str(p), "weight": w} for p, w in adapters]},
+            )
+        except ValueError as err:  # a merge to non-finite weights; a base that has no single-file layout
+            raise CommandError(one_line(err)) from err
 
 
 @reports_input_errors

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..atomic import WriteError
 from . import (
     Command,
     CommandError,
@@ -30,6 +29,7 @@ from . import (
     one_line,
     parse_adapter_spec,
     reports_input_errors,
+    writing,
 )
 
 HELP = "sample images from a pipeline with BOFT adapters into a PNG grid"
@@ -129,13 +129,8 @@ def _save_png(image: Any, path: Path, text: dict[str, str]) -> None:
     info = PngInfo()
     for key, value in text.items():
         info.add_text(key, value)
-    try:
-        with atomic_file(path) as tmp:
-            image.save(tmp, format="PNG", pnginfo=info)
-    except WriteError:  # a failed atomic write: already one line naming the file
-        raise
-    except OSError as err:  # a full disk, a folder made read-only meanwhile
-        raise CommandError(f"{path}: cannot write the grid ({one_line(err)})") from err
+    with writing(path, "the grid"), atomic_file(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
 
 
 def _device(name: str | None) -> str:
