@@ -90,7 +90,6 @@ __all__ = [
     "Method",
     "ModelInputs",
     "Preset",
-    "add_arguments",
     "benchmark_report",
     "build_model",
     "format_profile",
@@ -103,7 +102,6 @@ __all__ = [
     "measure",
     "profile_layer",
     "ratio_spread",
-    "run",
     "run_benchmark",
     "summarize",
     "training_step",
@@ -1219,58 +1217,6 @@ def format_profile(profile: dict[str, Any]) -> str:
 
 
 # --- command line -------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``scripts/benchmark.py`` and ``boft-diffusion bench``."""
-    parser.add_argument(
-        "--preset", choices=sorted(PRESETS), default="tiny", help="model shape (default: tiny)"
-    )
-    parser.add_argument(
-        "--methods", nargs="+", choices=list(METHODS), default=None,
-        help="methods to run (default: all; those whose package is missing are listed as unavailable)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--rounds", type=_positive_int, default=None, help="interleaved rounds (default: the preset's)"
-    )
-    parser.add_argument(
-        "--latent-size", type=_positive_int, default=None, metavar="N",
-        help="latent side N (N×N latents; Flux: N² image tokens), default the preset's "
-        "(sd15: 32 = 256 px; 64 = 512 px, 96 = 768 px; sdxl: 128 = 1024 px)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--timed-steps", type=_positive_int, default=None, help="timed training steps per worker"
-    )
-    parser.add_argument(
-        "--forward-repeats", type=_positive_int, default=None,
-        help="timed forward passes per kind (base, unmerged, merged) per worker",
-    )  # fmt: skip
-    parser.add_argument(
-        "--bar", type=float, default=DEFAULT_BAR,
-        help=f"step × LoRA that the '≤ bar' column tests the whole spread against (default {DEFAULT_BAR})",
-    )  # fmt: skip
-    parser.add_argument(
-        "--profile", action="store_true",
-        help="instead of the benchmark: profile one adapted projection of the preset's width by category",
-    )  # fmt: skip
-    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
-    parser.add_argument("--json", type=Path, default=None, help="write raw and summarised results here")
-
-
-def _resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def unavailable_methods(methods: list[Method]) -> dict[str, str]:
     """``{key: reason}`` of the methods that cannot run here."""
     return {m.key: reason for m in methods if (reason := m.unavailable_reason()) is not None}
@@ -1314,35 +1260,6 @@ def format_report(report: dict[str, Any]) -> str:
     return text
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the benchmark (or the profile) as ``args`` say; print the table; write JSON if asked."""
-    preset = with_overrides(PRESETS[args.preset], args.latent_size, args.timed_steps, args.forward_repeats)
-    device = _resolve_device(args.device)
-    if args.profile:
-        profile = profile_layer(preset, device)
-        print(format_profile(profile))
-        if args.json is not None:
-            atomic_write_text(
-                args.json, json.dumps({"preset": dataclasses.asdict(preset), "profile": profile}, indent=2)
-            )
-            print(f"wrote {args.json}")
-        return 0
-    methods = [METHODS[k] for k in (args.methods or METHODS)]
-    for key, reason in unavailable_methods(methods).items():
-        print(f"unavailable: {key} ({METHODS[key].label}): {reason}")
-    rounds = args.rounds or preset.rounds
-    print(f"preset {preset.name}, latent {preset.latent_size}, device {device}, "
-          f"{available_cores()} threads, {rounds} round(s)")  # fmt: skip
-    report = benchmark_report(preset, methods, device, rounds, args.bar)
-    print()
-    print(format_report(report))
-    print(f"\ntotal {report['elapsed_s']:.0f} s")
-    if args.json is not None:
-        atomic_write_text(args.json, json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
-    return 1 if report["failed"] else 0
-
-
 def _worker(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description="benchmark worker: one method, one process")
     parser.add_argument("--worker", required=True, choices=list(METHODS))
@@ -1361,12 +1278,13 @@ def _worker(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The worker process (``--worker METHOD ...``: one method, one process); the benchmark's command line
+    is ``boft-diffusion bench`` (:mod:`boft_diffusion.commands.bench`)."""
     argv = sys.argv[1:] if argv is None else argv
-    if "--worker" in argv:
-        return _worker(argv)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    if "--worker" not in argv:
+        print("this module runs benchmark workers; run the benchmark with `boft-diffusion bench`", file=sys.stderr)
+        return 2
+    return _worker(argv)
 
 
 if __name__ == "__main__":

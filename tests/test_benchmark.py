@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from boft_diffusion import benchmark
+from boft_diffusion import benchmark, cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,7 +91,7 @@ def test_command_line_runs_workers_and_writes_json(tmp_path, capsys, monkeypatch
         *methods,
         *unavailable,
     ]
-    assert benchmark.main([*argv, "--json", str(out)]) == 0
+    assert cli.main(["bench", *argv, "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert set(report["summary"]) == set(methods)
     assert report["preset"]["name"] == "tiny" and report["rounds"] == 1
@@ -153,7 +153,7 @@ def test_summary_and_table_carry_the_spread_over_rounds():
 
 
 def test_profile_prints_its_categories(capsys):
-    assert benchmark.main(["--preset", "tiny", "--profile"]) == 0
+    assert cli.main(["bench", "--preset", "tiny", "--profile"]) == 0
     printed = capsys.readouterr().out
     assert "Per-layer profile: one 32-wide projection on 256 tokens" in printed
     for category in (*benchmark.PROFILE_CATEGORIES, "total"):
@@ -180,7 +180,8 @@ def test_a_failing_worker_keeps_the_other_methods(tmp_path, capsys, monkeypatch)
     out = tmp_path / "bench.json"
     argv = ["--preset", "tiny", "--latent-size", "8", "--timed-steps", "1", "--forward-repeats", "1"]
     assert (
-        benchmark.main([*argv, "--rounds", "2", "--methods", "floor", "boft-b8-m1", "--json", str(out)]) == 1
+        cli.main(["bench", *argv, "--rounds", "2", "--methods", "floor", "boft-b8-m1", "--json", str(out)])
+        == 1
     )
     report = json.loads(out.read_text())
     assert set(report["summary"]) == {"floor"} and len(report["runs"]["floor"]) == 2

@@ -6,7 +6,11 @@ The benchmark itself is :mod:`boft_diffusion.benchmark` (``scripts/benchmark.py`
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+from pathlib import Path
 
+from ..atomic import atomic_write_text
 from . import Command, add_example, check_new_output, reports_input_errors
 
 HELP = "benchmark BOFT training and inference against PEFT LoRA, BOFT and OFT and the no-adapter floor"
@@ -18,19 +22,112 @@ EXAMPLE = """example:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..benchmark import add_arguments as benchmark_arguments
-
-    benchmark_arguments(parser)
+    _benchmark_arguments(parser)
     add_example(parser, EXAMPLE)
 
 
 @reports_input_errors
 def run(args: argparse.Namespace) -> int:
-    from ..benchmark import run as run_benchmark
-
     if args.json is not None:  # before minutes of measuring, not after
         check_new_output(args.json, inputs=(), overwrite=True)  # the benchmark reads no file
-    return run_benchmark(args)
+    return _run(args)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _benchmark_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``boft-diffusion bench`` (and ``scripts/benchmark.py``, which runs it)."""
+    from ..benchmark import DEFAULT_BAR, METHODS, PRESETS
+
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default="tiny", help="model shape (default: tiny)"
+    )
+    parser.add_argument(
+        "--methods", nargs="+", choices=list(METHODS), default=None,
+        help="methods to run (default: all; those whose package is missing are listed as unavailable)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rounds", type=_positive_int, default=None, help="interleaved rounds (default: the preset's)"
+    )
+    parser.add_argument(
+        "--latent-size", type=_positive_int, default=None, metavar="N",
+        help="latent side N (N×N latents; Flux: N² image tokens), default the preset's "
+        "(sd15: 32 = 256 px; 64 = 512 px, 96 = 768 px; sdxl: 128 = 1024 px)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--timed-steps", type=_positive_int, default=None, help="timed training steps per worker"
+    )
+    parser.add_argument(
+        "--forward-repeats", type=_positive_int, default=None,
+        help="timed forward passes per kind (base, unmerged, merged) per worker",
+    )  # fmt: skip
+    parser.add_argument(
+        "--bar", type=float, default=DEFAULT_BAR,
+        help=f"step × LoRA that the '≤ bar' column tests the whole spread against (default {DEFAULT_BAR})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--profile", action="store_true",
+        help="instead of the benchmark: profile one adapted projection of the preset's width by category",
+    )  # fmt: skip
+    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
+    parser.add_argument("--json", type=Path, default=None, help="write raw and summarised results here")
+
+
+def _resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the benchmark (or the profile) as ``args`` say; print the table; write JSON if asked."""
+    from ..benchmark import (
+        METHODS,
+        PRESETS,
+        available_cores,
+        benchmark_report,
+        format_profile,
+        format_report,
+        profile_layer,
+        unavailable_methods,
+        with_overrides,
+    )
+
+    preset = with_overrides(PRESETS[args.preset], args.latent_size, args.timed_steps, args.forward_repeats)
+    device = _resolve_device(args.device)
+    if args.profile:
+        profile = profile_layer(preset, device)
+        print(format_profile(profile))
+        if args.json is not None:
+            atomic_write_text(
+                args.json, json.dumps({"preset": dataclasses.asdict(preset), "profile": profile}, indent=2)
+            )
+            print(f"wrote {args.json}")
+        return 0
+    methods = [METHODS[k] for k in (args.methods or METHODS)]
+    for key, reason in unavailable_methods(methods).items():
+        print(f"unavailable: {key} ({METHODS[key].label}): {reason}")
+    rounds = args.rounds or preset.rounds
+    print(f"preset {preset.name}, latent {preset.latent_size}, device {device}, "
+          f"{available_cores()} threads, {rounds} round(s)")  # fmt: skip
+    report = benchmark_report(preset, methods, device, rounds, args.bar)
+    print()
+    print(format_report(report))
+    print(f"\ntotal {report['elapsed_s']:.0f} s")
+    if args.json is not None:
+        atomic_write_text(args.json, json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 1 if report["failed"] else 0
 
 
 COMMAND = Command(HELP, add_arguments, run)
