@@ -6,7 +6,7 @@
     python scripts/gpu_benchmark.py OUT_DIR --allow-cpu           # format check: tiny preset on the CPU
 
 Runs the methods floor, lora, boft-b8-m2, boft-b4-m4, peft-boft and peft-oft (each in its own worker
-process, interleaved over ``--rounds`` rounds, see ``boft_diffusion/benchmark.py``) on the ``sd15``
+process, interleaved over ``--rounds`` rounds, see ``boft_diffusion/benchmark/``) on the ``sd15``
 preset at 64×64 latents and the ``sdxl`` preset at 128×128 latents, and writes ``bench-gpu.md`` (one
 table per preset, with the median and spread of every ratio) and ``bench-gpu.json`` (the full
 reports) into OUT_DIR, rewritten after each preset so a run cut short keeps what it measured. A

@@ -75,7 +75,7 @@ def test_training_step_needs_no_input_gradient_and_the_floor_reaches_the_adapted
 def test_command_line_runs_workers_and_writes_json(tmp_path, capsys, monkeypatch):
     methods = ["floor", "boft-b8-m1"]  # two workers (LoRA's ratios: the summary test below)
     # A method whose package is missing is listed with why, not run.
-    monkeypatch.setattr(benchmark, "find_spec", lambda name: None if name == "lycoris" else object())
+    monkeypatch.setattr(benchmark.presets, "find_spec", lambda name: None if name == "lycoris" else object())
     unavailable = ["lycoris-boft"]
     out = tmp_path / "bench.json"
     argv = [
@@ -169,14 +169,14 @@ def test_profile_prints_its_categories(capsys):
 
 @pytest.mark.slow
 def test_a_failing_worker_keeps_the_other_methods(tmp_path, capsys, monkeypatch):
-    command = benchmark._worker_command
+    command = benchmark.runner._worker_command
 
     def failing(method, *args):
         if method == "boft-b8-m1":
             return [sys.executable, "-c", "raise SystemExit('ValueError: no layout fits 320')"]
         return command(method, *args)
 
-    monkeypatch.setattr(benchmark, "_worker_command", failing)
+    monkeypatch.setattr(benchmark.runner, "_worker_command", failing)
     out = tmp_path / "bench.json"
     argv = ["--preset", "tiny", "--latent-size", "8", "--timed-steps", "1", "--forward-repeats", "1"]
     assert (
@@ -193,7 +193,7 @@ def test_a_failing_worker_keeps_the_other_methods(tmp_path, capsys, monkeypatch)
 
 def test_methods_report_why_they_are_unavailable(monkeypatch):
     assert all(m.available() for m in benchmark.METHODS.values())  # every peer is a test extra
-    monkeypatch.setattr(benchmark, "find_spec", lambda name: None)
+    monkeypatch.setattr(benchmark.presets, "find_spec", lambda name: None)
     assert "pip install lycoris-lora" in benchmark.METHODS["lycoris-boft"].unavailable_reason()
     assert "pip install peft" in benchmark.METHODS["peft-oft"].unavailable_reason()
     assert benchmark.METHODS["boft-b8-m2"].unavailable_reason() is None
