@@ -376,7 +376,11 @@ class ControlNetRecipe(TrainingRecipe):
     def input_paths(self) -> list[str | Path]:
         controlnet = self.cfg.control.controlnet_model_name_or_path
         local = [controlnet] if controlnet and Path(controlnet).expanduser().exists() else []
-        return [*super().input_paths(), *local, *(p for p in (self.cfg.data.train_data_dir,) if p is not None)]
+        return [
+            *super().input_paths(),
+            *local,
+            *(p for p in (self.cfg.data.train_data_dir,) if p is not None),
+        ]
 
     def check_pipeline(self) -> None:
         family = self.family
@@ -406,28 +410,25 @@ class ControlNetRecipe(TrainingRecipe):
                 ) from None
             _check_controlnet_fits(controlnet, unet)
             return controlnet
-        return controlnet_from_unet(unet, c.widths(self.pipe.vae_scale_factor), c.seed)  # as loading rebuilds it
+        return controlnet_from_unet(
+            unet, c.widths(self.pipe.vae_scale_factor), c.seed
+        )  # as loading rebuilds it
 
     def _plan_adapters(self) -> dict[str, Any]:
         """The adapter of each trained component, checked against it (nothing is changed yet)."""
         boft, c = self.cfg.boft, self.cfg.control
-        plans = {}
-        targets: dict[str, tuple[nn.Module, BOFTConfig]] = {}
+        targets: dict[str, tuple[nn.Module, BOFTConfig, str]] = {}
         if c.mode == "light" or c.train_unet:
-            targets["unet"] = (self.pipe.unet, boft.to_config(boft.unet_target_modules))
+            targets["unet"] = (
+                self.pipe.unet,
+                boft.to_config(boft.unet_target_modules),
+                "boft.unet_target_modules",
+            )
         if c.mode == "controlnet":
             config = boft.to_config(boft.controlnet_target_modules)
             config.modules_to_save = controlnet_saved_modules(self.controlnet)
-            targets["controlnet"] = (self.controlnet, config)
-        for name, (module, config) in targets.items():
-            try:
-                plans[name] = plan_adapter(module, config, boft.adapter_name)
-            except ValueError as err:
-                raise ConfigError(
-                    f"boft.{name}_target_modules on the {name}: {err}. Choose boft.block_num / boft.block_size "
-                    "to fit every targeted layer's input width, or target fewer modules"
-                ) from None
-        return plans
+            targets["controlnet"] = (self.controlnet, config, "boft.controlnet_target_modules")
+        return self.plan_adapters(targets)
 
     # --- build -----------------------------------------------------------------------------------
     def build(self) -> None:

@@ -39,7 +39,7 @@ from ..data import (
     list_images,
     load_rgb,
 )
-from ..inject import apply_adapter_plan, plan_adapter
+from ..inject import apply_adapter_plan
 from ..io import load_boft_weights
 from ..metrics import (
     EVAL_GUIDANCE,
@@ -453,17 +453,16 @@ class DreamBoothRecipe(TrainingRecipe):
             boft.train_text_encoder
         ):  # the family's trainable text encoders (SDXL: both CLIPs; SD3, Flux: no T5)
             targets |= {name: boft.text_encoder_target_modules for name in family.trained_text_encoders}
-        plans = {}
-        for name, modules in targets.items():
-            try:
-                plans[name] = plan_adapter(getattr(pipe, name), boft.to_config(modules), boft.adapter_name)
-            except ValueError as err:  # a layout that does not fit a targeted layer: bad input, not a bug
-                key = family.denoiser if name == family.denoiser else "text_encoder"
-                raise ConfigError(
-                    f"boft.{key}_target_modules on the {name}: {err}. Choose boft.block_num / "
-                    "boft.block_size to fit every targeted layer's input width, or target fewer modules"
-                ) from None
-        return plans
+        keys = {
+            name: f"boft.{family.denoiser if name == family.denoiser else 'text_encoder'}_target_modules"
+            for name in targets
+        }
+        return self.plan_adapters(
+            {
+                name: (getattr(pipe, name), boft.to_config(modules), keys[name])
+                for name, modules in targets.items()
+            }
+        )
 
     def _add_adapters(self) -> dict[str, nn.Module]:
         """BOFT on the (frozen) UNet and text encoder; only adapter tensors train."""

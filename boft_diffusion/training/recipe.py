@@ -30,8 +30,9 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from ..atomic import atomic_file, atomic_write_text, replaced_input
+from ..config import BOFTConfig
 from ..families import Family, family_of
-from ..inject import count_parameters, set_enabled, set_rotation_cache
+from ..inject import AdapterPlan, count_parameters, plan_adapter, set_enabled, set_rotation_cache
 from ..io import ADAPTER_WEIGHTS_NAME, AdapterFile, write_adapter
 from ..io.load import FAMILY_METADATA
 from ..metrics import Measurement, before_after_rows, format_metrics, grid
@@ -220,6 +221,22 @@ class TrainingRecipe:
                     f"train.output_dir: this run writes {out / rel}, which would replace its input {replaced}; "
                     "choose another train.output_dir or move the input away"
                 )
+
+    def plan_adapters(self, targets: dict[str, tuple[nn.Module, BOFTConfig, str]]) -> dict[str, AdapterPlan]:
+        """``{component: plan}``: each component's BOFT adapter (``boft.adapter_name``) checked against it,
+        nothing changed yet. ``targets`` maps a component to ``(module, config, key)``, ``key`` the config
+        key that chose its target modules: a layout that does not fit a targeted layer is bad input, one
+        ConfigError naming that key and the component."""
+        plans = {}
+        for name, (module, config, key) in targets.items():
+            try:
+                plans[name] = plan_adapter(module, config, self.cfg.boft.adapter_name)
+            except ValueError as err:
+                raise ConfigError(
+                    f"{key} on the {name}: {err}. Choose boft.block_num / boft.block_size to fit every "
+                    "targeted layer's input width, or target fewer modules"
+                ) from None
+        return plans
 
     def check_pipeline(self) -> None:
         """Checks that need the loaded pipeline (e.g. that the adapter fits it): before anything is written."""
