@@ -84,7 +84,6 @@ from ..training.noise import (
     noise_latents,
 )
 from ..training.recipe import TrainingRecipe, TrainResult
-from ..training.setup import record_outputs
 
 __all__ = ["CONFIG_CLASS", "ControlNetConfig", "ControlNetRecipe", "TrainResult", "run"]
 
@@ -334,12 +333,6 @@ class ControlNetRecipe(TrainingRecipe):
                 except (DataError, OSError) as err:
                     raise ConfigError(f"{key}: {err}") from None
         self._check_metrics()
-        t = self.cfg.train
-        if t.export_merged and not t.overwrite_output_dir and (Path(t.output_dir) / "merged").exists():
-            raise ConfigError(
-                f"train.export_merged: {Path(t.output_dir) / 'merged'} exists (an earlier export); remove it "
-                "or pass train.overwrite_output_dir=true"
-            )
 
     def _check_metrics(self) -> None:
         m = self.cfg.metrics
@@ -457,18 +450,15 @@ class ControlNetRecipe(TrainingRecipe):
         self.epoch_aware = [sampler, dataset]
 
     def _world_examples(self) -> list[Any]:
-        cfg, accelerator = self.cfg, self.accelerator
+        cfg = self.cfg
         folder = Path(cfg.train.output_dir) / "control_data"
-        if accelerator.is_main_process:
-            record_outputs(cfg.train.output_dir, folder)
-            write_world_control_data(
-                folder,
-                cfg.data.num_generated_examples,
-                cfg.train.seed,
-                cfg.data.condition_kind,
-                cfg.data.resolution,
-            )
-        accelerator.wait_for_everyone()
+        data = cfg.data
+        self.write_output_folder(
+            folder,
+            lambda: write_world_control_data(
+                folder, data.num_generated_examples, cfg.train.seed, data.condition_kind, data.resolution
+            ),
+        )
         return load_control_examples(folder, columns=cfg.data.columns)
 
     def _add_adapters(self) -> dict[str, nn.Module]:

@@ -259,17 +259,12 @@ class DreamBoothRecipe(TrainingRecipe):
         return Path(data_dir).expanduser() if data_dir else Path(self.cfg.train.output_dir) / "class_images"
 
     def check_task_inputs(self) -> None:
-        data, t = self.cfg.data, self.cfg.train
+        data = self.cfg.data
         if data.instance_data_dir is not None:
             self.instance_images = list_images(data.instance_data_dir, "instance", data.caption_extension)
         if data.with_prior_preservation:
             self._check_class_folder()
         self._check_metrics()
-        if t.export_merged and not t.overwrite_output_dir and (Path(t.output_dir) / "merged").exists():
-            raise ConfigError(
-                f"train.export_merged: {Path(t.output_dir) / 'merged'} exists (an earlier export); remove it "
-                "or pass train.overwrite_output_dir=true"
-            )
 
     def _check_metrics(self) -> None:
         """Resolve ``metrics.scorer`` and the probe; a bad scorer path or prompt fails here, nothing written."""
@@ -350,16 +345,17 @@ class DreamBoothRecipe(TrainingRecipe):
         self.dataloader, self.epoch_aware = self._dataloader(instance, classes)
 
     def _instance_images(self) -> list[Path]:
-        cfg, accelerator = self.cfg, self.accelerator
+        cfg = self.cfg
         if self.instance_images is not None:
             return self.instance_images
         folder = Path(cfg.train.output_dir) / "instance_images"
-        if accelerator.is_main_process:
-            record_outputs(cfg.train.output_dir, folder)  # first: a start killed while writing leaves it ours
-            make_instance_images(
-                folder, cfg.data.num_generated_images, cfg.model.tiny_seed, cfg.data.resolution
-            )
-        accelerator.wait_for_everyone()
+        data = cfg.data
+        self.write_output_folder(
+            folder,
+            lambda: make_instance_images(
+                folder, data.num_generated_images, cfg.model.tiny_seed, data.resolution
+            ),
+        )
         return list_images(folder, "instance", cfg.data.caption_extension)
 
     def _class_images(self) -> list[Path] | None:
@@ -375,7 +371,8 @@ class DreamBoothRecipe(TrainingRecipe):
 
     def _fill_class_folder(self, folder: Path) -> list[Path]:
         data, out, accelerator = self.cfg.data, Path(self.cfg.train.output_dir), self.accelerator
-        if accelerator.is_main_process:
+
+        def fill() -> None:
             inside = folder.resolve().is_relative_to(out.resolve())
             before = set(folder.iterdir()) if folder.is_dir() else None
             if inside and before is None:
@@ -387,7 +384,8 @@ class DreamBoothRecipe(TrainingRecipe):
             )  # fmt: skip
             if inside and before is not None:
                 record_outputs(out, *(set(folder.iterdir()) - before))  # images added to an existing folder
-        accelerator.wait_for_everyone()
+
+        self.on_main_process(fill)
         return list_images(folder, "class")[: data.num_class_images]
 
     def check_pipeline(self) -> None:

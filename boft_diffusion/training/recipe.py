@@ -201,6 +201,12 @@ class TrainingRecipe:
         check_environment(t, cfg.optim)
         check_model_source(cfg.model.pretrained_model_name_or_path)
         self.check_task_inputs()
+        merged = Path(t.output_dir) / "merged"
+        if t.export_merged and not t.overwrite_output_dir and merged.exists():
+            raise ConfigError(
+                f"train.export_merged: {merged} exists (an earlier export); remove it or pass "
+                "train.overwrite_output_dir=true"
+            )
         self.resume = resolve_resume_checkpoint(t.resume_from_checkpoint, t.output_dir)
         if self.resume is not None:
             check_resume(self.resume, cfg)  # the checkpoint's files and the keys its state depends on
@@ -213,7 +219,9 @@ class TrainingRecipe:
         ``train.overwrite_output_dir`` says: e.g. a base loaded from an earlier run's ``merged`` export."""
         out = Path(self.cfg.train.output_dir).expanduser()
         inputs = [*self.input_paths(), *([self.resume] if self.resume else [])]
-        earlier = set(recorded_outputs(out))  # an earlier run's output inside an input folder is the run's own
+        earlier = set(
+            recorded_outputs(out)
+        )  # an earlier run's output inside an input folder is the run's own
         for rel in self.planned_outputs():
             replaced = replaced_input(out / rel, inputs, inside=out / rel not in earlier)
             if replaced is not None:
@@ -237,6 +245,23 @@ class TrainingRecipe:
                     "targeted layer's input width, or target fewer modules"
                 ) from None
         return plans
+
+    def on_main_process(self, write: Callable[[], Any]) -> None:
+        """``write()`` (it writes files) on the main process only; every process waits until it is done."""
+        if self.accelerator.is_main_process:
+            write()
+        self.accelerator.wait_for_everyone()
+
+    def write_output_folder(self, folder: Path, write: Callable[[], Any]) -> None:
+        """``write()`` fills ``folder`` inside output_dir, on the main process, after the run's manifest
+        records the folder as its own (a start killed while writing leaves it ours to replace); every
+        process waits until it is done."""
+
+        def recorded() -> None:
+            record_outputs(self.cfg.train.output_dir, folder)
+            write()
+
+        self.on_main_process(recorded)
 
     def check_pipeline(self) -> None:
         """Checks that need the loaded pipeline (e.g. that the adapter fits it): before anything is written."""
@@ -445,7 +470,10 @@ class TrainingRecipe:
             "after": after.metrics,
         }
         if after.per_prompt or (before is not None and before.per_prompt):  # each prompt's own values
-            report["per_prompt"] = {"before": before.per_prompt if before else None, "after": after.per_prompt}
+            report["per_prompt"] = {
+                "before": before.per_prompt if before else None,
+                "after": after.per_prompt,
+            }
         atomic_write_text(out / METRICS_NAME, json.dumps(report, indent=2) + "\n")
         with atomic_file(out / METRICS_GRID_NAME) as tmp:
             grid(self.metrics_rows(before, after)).save(tmp, format="PNG")
