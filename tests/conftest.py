@@ -17,6 +17,7 @@ DREAMBOOTH_FAST = [
     "boft.block_size=0",  # the small layout the tests vary: 4 blocks, 2 factors (block_size off)
     "boft.block_num=4",
     "boft.n_butterfly_factor=2",
+    "boft.text_encoder_target_modules=[q_proj,k_proj,v_proj,out_proj]",  # every CLIP attention projection
     "train.checkpointing_steps=0",
     "train.report_to=none",
     "metrics.scorer=none",

@@ -241,7 +241,9 @@ def test_cli_end_to_end(trained, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "rel. error" in printed and "KiB" in printed and "largest pixel difference" in printed
     pixel = float(printed.split("largest pixel difference")[1].split(":")[-1].split()[0])
-    assert pixel < 2.0
+    # Small against 255 (a 0.3 budget gives tens of levels): 1-2 levels when both images shared one
+    # generator, 3.5 since each image has its own seed (sampling.seeded_images), on this 4-step adapter.
+    assert pixel < 5.0
     assert main(argv) == 2  # the output exists now
     assert "already exists" in capsys.readouterr().err
     assert main(["convert", "--adapter", str(adapter), "--to", "lora", "--out", str(tmp_path / "x")]) == 2

@@ -81,8 +81,10 @@ from .models import (
 from .presets import (
     METHODS,
     PRESETS,
+    SD15_UNET,
     Method,
     Preset,
+    unavailable_methods,
 )
 from .profile import (
     PROFILE_CATEGORIES,
@@ -99,12 +101,16 @@ from .report import (
     verdict,
 )
 from .runner import (
+    available_cores,
     benchmark_report,
     main,
     run_benchmark,
 )
 
 __all__ = [
+    "SD15_UNET",
+    "unavailable_methods",
+    "available_cores",
     "Adapter",
     "Clock",
     "peak_memory_bytes",

@@ -26,8 +26,8 @@ class Adapter:
         self._lycoris_applied = False
         self._saved_weights: dict[str, torch.Tensor] = {}
         if method.kind == "boft":
-            from .config import BOFTConfig
-            from .inject import add_boft
+            from ..config import BOFTConfig
+            from ..inject import add_boft
 
             opts = method.options
             add_boft(
@@ -113,7 +113,7 @@ class Adapter:
 
     def merge(self) -> None:
         if self.method.kind == "boft":
-            from .inject import merge_adapters
+            from ..inject import merge_adapters
 
             merge_adapters(self.model)
         elif self.method.kind == "lycoris-boft":
@@ -126,7 +126,7 @@ class Adapter:
 
     def unmerge(self) -> None:
         if self.method.kind == "boft":
-            from .inject import unmerge_adapters
+            from ..inject import unmerge_adapters
 
             unmerge_adapters(self.model)
         elif self.method.kind == "lycoris-boft":  # LyCORIS merges in place: restore the saved weights
@@ -140,7 +140,7 @@ class Adapter:
     def enable(self, enabled: bool) -> None:
         """Switch the (unmerged) adapter on or off: off is the base model."""
         if self.method.kind == "boft":
-            from .inject import set_enabled
+            from ..inject import set_enabled
 
             set_enabled(self.model, enabled)
         elif self.method.kind == "lycoris-boft":

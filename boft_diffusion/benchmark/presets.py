@@ -90,7 +90,7 @@ CLIP_L_TEXT = dict(
 
 
 def _tiny_preset() -> Preset:
-    from .tiny import TINY_TEXT_CONFIG, TINY_UNET_CONFIG  # (imports diffusers: only when measured)
+    from ..tiny import TINY_TEXT_CONFIG, TINY_UNET_CONFIG  # (imports diffusers: only when measured)
 
     return Preset(
         "tiny", "unet", TINY_UNET_CONFIG, {"vocab_size": 49408, **TINY_TEXT_CONFIG}, 16, 2, 3, 3, 2, 1

@@ -78,7 +78,7 @@ def _labelled_functional() -> Iterator[None]:
     (``boft::<name>``) for the duration; restored after."""
     from torch.profiler import record_function
 
-    from . import functional, layers
+    from .. import functional, layers
 
     def labelled(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
