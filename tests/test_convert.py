@@ -250,3 +250,23 @@ def test_cli_end_to_end(trained, tmp_path, capsys):
     assert main(["convert", "--adapter", str(adapter), "--to", "diff", "--out", str(tmp_path / "d")]) == 0
     assert (tmp_path / "d" / "boft_diff.safetensors").is_file()
     assert not (tmp_path / "x").exists()
+
+
+def test_a_kohya_file_without_text_encoder_out_proj_skips_the_pixel_check_and_says_why(tmp_path, capsys):
+    """diffusers infers a converted kohya text-encoder LoRA's format from its 'to_out_lora' keys: the DreamBooth
+    default adapts only q_proj / k_proj there, so the check would fail inside diffusers. It is skipped, saying why,
+    and the diffusers-format file of the same adapter does load."""
+    out = tmp_path / "run"
+    overrides = [
+        *DREAMBOOTH_FAST,
+        "train.max_train_steps=2",
+        "boft.bias=none",
+        "boft.text_encoder_target_modules=[q_proj,k_proj]",
+    ]
+    run(load_config(DreamBoothConfig, None, [f"train.output_dir={out}", *overrides]))
+    kohya = ["convert", "--adapter", str(out), "--to", "lora", "--error-budget", "0.05"]
+    assert main([*kohya, "--format", "kohya", "--out", str(tmp_path / "k.safetensors")]) == 0
+    printed = capsys.readouterr().out
+    assert "pixel check skipped" in printed and "out_proj" in printed and "largest pixel" not in printed
+    assert main([*kohya, "--out", str(tmp_path / "d.safetensors")]) == 0
+    assert "largest pixel difference" in capsys.readouterr().out
