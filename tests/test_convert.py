@@ -121,7 +121,7 @@ def test_diffusers_file_loads_without_this_package(trained, tmp_path):
         pipe = StableDiffusionPipeline.from_pretrained({str(base)!r})
         pipe.set_progress_bar_config(disable=True)
         pipe.load_lora_weights({str(lora.parent)!r})
-        g = torch.Generator().manual_seed(0)
+        g = [torch.Generator().manual_seed(i) for i in range({len(PROMPTS)})]  # image i from seed 0 + i
         out = pipe({PROMPTS!r}, num_inference_steps={STEPS}, generator=g, output_type="np",
                    height={TINY_RESOLUTION}, width={TINY_RESOLUTION}).images
         np.save({str(tmp_path / "images.npy")!r}, out)

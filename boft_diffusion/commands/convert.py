@@ -182,9 +182,8 @@ def run(args: argparse.Namespace) -> int:
         )
     with writing(out, "the file"):
         try:
-            check_base_fingerprint(
-                pipe, metadata.get("base_fingerprint") or None
-            )  # before the adapter goes in
+            # before the adapter goes in
+            check_base_fingerprint(pipe, metadata.get("base_fingerprint") or None)
             load_boft_weights(pipe, adapter)
             if args.to == "lora":
                 report = convert_to_lora(

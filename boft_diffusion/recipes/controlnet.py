@@ -403,9 +403,8 @@ class ControlNetRecipe(TrainingRecipe):
                 ) from None
             _check_controlnet_fits(controlnet, unet)
             return controlnet
-        return controlnet_from_unet(
-            unet, c.widths(self.pipe.vae_scale_factor), c.seed
-        )  # as loading rebuilds it
+        # as loading rebuilds it
+        return controlnet_from_unet(unet, c.widths(self.pipe.vae_scale_factor), c.seed)
 
     def _plan_adapters(self) -> dict[str, Any]:
         """The adapter of each trained component, checked against it (nothing is changed yet)."""

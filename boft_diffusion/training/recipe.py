@@ -219,9 +219,8 @@ class TrainingRecipe:
         ``train.overwrite_output_dir`` says: e.g. a base loaded from an earlier run's ``merged`` export."""
         out = Path(self.cfg.train.output_dir).expanduser()
         inputs = [*self.input_paths(), *([self.resume] if self.resume else [])]
-        earlier = set(
-            recorded_outputs(out)
-        )  # an earlier run's output inside an input folder is the run's own
+        # an earlier run's output inside an input folder is the run's own
+        earlier = set(recorded_outputs(out))
         for rel in self.planned_outputs():
             replaced = replaced_input(out / rel, inputs, inside=out / rel not in earlier)
             if replaced is not None:
