@@ -150,7 +150,8 @@ class Progress:
     in progress, saved every ``every_minutes`` (atomically, so a kill at any moment leaves the last save).
 
     The folder records the run's settings; another run's settings are refused, so a resumed run is the
-    run that stopped.
+    run that stopped, and a folder that holds files but no settings is refused too: the loop states this
+    class loads and removes are only ever its own.
     """
 
     def __init__(self, folder: Path, settings: dict, every_minutes: float) -> None:
@@ -166,6 +167,12 @@ class Progress:
                     "give another --state folder, or remove this one to start over"
                 )
             log(f"continuing the run saved in {folder}")
+        # not a folder this script started: read and remove nothing in it
+        elif folder.is_dir() and any(folder.iterdir()):
+            sys.exit(
+                f"error: --state {folder} holds files but no settings.json, so it is not a run of this script; "
+                "give an empty or new folder"
+            )
         else:
             with atomic_file(recorded) as tmp:
                 tmp.write_text(json.dumps(settings, indent=1))

@@ -76,6 +76,19 @@ def test_short_pretraining_is_reproducible_and_loads(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_state_folder_of_something_else_is_refused_and_left_alone(tmp_path):
+    """The run loads and later removes <stage>.loop.pt in --state: a folder it did not start is refused first."""
+    out = tmp_path / "w.safetensors"
+    state = out.with_suffix(".state")
+    state.mkdir()
+    (state / "vae.loop.pt").write_bytes(b"someone else's")
+    done = subprocess.run(command(out), env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "no settings.json" in done.stderr, done.stderr[-2000:]
+    assert sorted(p.name for p in state.iterdir()) == ["vae.loop.pt"]
+    assert (state / "vae.loop.pt").read_bytes() == b"someone else's" and not out.exists()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["denoiser", "names"])
 def test_a_killed_run_continues_to_the_same_weights(tmp_path, stage):
     """Killed (SIGKILL) right after a mid-stage save, then run again: the weights of an uninterrupted run."""
