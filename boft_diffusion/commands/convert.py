@@ -149,15 +149,6 @@ def pixel_difference(
     return float(np.abs(boft.astype(np.float64) - converted.astype(np.float64)).max() * 255.0)
 
 
-def _text_encoder_without_out_proj(path: Path) -> bool:
-    """Whether the kohya file at ``path`` adapts text-encoder layers but no text-encoder ``out_proj``."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        text = [k for k in f.keys() if k.startswith("lora_te")]  # noqa: SIM118 (not iterable)
-    return bool(text) and not any("out_proj" in k for k in text)
-
-
 @reports_input_errors
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
@@ -212,12 +203,8 @@ def run(args: argparse.Namespace) -> int:
     if check_pixels:
         if any(note.startswith("bias changes are '.diff_b'") for note in report.notes):
             print("pixel check skipped: diffusers cannot load a kohya file with '.diff_b' bias keys")
-        elif args.format == "kohya" and _text_encoder_without_out_proj(report.path):
-            print(
-                "pixel check skipped: diffusers' load_lora_weights cannot read a kohya file whose text-encoder "
-                "layers include no out_proj (it takes their format from 'to_out_lora' keys); the "
-                "diffusers-format file (--format diffusers) loads there"
-            )
+        elif any(note.startswith("no text-encoder out_proj") for note in report.notes):
+            print("pixel check skipped: diffusers cannot load a kohya file without text-encoder out_proj")
         else:
             from ..tiny import TINY_RESOLUTION
 

@@ -497,6 +497,12 @@ def convert_to_lora(
         notes.append(
             "bias changes are '.diff_b' keys: ComfyUI applies them; diffusers' load_lora_weights refuses them"
         )
+    text = [k for k in kohya_ranks if k.startswith("lora_te")]
+    if text and not any(k.endswith("out_proj") for k in text):
+        notes.append(
+            "no text-encoder out_proj: diffusers' load_lora_weights cannot read this kohya file (it takes the "
+            "text encoder's format from 'to_out_lora' keys); the diffusers-format file loads there"
+        )
     if format == "diffusers":
         biased = {d.component for d in deltas if d.bias is not None}
         for delta in deltas:  # PEFT's lora_bias is per component: zero biases where nothing changed
