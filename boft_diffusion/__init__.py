@@ -1,5 +1,8 @@
 """boft_diffusion: Orthogonal Butterfly finetuning (BOFT) for diffusers pipelines."""
 
+# The kinds of trained state an adapter file may carry besides BOFT's (boft_diffusion.trained_state)
+# register when their module is imported; importing them here means every use of the package knows them.
+from . import control as _control  # noqa: F401  (light control encoder, ControlNet)
 from .config import BOFTConfig
 from .inject import (
     TEXT_ENCODER_TARGETS,
@@ -21,6 +24,7 @@ from .pipeline import (
     unload_boft,
     unmerge_boft,
 )
+from .recipes import tokens as _tokens  # noqa: F401  (new token embeddings: pivotal tuning)
 from .version import __version__
 
 __all__ = [

@@ -1,8 +1,12 @@
 """Pipeline-level verbs over every adapted component of a diffusers pipeline.
 
 Mirrors diffusers' LoRA loader verbs (``load_lora_weights``, ``fuse_lora``, ``set_adapters``, …)
-for BOFT. Each verb loops over :data:`BOFT_LOADABLE_COMPONENTS` present on ``pipe``; ``pipe`` may be
-a ``DiffusionPipeline``, any object with those attributes, or a ``{component: module}`` dict.
+for BOFT. Each verb loops over the components :func:`loadable_components` names that are present on
+``pipe``: the stock ones (:data:`BOFT_LOADABLE_COMPONENTS`) and those a registered kind of trained state
+brings (:func:`~boft_diffusion.trained_state.state_components`: the light control's ``control_encoder``).
+``pipe`` may be a ``DiffusionPipeline``, any object with those attributes, or a ``{component: module}``
+dict. Unloading and deleting an adapter also take registered trained state off
+(:meth:`~boft_diffusion.trained_state.TrainedState.remove`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from .inject import (
     stock_state_dict,
     unmerge_adapters,
 )
+from .trained_state import state_components, trained_states
 
 __all__ = [
     "BOFT_LOADABLE_COMPONENTS",
@@ -40,6 +45,7 @@ __all__ = [
     "delete_boft_adapter",
     "disable_boft",
     "enable_boft",
+    "loadable_components",
     "merge_boft",
     "pipeline_components",
     "set_boft_adapters",
@@ -48,15 +54,22 @@ __all__ = [
 ]
 
 BOFT_LOADABLE_COMPONENTS = (
-    "unet", "text_encoder", "text_encoder_2", "controlnet", "control_encoder", "transformer", "text_encoder_3",
+    "unet", "text_encoder", "text_encoder_2", "controlnet", "transformer", "text_encoder_3",
 )  # fmt: skip
-"""Pipeline attributes the BOFT verbs work on (``control_encoder``: :mod:`boft_diffusion.control`'s light encoder)."""
+"""The stock pipeline attributes the BOFT verbs work on."""
+
+
+def loadable_components() -> tuple[str, ...]:
+    """Every component name the verbs work on: the stock ones, then those registered trained state brings."""
+    return BOFT_LOADABLE_COMPONENTS + tuple(
+        c for c in state_components() if c not in BOFT_LOADABLE_COMPONENTS
+    )
 
 
 def pipeline_components(pipe: Any) -> dict[str, nn.Module]:
     """The loadable components present on ``pipe`` (attribute or mapping), in canonical order."""
     get = pipe.get if isinstance(pipe, Mapping) else lambda n: getattr(pipe, n, None)
-    return {n: m for n in BOFT_LOADABLE_COMPONENTS if isinstance(m := get(n), nn.Module)}
+    return {n: m for n in loadable_components() if isinstance(m := get(n), nn.Module)}
 
 
 FINGERPRINT_SAMPLES = 256
@@ -186,9 +199,12 @@ def unmerge_boft(pipe: Any) -> None:
 
 
 def unload_boft(pipe: Any) -> None:
-    """Remove every BOFT adapter: the original module objects go back, unmerged, with their original biases."""
+    """Remove every BOFT adapter: the original module objects go back, unmerged, with their original biases;
+    registered trained state that adapters brought (new tokens) is taken off too."""
     for module in pipeline_components(pipe).values():
         remove_boft(module, keep_merged=False)
+    for kind in trained_states():
+        kind.remove(pipe, None)
 
 
 def set_boft_adapters(
@@ -226,3 +242,5 @@ def delete_boft_adapter(pipe: Any, adapter_name: str) -> None:
     for module in pipeline_components(pipe).values():
         if adapter_name in adapter_configs(module):
             delete_adapter(module, adapter_name)
+    for kind in trained_states():
+        kind.remove(pipe, adapter_name)

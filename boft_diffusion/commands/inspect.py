@@ -204,7 +204,7 @@ def boft_report(path: str | Path) -> dict[str, Any]:
 
 def _checked_control(adapter: Any) -> dict[str, Any] | None:
     """The adapter's control metadata, its claimed sizes checked against its own tensors (nothing built)."""
-    from ..io.load import check_control_claims, control_metadata
+    from ..control import check_control_claims, control_metadata
 
     info = control_metadata(adapter.metadata, adapter.source)
     check_control_claims(adapter, info)
@@ -393,7 +393,7 @@ def control_info(metadata: dict[str, str], source: str) -> dict[str, Any] | None
 
     Parsed by :func:`~boft_diffusion.io.load.control_metadata`, the loader's own reader: a path or hub id it
     records is reported, never opened."""
-    from ..io.load import control_metadata
+    from ..control import control_metadata
 
     return _reported(control_metadata(metadata, source))
 

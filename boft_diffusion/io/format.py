@@ -2,8 +2,10 @@
 
 Keys are component-prefixed module paths (``unet.<path>.boft_R``, ``unet.<path>.boft_s``,
 ``text_encoder.<path>...``, plus ``<path>.bias`` and ``modules_to_save`` weights when trained).
-Only trained tensors are stored, never permutations. The metadata holds the format name and
-version, the adapter name and one ``BOFTConfig`` per component (JSON). Writes are atomic
+Only trained tensors are stored, never permutations. Trained state besides BOFT's
+(:mod:`boft_diffusion.trained_state`: token embeddings, ...) is stored as ``state.<kind>.<key>``. The
+metadata holds the format name and version, the adapter name, one ``BOFTConfig`` per component (JSON)
+and whatever keys the registered kinds of trained state write. Writes are atomic
 (:mod:`boft_diffusion.atomic`); reading never executes code, and refuses an adapter holding a
 non-finite (NaN or infinite) tensor or a ``boft_config`` that is not a JSON object of configs
 (malformed, wrongly typed or nested too deeply to parse). An :class:`AdapterFile` is what every
@@ -24,6 +26,7 @@ from safetensors.torch import save_file
 
 from ..atomic import atomic_file
 from ..config import BOFTConfig
+from ..trained_state import STATE_PREFIX
 
 __all__ = [
     "ADAPTER_WEIGHTS_NAME",
@@ -48,13 +51,15 @@ class AdapterFormatError(ValueError):
 
 @dataclass
 class AdapterFile:
-    """An adapter in memory: tensors by component, one config per component, free-form metadata."""
+    """An adapter in memory: tensors by component, one config per component, free-form metadata, and the
+    tensors of trained state besides BOFT's by kind (:mod:`boft_diffusion.trained_state`)."""
 
     tensors: dict[str, dict[str, torch.Tensor]]
     configs: dict[str, BOFTConfig]
     adapter_name: str = "default"
     metadata: dict[str, str] = field(default_factory=dict)
     source: str = "<state dict>"
+    states: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def check_finite(tensors: Mapping[str, torch.Tensor], source: str) -> None:
@@ -98,6 +103,11 @@ def atomic_save_safetensors(
 def write_adapter(adapter: AdapterFile, save_directory: str | os.PathLike) -> Path:
     """Write ``adapter`` as ``<save_directory>/boft_weights.safetensors``; returns the file path."""
     flat = {f"{comp}.{key}": t for comp, tensors in adapter.tensors.items() for key, t in tensors.items()}
+    flat |= {
+        f"{STATE_PREFIX}.{kind}.{key}": t
+        for kind, tensors in adapter.states.items()
+        for key, t in tensors.items()
+    }
     metadata = {
         **adapter.metadata,
         "format": FORMAT_NAME,
@@ -147,11 +157,18 @@ def read_adapter_file(path: str | os.PathLike) -> AdapterFile:
     configs = _parse_configs(metadata.get("boft_config"), file)
     check_finite(flat, str(file))
     tensors: dict[str, dict[str, torch.Tensor]] = {comp: {} for comp in configs}
+    states: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in flat.items():
         comp, _, rest = key.partition(".")
+        if comp == STATE_PREFIX and comp not in tensors:
+            kind, _, name = rest.partition(".")
+            if not kind or not name:
+                raise AdapterFormatError(f"{file}: tensor {key!r} is not {STATE_PREFIX}.<kind>.<key>")
+            states.setdefault(kind, {})[name] = tensor
+            continue
         if comp not in tensors:
             raise AdapterFormatError(
                 f"{file}: tensor {key!r} belongs to component {comp!r}, which has no config"
             )
         tensors[comp][rest] = tensor
-    return AdapterFile(tensors, configs, metadata.get("adapter_name", "default"), metadata, str(file))
+    return AdapterFile(tensors, configs, metadata.get("adapter_name", "default"), metadata, str(file), states)

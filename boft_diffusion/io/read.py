@@ -21,7 +21,8 @@ import torch
 
 from ..config import BOFTConfig
 from ..functional import block_size_of
-from ..pipeline import BOFT_LOADABLE_COMPONENTS
+from ..pipeline import loadable_components
+from ..trained_state import STATE_PREFIX
 from .format import (
     ADAPTER_WEIGHTS_NAME,
     FORMAT_NAME,
@@ -167,14 +168,22 @@ def adapter_from_state_dict(state: Mapping[str, torch.Tensor]) -> AdapterFile:
     """An adapter from component-prefixed tensors (``unet.<path>.boft_R``, ...), configs inferred."""
     check_finite(state, "<state dict>")
     tensors: dict[str, dict[str, torch.Tensor]] = {}
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    components = loadable_components()
     for key, tensor in state.items():
         comp, _, rest = key.partition(".")
-        if comp not in BOFT_LOADABLE_COMPONENTS:
+        kind, _, name = rest.partition(".")
+        if comp == STATE_PREFIX and kind and name:
+            states.setdefault(kind, {})[name] = tensor
+            continue
+        if comp not in components:
             raise AdapterFormatError(
-                f"state dict key {key!r} does not start with a component {BOFT_LOADABLE_COMPONENTS}"
+                f"state dict key {key!r} does not start with a component {components} "
+                f"(or {STATE_PREFIX}.<kind>. for trained state)"
             )
         tensors.setdefault(comp, {})[rest] = tensor
-    return AdapterFile(tensors, {c: _config_from_tensors(t) for c, t in tensors.items()})
+    configs = {c: _config_from_tensors(t) for c, t in tensors.items()}
+    return AdapterFile(tensors, configs, states=states)
 
 
 def _config_from_tensors(tensors: Mapping[str, torch.Tensor]) -> BOFTConfig:

@@ -32,6 +32,11 @@ RECIPES: dict[str, Recipe] = {
         "boft_diffusion.recipes.dreambooth",
         "Teach a Stable Diffusion model a subject from a few photos (DreamBooth, optional prior preservation).",
     ),
+    "pivotal": Recipe(
+        "pivotal",
+        "boft_diffusion.recipes.pivotal",
+        "DreamBooth whose subject is named by new tokens trained with the adapter (pivotal tuning: textual inversion + BOFT).",
+    ),
     "controlnet": Recipe(
         "controlnet",
         "boft_diffusion.recipes.controlnet",

@@ -45,6 +45,7 @@ from ..atomic import atomic_write_text, staged_dir
 from ..inject import adapter_state_dict, load_adapter_state_dict
 from ..io import ADAPTER_WEIGHTS_NAME, AdapterFile, AdapterFormatError, read_adapter, write_adapter
 from ..io.format import atomic_save_safetensors
+from ..trained_state import trained_states
 from .args import ConfigError, config_to_dict
 from .loop import TrainingDiverged, TrainingError, TrainingInterrupted, first_nonfinite
 from .optim import schedule_keys
@@ -392,6 +393,14 @@ def load_adapter_tensors(components: Mapping[str, nn.Module], folder: str | Path
             raise ConfigError(
                 f"Checkpoint {folder} does not fit this run's {comp} adapter (another BOFT config?): {err}"
             ) from err
+    for kind in trained_states():  # state besides BOFT's (new token embeddings, ...)
+        if kind.carried_by(saved):
+            try:
+                kind.restore(components, saved, adapter_name)
+            except ValueError as err:
+                raise ConfigError(
+                    f"Checkpoint {folder} does not fit this run's {kind.name} state: {err}"
+                ) from err
 
 
 def load_checkpoint(accelerator: Accelerator, folder: str | Path, state: TrainingState) -> None:
@@ -504,11 +513,8 @@ def _optimizer_payload(state: TrainingState, scaler: Any) -> tuple[dict[str, tor
 def check_finite_adapter(adapter: AdapterFile, what: str) -> None:
     """Raise :class:`TrainingDiverged` before ``what`` is saved if an adapter tensor is NaN or inf
     (``adapter``: the full tensors, :func:`~boft_diffusion.training.sharding.full_adapter`)."""
-    named = (
-        (f"{comp}.{key}", tensor)
-        for comp, tensors in adapter.tensors.items()
-        for key, tensor in tensors.items()
-    )
+    groups = [*adapter.tensors.items(), *((f"state.{kind}", t) for kind, t in adapter.states.items())]
+    named = ((f"{group}.{key}", tensor) for group, tensors in groups for key, tensor in tensors.items())
     bad = first_nonfinite(named)
     if bad is not None:
         raise TrainingDiverged(f"Not saving {what}: the adapter tensor {bad} is NaN or inf")

@@ -406,9 +406,14 @@ class TrainingRecipe:
                 if self.cfg.optim.max_grad_norm:
                     accelerator.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
             self.optimizer.step()
+            self.after_optimizer_step()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return loss_value
+
+    def after_optimizer_step(self) -> None:
+        """Runs after every optimiser step: a recipe that trains part of a tensor (pivotal tuning: the new
+        rows of the token embeddings) puts the rest back here."""
 
     def save_checkpoint(self) -> Path:
         """A checkpoint of this step, recorded as this run's; older ones pruned only once it is saved."""

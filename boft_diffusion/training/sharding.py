@@ -124,10 +124,14 @@ def full_adapter(components: Mapping[str, nn.Module], adapter_name: str) -> Adap
     Collective when sharded: every process must call this, and each gets the full tensors.
     """
     adapter = get_boft_adapter(dict(components), adapter_name)
-    adapter.tensors = {
-        comp: {key: full_tensor(value).detach().cpu().clone() for key, value in tensors.items()}
-        for comp, tensors in adapter.tensors.items()
-    }
+
+    def whole(groups: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+        return {
+            group: {key: full_tensor(value).detach().cpu().clone() for key, value in tensors.items()}
+            for group, tensors in groups.items()
+        }
+
+    adapter.tensors, adapter.states = whole(adapter.tensors), whole(adapter.states)  # trained state too
     return adapter
 
 

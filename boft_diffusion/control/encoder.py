@@ -14,7 +14,7 @@ uses for its condition; the addition is a forward hook on the UNet's ``conv_in``
 leaves the UNet's modules, state dict and attention processors untouched.
 
 On a pipeline the encoder is the component ``control_encoder`` (a plain attribute of the stock
-pipeline; :data:`~boft_diffusion.pipeline.BOFT_LOADABLE_COMPONENTS` lists it), trained in full as a
+pipeline, which the ``light_control`` kind of trained state brings: :mod:`.state`), trained in full as a
 BOFT adapter's ``modules_to_save`` with no adapted layers, so saving, loading, checkpoints, enabling
 and disabling go through the same adapter verbs as the UNet's rotations. With the adapter disabled
 the original (zero-output) encoder is in effect: the base model.
@@ -24,40 +24,26 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
-from PIL import Image
 from torch import nn
-
-from .pipeline import base_fingerprint
-from .sampling import seeded_images
 
 __all__ = [
     "CONTROL_COMPONENT",
-    "CONTROL_METADATA",
-    "CONTROLNET_FINGERPRINTS",
-    "LIGHT_CONTROL_METADATA",
     "LightControl",
     "LightControlConfig",
     "add_light_control",
     "claim_problem",
     "condition_embedding_shapes",
-    "control_tensor",
-    "controlnet_fingerprints",
-    "controlnet_from_unet",
-    "controlnet_pipeline",
     "light_control",
     "load_light_control",
     "remove_light_control",
-    "residuals_in",
-    "sample_with_control",
     "save_light_control",
 ]
 
@@ -262,8 +248,8 @@ def save_light_control(control: LightControl, folder: str | Path, replace: bool 
     """
     from safetensors.torch import save_file
 
-    from .atomic import staged_dir
-    from .inject import remove_boft
+    from ..atomic import staged_dir
+    from ..inject import remove_boft
 
     shell = remove_boft(nn.ModuleDict({"encoder": copy.deepcopy(control.encoder)}), keep_merged=True)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in shell["encoder"].state_dict().items()}
@@ -321,128 +307,7 @@ def load_light_control(pipe: Any, folder: str | Path) -> LightControl:
     return control
 
 
-# --- conditioned sampling -------------------------------------------------------------------------------
-
-
-def control_tensor(images: list[Image.Image], size: int) -> torch.Tensor:
-    """Control images as a ``(B, 3, size, size)`` float batch in [0, 1] (RGB, resized bilinearly)."""
-    arrays = [np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR)) for image in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255.0)
-
-
-def controlnet_pipeline(pipe: Any, controlnet: nn.Module | None = None) -> Any:
-    """The stock ControlNet pipeline of ``pipe``'s family sharing its modules (nothing copied):
-    ``StableDiffusionControlNetPipeline`` (SD 1.x/2.x) or ``StableDiffusionXLControlNetPipeline`` (SDXL).
-
-    ``controlnet`` defaults to ``pipe.controlnet``; ``pipe`` may already be such a pipeline.
-    """
-    import diffusers
-
-    from .families import SD, SDXL, family_of
-
-    controlnet = controlnet if controlnet is not None else getattr(pipe, "controlnet", None)
-    if controlnet is None:
-        raise ValueError("the pipeline has no ControlNet: pass one or train with control.mode=controlnet")
-    family = family_of(pipe)
-    kinds = {SD.name: "StableDiffusionControlNetPipeline", SDXL.name: "StableDiffusionXLControlNetPipeline"}
-    if family.name not in kinds:
-        raise ValueError(f"ControlNet sampling supports sd and sdxl pipelines, not {family.title}")
-    kind = getattr(diffusers, kinds[family.name])
-    if isinstance(pipe, kind) and pipe.controlnet is controlnet:
-        return pipe
-    modules = {name: getattr(pipe, name) for name in ("vae", "unet", "scheduler", *family.text_encoders)}
-    modules |= {
-        name: getattr(pipe, name)
-        for name in (n.replace("text_encoder", "tokenizer") for n in family.text_encoders)
-    }
-    extra = (
-        {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-        if family is SD
-        else {"add_watermarker": False}
-    )
-    wrapped = kind(**modules, controlnet=controlnet, **extra)
-    wrapped.set_progress_bar_config(disable=True)
-    return wrapped
-
-
-@torch.no_grad()
-def sample_with_control(
-    pipe: Any,
-    prompts: list[str],
-    conditions: list[Image.Image],
-    seeds: list[int],
-    *,
-    num_inference_steps: int = 20,
-    guidance_scale: float = 4.0,
-    conditioning_scale: float = 1.0,
-    resolution: int | None = None,
-) -> list[Image.Image]:
-    """One image per ``(prompt, control image, seed)``, through whichever control the pipeline has.
-
-    A light control encoder (:func:`light_control`) samples with the stock pipeline under
-    :meth:`LightControl.conditioned`; a ControlNet (``pipe.controlnet``) through the stock
-    ``StableDiffusionControlNetPipeline``. Image ``i`` starts from seed ``seeds[i]``
-    (:func:`~boft_diffusion.sampling.seeded_images`).
-    """
-    if not (len(prompts) == len(conditions) == len(seeds)) or not prompts:
-        raise ValueError(
-            f"give one control image and one seed per prompt (got {len(prompts)} prompts, "
-            f"{len(conditions)} control images, {len(seeds)} seeds)"
-        )
-    size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    common = dict(
-        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=size, width=size,
-        output_type="pil",
-    )  # fmt: skip
-    control = light_control(pipe)
-    if control is not None:
-        condition = control_tensor(conditions, size)
-        with control.conditioned(condition):
-            return seeded_images(pipe, prompts, seeds, **common)
-    if getattr(pipe, "controlnet", None) is None:
-        raise ValueError(
-            "this pipeline has no control (no light control encoder, no ControlNet): load an adapter trained "
-            "with `boft-diffusion train controlnet`, or sample without a control image"
-        )
-    images = [c.convert("RGB").resize((size, size), Image.BILINEAR) for c in conditions]
-    with residuals_in(pipe.controlnet, pipe.unet.dtype):
-        return seeded_images(
-            controlnet_pipeline(pipe), prompts, seeds, **common, image=images,
-            controlnet_conditioning_scale=conditioning_scale,
-        )  # fmt: skip
-
-
-@contextmanager
-def residuals_in(controlnet: nn.Module, dtype: torch.dtype) -> Iterator[None]:
-    """Cast the ControlNet's residuals to the UNet's ``dtype`` inside the block.
-
-    A ControlNet trained with float32 parts next to a bf16 / fp16 UNet returns float32 residuals; the
-    stock pipeline adds them to the UNet's features unchanged, which promotes those to float32 ahead of
-    the UNet's half-precision norms (diffusers' own training script casts them the same way).
-    """
-
-    def cast(module: nn.Module, args: Any, output: Any) -> Any:
-        down, mid = output[0], output[1]
-        return ([d.to(dtype) for d in down], mid.to(dtype), *output[2:])
-
-    handle = controlnet.register_forward_hook(cast)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-# --- what an adapter file records about its control -------------------------------------------------------
-
-CONTROL_METADATA = "control"
-"""Adapter metadata key: JSON ``{"mode": "light" | "controlnet", ...}``. For a ControlNet: ``"controlnet"``,
-``"from_unet"`` or the folder / hub id the training run loaded it from (a hint for messages, never opened);
-its ``"conditioning_embedding_out_channels"`` and the ``"seed"`` of its initialisation (what a ``from_unet``
-ControlNet is rebuilt from); ``"conditioning_scale"``; and its :func:`controlnet_fingerprints`."""
-LIGHT_CONTROL_METADATA = "light_control"
-"""Adapter metadata key of the light control encoder's :class:`LightControlConfig` (JSON)."""
-CONTROLNET_FINGERPRINTS = ("controlnet_fingerprint", "controlnet_fingerprint_float16")
-"""Keys of :data:`CONTROL_METADATA` holding the ControlNet's fingerprint as loaded, and cast to float16."""
+# --- sizes a file claims, checked on the meta device -----------------------------------------------------
 
 Shape = tuple[int, ...]
 
@@ -475,42 +340,3 @@ def claim_problem(
         if have != shape:
             return f"{what} whose {key} has shape {shape}; the file's {key} is {'missing' if have is None else have}"
     return None
-
-
-def controlnet_fingerprints(controlnet: nn.Module, trained_in_full: Iterable[str] = ()) -> dict[str, str]:
-    """The fingerprints of a ControlNet's weights (:func:`~boft_diffusion.pipeline.base_fingerprint` of
-    ``{"controlnet": ...}``), as loaded and cast to float16, under the keys :data:`CONTROLNET_FINGERPRINTS`.
-
-    Its top-level submodules that lie wholly inside ``trained_in_full`` (module paths: an adapter's
-    ``modules_to_save``, which the adapter brings its own copies of) are left out, so the fingerprint is
-    that of what the adapter builds on: the same for the ControlNet a run started from, for one that
-    already holds other adapters, and for a ``from_unet`` ControlNet whichever seed made its fresh parts.
-    The float16 one is what a float16 load of a float32 ControlNet gives; a ControlNet matches a recorded
-    pair when the two pairs share a value.
-    """
-    saved = tuple(trained_in_full)
-
-    def replaced(name: str, child: nn.Module) -> bool:
-        keys = [f"{name}.{key}" for key, _ in child.named_parameters()]
-        return name in saved or bool(keys) and all(any(k.startswith(s + ".") for s in saved) for k in keys)
-
-    kept = {"controlnet": nn.ModuleDict({n: c for n, c in controlnet.named_children() if not replaced(n, c)})}
-    return {
-        CONTROLNET_FINGERPRINTS[0]: base_fingerprint(kept),
-        CONTROLNET_FINGERPRINTS[1]: base_fingerprint(kept, as_dtype=torch.float16),
-    }
-
-
-def controlnet_from_unet(unet: nn.Module, widths: Sequence[int], seed: int = 0) -> nn.Module:
-    """``ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=widths)``, its fresh parts (the
-    condition embedding, zero convolutions) initialised from ``seed``, on the UNet's device, in eval mode.
-
-    Opens no file: everything but the fresh parts is the UNet's. ``widths`` sizes the condition embedding:
-    check what a file claims first (:func:`claim_problem`, :func:`condition_embedding_shapes`).
-    """
-    from diffusers import ControlNetModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(widths))
-    return controlnet.to(device=unet.conv_in.weight.device).eval()  # from_unet builds in training mode
