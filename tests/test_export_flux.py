@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from boft_diffusion import BOFTConfig, add_boft_to_pipeline
 from boft_diffusion.export import export_merged, merged_state_dict
-from boft_diffusion.export.flux_keys import to_flux_original_layout
+from boft_diffusion.families.keys.flux import to_flux_original_layout
 from boft_diffusion.inject import boft_layers
 from boft_diffusion.tiny import TINY_FLUX_TRANSFORMER_CONFIG, build_tiny_flux_pipeline
 

@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 from boft_diffusion import BOFTConfig, add_boft_to_pipeline
 from boft_diffusion.export import export_merged, merged_state_dict, to_original_layout
-from boft_diffusion.export.sd_keys import CLIP_PREFIX, OPEN_CLIP_PREFIX, is_open_clip
+from boft_diffusion.families.keys.sd import CLIP_PREFIX, OPEN_CLIP_PREFIX, is_open_clip
 from boft_diffusion.inject import boft_layers
 from boft_diffusion.tiny import MAX_TOKENS, TINY_RESOLUTION, build_tiny_pipeline, build_tiny_tokenizer
 

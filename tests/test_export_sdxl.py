@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from boft_diffusion import BOFTConfig, add_boft_to_pipeline
 from boft_diffusion.export import export_merged, merged_state_dict
-from boft_diffusion.export.sdxl_keys import CLIP_G_PREFIX, CLIP_L_PREFIX, to_sdxl_original_layout
+from boft_diffusion.families.keys.sdxl import CLIP_G_PREFIX, CLIP_L_PREFIX, to_sdxl_original_layout
 from boft_diffusion.inject import boft_layers
 from boft_diffusion.tiny import TINY_TEXT_CONFIG_2, build_tiny_sdxl_pipeline
 

@@ -115,6 +115,23 @@ def test_optional_arguments_go_only_to_pipelines_that_take_them(pipe):
         seeded_images(fake, ["a"], [1], guidance_scale=2.0, num_inference_steps=3)
 
 
+def test_a_caller_that_knows_the_family_says_which_optional_arguments_the_call_takes():
+    """``accepted`` (the family's ``call_arguments``) decides instead of the call's signature."""
+    calls = []
+
+    class AnyKeyword:
+        def __call__(self, prompt, generator, **kwargs):
+            calls.append(kwargs)
+            return argparse.Namespace(images=list(prompt))
+
+    seeded_images(AnyKeyword(), ["a"], [1], accepted=(), negative_prompt="x", num_inference_steps=3)
+    assert calls[-1] == {
+        "num_inference_steps": 3
+    }  # its family takes none: dropped though **kwargs would take it
+    seeded_images(AnyKeyword(), ["a"], [1], accepted=("negative_prompt",), negative_prompt="x")
+    assert calls[-1] == {"negative_prompt": "x"}
+
+
 def test_mismatched_seeds_or_a_lone_string_are_refused():
     with pytest.raises(ValueError, match="one seed per prompt"):
         seeded_images(None, ["a", "b"], [1])

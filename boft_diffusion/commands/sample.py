@@ -155,7 +155,13 @@ def _generate(pipe: Any, args: argparse.Namespace) -> list[Any]:
     at a time, with a single progress bar over all denoising steps."""
     from tqdm.auto import tqdm
 
+    from ..families import UnsupportedFamilyError, family_of
     from ..sampling import image_seeds, seeded_images
+
+    try:  # the optional arguments its call takes, as its family says (FLUX.2 [klein]: no negative prompt)
+        accepted = family_of(pipe).call_arguments
+    except UnsupportedFamilyError:  # a stock pipeline of no supported family: its call's signature says
+        accepted = None
 
     with tqdm(total=args.num_images * args.steps, desc="Sampling", unit="step", file=sys.stderr) as bar:
         done = 0
@@ -170,13 +176,13 @@ def _generate(pipe: Any, args: argparse.Namespace) -> list[Any]:
             bar.n = done * args.steps  # schedulers may run a different number of steps
             bar.refresh()
 
-        # a pipeline without a negative prompt (FLUX.2 [klein]) is called without one
         return seeded_images(
             pipe,
             [args.prompt] * args.num_images,
             image_seeds(args.seed, args.num_images),
             batch_size=1,
             on_batch=image_done,
+            accepted=accepted,
             negative_prompt=args.negative_prompt,
             num_inference_steps=args.steps,
             guidance_scale=args.guidance_scale,

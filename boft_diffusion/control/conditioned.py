@@ -25,36 +25,31 @@ def control_tensor(images: list[Image.Image], size: int) -> torch.Tensor:
 
 
 def controlnet_pipeline(pipe: Any, controlnet: nn.Module | None = None) -> Any:
-    """The stock ControlNet pipeline of ``pipe``'s family sharing its modules (nothing copied):
-    ``StableDiffusionControlNetPipeline`` (SD 1.x/2.x) or ``StableDiffusionXLControlNetPipeline`` (SDXL).
+    """The stock ControlNet pipeline of ``pipe``'s family sharing its modules (nothing copied): the family's
+    ``controlnet_pipeline`` class (``StableDiffusionControlNetPipeline`` for SD 1.x/2.x,
+    ``StableDiffusionXLControlNetPipeline`` for SDXL) built with its ``pipeline_options``.
 
     ``controlnet`` defaults to ``pipe.controlnet``; ``pipe`` may already be such a pipeline.
     """
-    import diffusers
-
-    from ..families import SD, SDXL, family_of
+    from ..families import FAMILIES, family_of
 
     controlnet = controlnet if controlnet is not None else getattr(pipe, "controlnet", None)
     if controlnet is None:
         raise ValueError("the pipeline has no ControlNet: pass one or train with control.mode=controlnet")
     family = family_of(pipe)
-    kinds = {SD.name: "StableDiffusionControlNetPipeline", SDXL.name: "StableDiffusionXLControlNetPipeline"}
-    if family.name not in kinds:
-        raise ValueError(f"ControlNet sampling supports sd and sdxl pipelines, not {family.title}")
-    kind = getattr(diffusers, kinds[family.name])
+    kind = family.controlnet_pipeline_class()
+    if kind is None:
+        supported = [f.name for f in FAMILIES.values() if f.controlnet_pipeline is not None]
+        raise ValueError(
+            f"ControlNet sampling supports {' and '.join(supported)} pipelines, not {family.title}"
+        )
     if isinstance(pipe, kind) and pipe.controlnet is controlnet:
         return pipe
-    modules = {name: getattr(pipe, name) for name in ("vae", "unet", "scheduler", *family.text_encoders)}
-    modules |= {
-        name: getattr(pipe, name)
-        for name in (n.replace("text_encoder", "tokenizer") for n in family.text_encoders)
+    modules = {
+        name: getattr(pipe, name) for name in ("vae", family.denoiser, "scheduler", *family.text_encoders)
     }
-    extra = (
-        {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-        if family is SD
-        else {"add_watermarker": False}
-    )
-    wrapped = kind(**modules, controlnet=controlnet, **extra)
+    modules |= family.tokenizers(pipe)
+    wrapped = kind(**modules, controlnet=controlnet, **family.pipeline_options)
     wrapped.set_progress_bar_config(disable=True)
     return wrapped
 

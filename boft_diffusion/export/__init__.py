@@ -1,4 +1,5 @@
-"""Merged checkpoints: a stock diffusers folder, or one ``.safetensors`` file in the original SD / SDXL layout.
+"""Merged checkpoints: a stock diffusers folder, or one ``.safetensors`` file in the original SD / SDXL / FLUX.1
+layout.
 
 ``export_merged`` folds the active BOFT adapters (with their strengths) into the weights and writes a
 checkpoint that opens with no project code:
@@ -11,7 +12,9 @@ checkpoint that opens with no project code:
   CLIP or ``cond_stage_model.model.*`` in OpenCLIP form, q/k/v fused, for SD 2.x) that ComfyUI, AUTOMATIC1111 and
   ``StableDiffusionPipeline.from_single_file(path, config=<diffusers folder of the base>)`` read; for SDXL
   the sgm layout (``conditioner.embedders.0.transformer.*``, ``conditioner.embedders.1.model.*`` in
-  OpenCLIP form, ``label_emb``) that ``StableDiffusionXLPipeline.from_single_file`` reads.
+  OpenCLIP form, ``label_emb``) that ``StableDiffusionXLPipeline.from_single_file`` reads; for FLUX.1 BFL's
+  transformer-only file. The layout is the family's (``Family.single_file``, key maps in
+  :mod:`boft_diffusion.families.keys`); this package merges and writes.
 
 The caller's pipeline is never modified (nor its modules' train/eval mode): merged weights
 ``W' = (W M^T) ⊙ s`` and biases are computed per layer into new tensors, deterministically (dropout is
@@ -24,14 +27,12 @@ One module per concern:
 
 - :mod:`.merged`      merged weights, computed without touching the pipeline
 - :mod:`.provenance`  what an export holds (metadata and ``boft_provenance.json``)
-- :mod:`.sd_keys`     diffusers -> original Stable Diffusion single-file key map
-- :mod:`.sdxl_keys`   diffusers -> original SDXL (sgm) single-file key map
 - :mod:`.write`       the two output formats and ``export_merged``
 """
 
+from ..families.keys import to_original_layout
 from .merged import merged_state_dict
 from .provenance import PROVENANCE_NAME, provenance
-from .sd_keys import to_original_layout
 from .write import SINGLE_FILE_NAME, export_merged, parse_dtype
 
 __all__ = [

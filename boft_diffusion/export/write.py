@@ -11,21 +11,18 @@ import json
 import os
 import shutil
 import struct
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..atomic import atomic_file, staged_dir
-from ..families import FAMILIES, UnsupportedFamilyError, family_of
+from ..families import FAMILIES, Family, SingleFileLayout, UnsupportedFamilyError, family_of
+from ..inject import boft_layers
 from ..pipeline import pipeline_components
-from .flux_keys import flux_single_file_state
 from .merged import merged_pipeline, merged_state_dict
 from .provenance import PROVENANCE_NAME, provenance, provenance_json, safetensors_metadata
-from .sd_keys import to_original_layout
-from .sdxl_keys import to_sdxl_original_layout
 
 __all__ = ["SINGLE_FILE_NAME", "export_merged", "parse_dtype"]
 
@@ -75,64 +72,17 @@ def _export_diffusers(
     (folder / PROVENANCE_NAME).write_text(provenance_json(prov))
 
 
-def _sd_state(pipe: Any, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    return to_original_layout(
-        merged_state_dict(pipe.unet, dtype),
-        merged_state_dict(pipe.vae, dtype),
-        merged_state_dict(pipe.text_encoder, dtype),
-        pipe.unet.config,
-        pipe.vae.config,
-        pipe.text_encoder.config,  # SD 1.x CLIP or SD 2.x OpenCLIP layout, by the encoder's config
-    )
-
-
-def _sdxl_state(pipe: Any, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    return to_sdxl_original_layout(
-        merged_state_dict(pipe.unet, dtype),
-        merged_state_dict(pipe.vae, dtype),
-        merged_state_dict(pipe.text_encoder, dtype),
-        merged_state_dict(pipe.text_encoder_2, dtype),
-        pipe.unet.config,
-        pipe.vae.config,
-    )
-
-
-@dataclass(frozen=True)
-class _SingleFileLayout:
-    """How one family's pipelines become one original-layout state dict."""
-
-    components: tuple[str, ...]
-    """Exactly the components the file holds (``vae`` included)."""
-    state: Callable[[Any, torch.dtype | None], dict[str, torch.Tensor]]
-    """``(pipe, dtype) -> {original key: merged tensor}``."""
-    holds: tuple[str, ...] | None = None
-    """What the file holds when that is less than ``components`` (Flux: the transformer only)."""
-
-
-_SINGLE_FILE_LAYOUTS: dict[str, _SingleFileLayout] = {
-    "sd": _SingleFileLayout(("unet", "vae", "text_encoder"), _sd_state),
-    "sdxl": _SingleFileLayout(("unet", "vae", "text_encoder", "text_encoder_2"), _sdxl_state),
-    # BFL's transformer-only file; the VAE and text encoders must be present but are not written
-    # (flux_single_file_state refuses adapters on them)
-    "flux": _SingleFileLayout(
-        ("transformer", "vae", "text_encoder", "text_encoder_2"),
-        flux_single_file_state,
-        holds=("transformer",),
-    ),
-}
-"""The families ``single_file`` writes, by :func:`~boft_diffusion.families.family_of` name."""
-
-
-def _single_file_layout(pipe: Any) -> _SingleFileLayout:
-    """The layout of ``pipe``'s family; a pipeline none can write is a ``ValueError`` naming the families."""
+def _single_file_layout(pipe: Any) -> tuple[Family, SingleFileLayout]:
+    """``pipe``'s family and its single-file layout; a pipeline none can write is a ``ValueError`` naming the
+    families that have one."""
     try:
-        layout = _SINGLE_FILE_LAYOUTS.get(family_of(pipe).name)
+        family = family_of(pipe)
     except UnsupportedFamilyError:
-        layout = None
+        family = None
+    layout = family.single_file if family is not None else None
+    writable = [f for f in FAMILIES.values() if f.single_file is not None]
     components = pipeline_components(pipe)
-    known = (
-        layout.components if layout else {c for lay in _SINGLE_FILE_LAYOUTS.values() for c in lay.components}
-    )
+    known = layout.components if layout else {c for f in writable for c in f.single_file.components}
     extra = sorted(c for c in components if c not in known)
     if (
         layout is None
@@ -140,22 +90,40 @@ def _single_file_layout(pipe: Any) -> _SingleFileLayout:
         or getattr(pipe, "vae", None) is None
         or any(c not in components for c in layout.components if c != "vae")
     ):
-        supported = ", ".join(
-            f"{FAMILIES[name].title} checkpoints ({', '.join(lay.holds or lay.components)})"
-            for name, lay in _SINGLE_FILE_LAYOUTS.items()
-        )
+        supported = ", ".join(f"{f.title} checkpoints ({', '.join(f.single_file.held)})" for f in writable)
         raise ValueError(
             f"single_file export writes {supported}; "
             f"this pipeline has {sorted(components)}{' with ' + str(extra) if extra else ''}: "
             "use format='diffusers'"
         )
-    return layout
+    return family, layout
+
+
+def _single_file_state(pipe: Any, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """``{original key: merged tensor}`` of ``pipe`` in its family's layout. An adapter on a component the
+    file does not hold (whose merge the file would silently drop) is refused, pointing to ``diffusers``."""
+    family, layout = _single_file_layout(pipe)
+    dropped = sorted(
+        name
+        for name in layout.components
+        if name not in layout.held
+        and isinstance(module := getattr(pipe, name, None), torch.nn.Module)
+        and boft_layers(module)
+    )
+    if dropped:
+        raise ValueError(
+            f"a {family.title} single file holds the {', '.join(layout.held)} only; the BOFT adapters on "
+            f"{dropped} would be lost: use format='diffusers'"
+        )
+    modules = {name: getattr(pipe, name) for name in layout.held}
+    states = {name: merged_state_dict(module, dtype) for name, module in modules.items()}
+    return layout.to_original(states, {name: module.config for name, module in modules.items()})
 
 
 def _export_single_file(pipe: Any, file: Path, dtype: torch.dtype | None, prov: dict) -> None:
     from safetensors.torch import save_file
 
-    state = _single_file_layout(pipe).state(pipe, dtype)
+    state = _single_file_state(pipe, dtype)
     save_file(
         {k: t.contiguous() for k, t in state.items()},
         file,
@@ -176,9 +144,10 @@ def export_merged(
     """Write the pipeline with its active adapters merged; returns the written path.
 
     ``format="diffusers"``: a diffusers folder at ``out_dir``. ``format="single_file"``: one original-layout
-    ``.safetensors`` file (SD 1.x/2.x: CompVis/LDM keys, SD 2.x's text encoder in OpenCLIP form,
-    :mod:`.sd_keys`; SDXL: Stability ``sgm`` keys,
-    :mod:`.sdxl_keys`; other families are refused, naming these); ``out_dir`` ending in ``.safetensors``
+    ``.safetensors`` file, in the layout of the pipeline's family (``Family.single_file``; SD 1.x/2.x:
+    CompVis/LDM keys, SD 2.x's text encoder in OpenCLIP form; SDXL: Stability ``sgm`` keys; FLUX.1: BFL's
+    transformer-only file; key maps in :mod:`boft_diffusion.families.keys`; other families are refused,
+    naming these); ``out_dir`` ending in ``.safetensors``
     names the file itself, any other path is a new folder holding ``model.safetensors`` and
     ``boft_provenance.json``. ``dtype`` (``"fp16"``,
     ``"bf16"``, ``"fp32"`` or a ``torch.dtype``) casts the floating weights; ``variant`` names diffusers

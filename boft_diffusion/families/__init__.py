@@ -2,17 +2,21 @@
 
 A :class:`~boft_diffusion.families.base.Family` says, for its pipelines, which components there are
 and which of them BOFT targets by default, how prompts become token ids and then the denoiser's
-conditioning, how the denoiser is called, what it is trained to predict, and which stock pipeline
-class samples from it. Recipes, the pipeline verbs and the adapter file ask the family
-(:func:`family_of`); nothing else branches on the kind of model. Adding a family is one module here
-and one line in :data:`FAMILIES`.
+conditioning, how the denoiser is called, what it is trained to predict, which stock pipeline
+classes sample from it (with a ControlNet too, where there is one) and which optional arguments their
+call takes, how its embedded tiny pipeline is built (:mod:`boft_diffusion.tiny`), and how a pipeline
+becomes its original single file (the key maps in :mod:`.keys`). Recipes, training setup and arguments,
+the pipeline verbs, the adapter file, export and controlled sampling ask the family (:func:`family_of`,
+:func:`get_family`); nothing else branches on the kind of model. Adding a family is one module here (a
+key map in :mod:`.keys` if it has a single file) and one line in :data:`FAMILIES`;
+``tests/test_family_contract.py`` walks every family through every hook.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .base import Family, UnsupportedFamilyError
+from .base import Family, SingleFileLayout, UnsupportedFamilyError
 from .flux import FLUX
 from .flux2 import FLUX2
 from .sd import SD
@@ -27,6 +31,7 @@ __all__ = [
     "SD3",
     "SDXL",
     "Family",
+    "SingleFileLayout",
     "UnsupportedFamilyError",
     "family_of",
     "get_family",

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["Family", "UnsupportedFamilyError", "component"]
+__all__ = ["Family", "SingleFileLayout", "UnsupportedFamilyError", "component"]
 
 
 class UnsupportedFamilyError(ValueError):
@@ -19,6 +19,29 @@ class UnsupportedFamilyError(ValueError):
 def component(pipe: Any, name: str) -> Any:
     """``pipe.<name>`` for a pipeline, ``pipe[name]`` for a mapping; ``None`` when absent."""
     return pipe.get(name) if isinstance(pipe, Mapping) else getattr(pipe, name, None)
+
+
+@dataclass(frozen=True)
+class SingleFileLayout:
+    """How a family's pipeline becomes one ``.safetensors`` state dict in the model's original (pre-diffusers)
+    key layout, the single file ComfyUI, AUTOMATIC1111 and diffusers' ``from_single_file`` read. Pure key
+    bookkeeping (:mod:`boft_diffusion.families.keys`); merging and writing are :mod:`boft_diffusion.export`'s."""
+
+    components: tuple[str, ...]
+    """Exactly the components a pipeline must have to be written (``vae`` included)."""
+    to_original: Callable[
+        [Mapping[str, Mapping[str, torch.Tensor]], Mapping[str, Any]], dict[str, torch.Tensor]
+    ]
+    """``({component: state dict}, {component: config})`` of the :attr:`held` components -> ``{original key:
+    tensor}``; a key with no place in the layout is a ``ValueError`` naming it."""
+    holds: tuple[str, ...] | None = None
+    """What the file holds when that is less than :attr:`components` (FLUX.1: the transformer only; the others
+    must be there, unadapted)."""
+
+    @property
+    def held(self) -> tuple[str, ...]:
+        """The components whose weights the file holds."""
+        return self.components if self.holds is None else self.holds
 
 
 @dataclass(frozen=True)
@@ -41,6 +64,10 @@ class Family:
     """The denoiser's diffusers class names."""
     text_encoders: tuple[str, ...]
     """Text-encoder component names, each with the tokenizer of the same suffix."""
+    tiny_builder: str
+    """The function of :mod:`boft_diffusion.tiny` that builds this family's embedded tiny pipeline offline
+    (:meth:`tiny_pipeline`; ``build_tiny_sdxl_pipeline``, ...): what tests, ``model.tiny_family`` and model
+    cards use."""
     default_targets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     """Default BOFT target-module suffixes per component."""
     objective: str = "ddpm"
@@ -53,6 +80,22 @@ class Family:
     per_batch_conditioning: tuple[str, ...] = ()
     """Conditioning keys (nested keys joined by dots) that depend on the batch's images, not its prompts
     (SDXL's ``added_cond_kwargs.time_ids``): never cached, made by :meth:`add_batch_conditioning`."""
+    tiny_weights: tuple[str, ...] = ("random",)
+    """The weights its tiny pipeline can be built with, the default first: ``world`` (pretrained on the
+    procedural world, shipped in the package) and ``random`` (initialised from a seed)."""
+    call_arguments: tuple[str, ...] = ("negative_prompt",)
+    """The optional sampling arguments (:data:`boft_diffusion.sampling.OPTIONAL_ARGUMENTS`) that its stock
+    pipelines' ``__call__`` takes (FLUX.2 [klein] takes no ``negative_prompt``); callers of
+    :func:`~boft_diffusion.sampling.seeded_images` pass them as ``accepted``."""
+    pipeline_options: Mapping[str, Any] = field(default_factory=dict)
+    """Constructor arguments beyond the components for a stock pipeline of this family built from another
+    pipeline's modules (SD: no safety checker; SDXL: no watermark)."""
+    controlnet_pipeline: str | None = None
+    """The stock diffusers pipeline class that samples this family's denoiser with a ``ControlNetModel`` (the
+    UNet ControlNet the controlnet recipe trains); ``None``: none (diffusers' SD3 / Flux ControlNet pipelines
+    take other model classes, which this package neither trains nor loads)."""
+    single_file: SingleFileLayout | None = None
+    """Its original single-file layout (``export_merged(..., format="single_file")``); ``None``: none written."""
 
     # --- what a pipeline is ---------------------------------------------------------------------
     def matches(self, pipe: Any) -> bool:
@@ -96,6 +139,33 @@ class Family:
         import diffusers
 
         return getattr(diffusers, self.pipeline_classes[0])
+
+    def controlnet_pipeline_class(self) -> type | None:
+        """The stock class :attr:`controlnet_pipeline` names (``None`` where there is none)."""
+        import diffusers
+
+        return None if self.controlnet_pipeline is None else getattr(diffusers, self.controlnet_pipeline)
+
+    def tiny_pipeline(
+        self, seed: int = 0, *, weights: str | None = None, prediction_type: str | None = None
+    ) -> Any:
+        """The family's embedded tiny pipeline, built offline from ``seed`` by :attr:`tiny_builder`, with
+        ``weights`` (one of :attr:`tiny_weights`; ``None``: the family's default, the first) and, when given,
+        the scheduler's ``prediction_type``. A weight the family has not is a ``ValueError`` naming those it has.
+        """
+        from .. import tiny
+
+        self._check_tiny_weights(weights)
+        pipe = getattr(tiny, self.tiny_builder)(seed)
+        if prediction_type is not None:
+            pipe.scheduler.register_to_config(prediction_type=prediction_type)
+        return pipe
+
+    def _check_tiny_weights(self, weights: str | None) -> None:
+        if weights is not None and weights not in self.tiny_weights:
+            raise ValueError(
+                f"the tiny {self.name} pipeline has {' or '.join(self.tiny_weights)} weights, not {weights!r}"
+            )
 
     # --- prompts --------------------------------------------------------------------------------
     def tokenize(self, pipe: Any, prompts: Sequence[str]) -> dict[str, torch.Tensor]:

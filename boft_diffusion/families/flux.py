@@ -10,7 +10,8 @@ from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
 from ..inject import TEXT_ENCODER_TARGETS
-from .base import Family
+from .base import Family, SingleFileLayout
+from .keys.flux import flux_single_file
 from .sd3 import JOINT_ATTENTION_TARGETS, T5_TARGETS
 
 __all__ = ["FLUX", "pack", "unpack"]
@@ -84,6 +85,7 @@ FLUX = _Flux(
     denoiser="transformer",
     denoiser_classes=("FluxTransformer2DModel",),
     text_encoders=("text_encoder", "text_encoder_2"),
+    tiny_builder="build_tiny_flux_pipeline",
     default_targets={
         "transformer": JOINT_ATTENTION_TARGETS,
         "text_encoder": tuple(TEXT_ENCODER_TARGETS),
@@ -92,5 +94,9 @@ FLUX = _Flux(
     objective="flow",
     trainable_text_encoders=("text_encoder",),
     max_sequence_length=512,
+    # BFL's transformer-only file; the VAE and text encoders must be there, unadapted, and are not written
+    single_file=SingleFileLayout(
+        ("transformer", "vae", "text_encoder", "text_encoder_2"), flux_single_file, holds=("transformer",)
+    ),
 )
 """The FLUX.1 family (dev / schnell shape; diffusers' DreamBooth script: T5 at 512 tokens, CLIP trainable)."""

@@ -181,10 +181,12 @@ FLUX2 = _Flux2(
     denoiser="transformer",
     denoiser_classes=("Flux2Transformer2DModel",),
     text_encoders=("text_encoder",),
+    tiny_builder="build_tiny_flux2_pipeline",
     default_targets={"transformer": FLUX2_TRANSFORMER_TARGETS, "text_encoder": QWEN3_TARGETS},
     objective="flow",
     trainable_text_encoders=(),
     max_sequence_length=512,
+    call_arguments=(),  # Flux2KleinPipeline takes no negative prompt
 )
 """The FLUX.2 [klein] family (4B / 9B, base or distilled: diffusers' Flux.2 [klein] DreamBooth script trains
 the transformer only, Qwen3 prompts at 512 tokens)."""

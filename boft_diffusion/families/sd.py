@@ -8,7 +8,8 @@ from typing import Any
 from torch import nn
 
 from ..inject import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS
-from .base import Family
+from .base import Family, SingleFileLayout
+from .keys.sd import sd_single_file
 
 __all__ = ["SD"]
 
@@ -24,6 +25,17 @@ class _SD(Family):
         states = encoders["text_encoder"](batch["input_ids"].to(device), return_dict=False)[0]
         return {"encoder_hidden_states": states}
 
+    def tiny_pipeline(
+        self, seed: int = 0, *, weights: str | None = None, prediction_type: str | None = None
+    ) -> Any:
+        """The embedded default (:func:`~boft_diffusion.tiny.build_tiny_pipeline`): by default its world weights,
+        which predict noise; ``weights`` may also name a file of :func:`~boft_diffusion.tiny.save_world_weights`."""
+        from ..tiny import build_tiny_pipeline
+
+        return build_tiny_pipeline(
+            seed, prediction_type=prediction_type or "epsilon", weights=weights or self.tiny_weights[0]
+        )
+
 
 SD = _SD(
     name="sd",
@@ -36,6 +48,11 @@ SD = _SD(
     denoiser="unet",
     denoiser_classes=("UNet2DConditionModel",),
     text_encoders=("text_encoder",),
+    tiny_builder="build_tiny_pipeline",
     default_targets={"unet": tuple(UNET_ATTENTION_TARGETS), "text_encoder": tuple(TEXT_ENCODER_TARGETS)},
+    tiny_weights=("world", "random"),
+    pipeline_options={"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False},
+    controlnet_pipeline="StableDiffusionControlNetPipeline",
+    single_file=SingleFileLayout(("unet", "vae", "text_encoder"), sd_single_file),
 )
 """The Stable Diffusion 1.x / 2.x family."""

@@ -57,6 +57,7 @@ SD3 = _SD3(
     denoiser="transformer",
     denoiser_classes=("SD3Transformer2DModel",),
     text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"),
+    tiny_builder="build_tiny_sd3_pipeline",
     default_targets={
         "transformer": JOINT_ATTENTION_TARGETS,
         "text_encoder": tuple(TEXT_ENCODER_TARGETS),

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from ..inject import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS
-from .base import Family
+from .base import Family, SingleFileLayout
+from .keys.sdxl import sdxl_single_file
 
 __all__ = ["SDXL", "time_ids"]
 
@@ -66,11 +67,15 @@ SDXL = _SDXL(
     denoiser="unet",
     denoiser_classes=("UNet2DConditionModel",),
     text_encoders=("text_encoder", "text_encoder_2"),
+    tiny_builder="build_tiny_sdxl_pipeline",
     per_batch_conditioning=("added_cond_kwargs.time_ids",),
     default_targets={
         "unet": tuple(UNET_ATTENTION_TARGETS),
         "text_encoder": tuple(TEXT_ENCODER_TARGETS),
         "text_encoder_2": tuple(TEXT_ENCODER_TARGETS),
     },
+    pipeline_options={"add_watermarker": False},
+    controlnet_pipeline="StableDiffusionXLControlNetPipeline",
+    single_file=SingleFileLayout(("unet", "vae", "text_encoder", "text_encoder_2"), sdxl_single_file),
 )
 """The SDXL family (base 1.0 shape: two CLIP encoders, pooled text embeddings, size / crop time ids)."""

@@ -39,6 +39,7 @@ from ..data import (
     list_images,
     load_rgb,
 )
+from ..families import get_family
 from ..inject import apply_adapter_plan
 from ..io import load_boft_weights
 from ..metrics import (
@@ -561,13 +562,14 @@ def _usage(cfg: DreamBoothConfig) -> str:
             f'StableDiffusionPipeline.from_pretrained("{base}")',
         )
     else:
-        family, seed = cfg.model.tiny_family, cfg.model.tiny_seed
-        build = "build_tiny_pipeline" if family == "sd" else f"build_tiny_{family}_pipeline"
-        if family != "sd":  # random weights, the only ones these families have
-            weights = f"seed={seed}"
+        family = get_family(cfg.model.tiny_family)
+        seed, weights = cfg.model.tiny_seed, cfg.model.tiny_pipeline_weights
+        if weights != family.tiny_weights[0]:  # not the family's default
+            arguments = f'seed={seed}, weights="{weights}"'
         else:
-            weights = "" if cfg.model.tiny_pipeline_weights == "world" else f'seed={seed}, weights="random"'
-        imports, load = f"from boft_diffusion.tiny import {build}", f"{build}({weights})"
+            arguments = "" if weights == "world" else f"seed={seed}"  # the world weights need no seed
+        build = family.tiny_builder
+        imports, load = f"from boft_diffusion.tiny import {build}", f"{build}({arguments})"
     return f"""
 {imports}
 from boft_diffusion.io import load_boft_weights

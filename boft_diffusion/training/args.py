@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from ..config import BOFTConfig
+from ..families import FAMILIES
 from ..inject import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "config_to_yaml",
     "field_docs",
     "load_config",
+    "with_world_weights",
 ]
 
 T = TypeVar("T")
@@ -57,6 +59,16 @@ def _require(ok: bool, key: str, rule: str, value: Any) -> None:
 def _finite(value: Any) -> bool:
     """A real number that is neither NaN nor infinite (the comparisons after it then mean what they say)."""
     return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _one_of(names: Sequence[str]) -> str:
+    """``a, b or c``."""
+    return " or ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
+
+
+def with_world_weights() -> str:
+    """The families whose tiny pipeline has world weights (``sd``), as messages name them."""
+    return _one_of([name for name, family in FAMILIES.items() if "world" in family.tiny_weights])
 
 
 def _check_seed(key: str, value: int) -> None:
@@ -92,30 +104,27 @@ class ModelArgs:
     null: world for tiny_family=sd, random for the others (the only weights they have)."""
     tiny_seed: int = 0
     """Seed of the random tiny pipeline (tiny_weights=random) and of the generated instance images."""
-    tiny_family: Literal["sd", "sdxl", "sd3", "flux", "flux2"] = "sd"
-    """Model family of the embedded tiny pipeline: sd (Stable Diffusion 1.x shape; world or random weights), sdxl,
-    sd3, flux or flux2 (random weights, chosen by default; stock component classes in tiny configs,
-    boft_diffusion.tiny)."""
+    tiny_family: str = "sd"
+    """Model family of the embedded tiny pipeline, a name in boft_diffusion.families.FAMILIES (sd, sdxl, sd3,
+    flux, flux2): sd is the Stable Diffusion 1.x shape with world or random weights, the others have random
+    weights, chosen by default (stock component classes in tiny configs, boft_diffusion.tiny)."""
 
     def __post_init__(self) -> None:
         _check_seed("model.tiny_seed", self.tiny_seed)
-        _require(
-            self.tiny_family in ("sd", "sdxl", "sd3", "flux", "flux2"), "model.tiny_family",
-            "sd, sdxl, sd3, flux or flux2",
-            self.tiny_family,
-        )  # fmt: skip
+        _require(self.tiny_family in FAMILIES, "model.tiny_family", _one_of(list(FAMILIES)), self.tiny_family)
         _require(
             self.tiny_weights in ("world", "random", None),
             "model.tiny_weights",
             "world, random or null",
             self.tiny_weights,
         )
-        if self.pretrained_model_name_or_path is None and self.tiny_family != "sd":
+        has = FAMILIES[self.tiny_family].tiny_weights
+        if self.pretrained_model_name_or_path is None:
             _require(
-                self.tiny_weights != "world",
+                self.tiny_weights in (None, *has),
                 "model.tiny_weights",
-                f"random or null for model.tiny_family={self.tiny_family} (only the sd-shaped tiny pipeline "
-                "has world weights)",
+                f"{_one_of(has)} or null for model.tiny_family={self.tiny_family} (only the "
+                f"{with_world_weights()}-shaped tiny pipeline has world weights)",
                 self.tiny_weights,
             )
         if self.pretrained_model_name_or_path is None and self.tiny_pipeline_weights == "world":
@@ -133,7 +142,7 @@ class ModelArgs:
         default (world for sd, random for the others)."""
         if self.tiny_weights is not None:
             return self.tiny_weights
-        return "world" if self.tiny_family == "sd" else "random"
+        return FAMILIES[self.tiny_family].tiny_weights[0]
 
     @property
     def name(self) -> str:

@@ -26,7 +26,7 @@ from accelerate.utils import ProjectConfiguration
 from torch import nn
 
 from ..atomic import atomic_write_text, folder_write_problem
-from .args import ConfigError, ModelArgs, OptimArgs, TrainArgs
+from .args import ConfigError, ModelArgs, OptimArgs, TrainArgs, with_world_weights
 
 __all__ = [
     "MANIFEST_NAME",
@@ -268,30 +268,24 @@ def load_pipeline(model: ModelArgs, torch_dtype: torch.dtype | None = None) -> A
 
 
 def _tiny_pipeline(model: ModelArgs) -> Any:
-    """The embedded tiny pipeline of ``model.tiny_family``, with ``model.tiny_pipeline_weights``; a family
-    whose random weights were chosen by default says so in one line (from the main process)."""
-    from .. import tiny
+    """The embedded tiny pipeline of ``model.tiny_family``, built by the family with
+    ``model.tiny_pipeline_weights``; random weights chosen by default are said in one line (from the main
+    process)."""
+    from ..families import get_family
 
-    if model.tiny_family == "sd":
-        return tiny.build_tiny_pipeline(
-            model.tiny_seed,
-            prediction_type=model.prediction_type or "epsilon",
-            weights=model.tiny_pipeline_weights,
-        )
-    builds = {
-        "sdxl": tiny.build_tiny_sdxl_pipeline, "sd3": tiny.build_tiny_sd3_pipeline,
-        "flux": tiny.build_tiny_flux_pipeline, "flux2": tiny.build_tiny_flux2_pipeline,
-    }  # fmt: skip
-    if model.tiny_weights is None and os.environ.get("RANK", "0") == "0":
+    if (
+        model.tiny_weights is None
+        and model.tiny_pipeline_weights == "random"
+        and os.environ.get("RANK", "0") == "0"
+    ):
         print(
             f"model.tiny_family={model.tiny_family}: random tiny weights (seed {model.tiny_seed}); "
-            "only the sd-shaped tiny pipeline has world weights",
+            f"only the {with_world_weights()}-shaped tiny pipeline has world weights",
             flush=True,
         )
-    pipe = builds[model.tiny_family](model.tiny_seed)
-    if model.prediction_type is not None:
-        pipe.scheduler.register_to_config(prediction_type=model.prediction_type)
-    return pipe
+    return get_family(model.tiny_family).tiny_pipeline(
+        model.tiny_seed, weights=model.tiny_pipeline_weights, prediction_type=model.prediction_type
+    )
 
 
 def check_family_keys(cfg: Any, family: Any) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["flux_single_file_state", "to_flux_original_layout"]
+__all__ = ["flux_single_file", "to_flux_original_layout"]
 
 _TOP = {
     "time_text_embed.timestep_embedder.linear_1.": "time_in.in_layer.",
@@ -146,23 +146,9 @@ def to_flux_original_layout(transformer: Mapping[str, torch.Tensor]) -> dict[str
     return out
 
 
-def flux_single_file_state(pipe: Any, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """``(pipe, dtype) -> {BFL key: merged tensor}`` of a Flux pipeline: its merged transformer only.
-
-    The file holds no VAE or text encoder, so an adapter on one of those (whose merge the file would
-    silently drop) is refused with a ``ValueError`` pointing to ``format='diffusers'``.
-    """
-    from ..inject import boft_layers
-    from .merged import merged_state_dict
-
-    dropped = sorted(
-        name
-        for name in ("vae", "text_encoder", "text_encoder_2")
-        if isinstance(module := getattr(pipe, name, None), torch.nn.Module) and boft_layers(module)
-    )
-    if dropped:
-        raise ValueError(
-            f"a FLUX.1 single file holds the transformer only; the BOFT adapters on {dropped} would be "
-            "lost: use format='diffusers'"
-        )
-    return to_flux_original_layout(merged_state_dict(pipe.transformer, dtype))
+def flux_single_file(
+    states: Mapping[str, Mapping[str, torch.Tensor]], configs: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
+    """:func:`to_flux_original_layout` of a Flux pipeline's ``{"transformer": state dict}`` (the file holds
+    the transformer only; ``configs`` is unused)."""
+    return to_flux_original_layout(states["transformer"])

@@ -3,7 +3,8 @@
 The exact inverse of diffusers' single-file converters: ``to_original_layout`` maps the UNet, VAE and
 text-encoder state dicts of a diffusers pipeline to the one state dict that ComfyUI, AUTOMATIC1111 and
 ``StableDiffusionPipeline.from_single_file`` read. Pure key (and shape) bookkeeping: no file, no
-pipeline. Other model families get a module of their own beside this one.
+pipeline. Other model families get a module of their own beside this one; :func:`sd_single_file` is
+the :class:`~boft_diffusion.families.base.SingleFileLayout` hook of :data:`~boft_diffusion.families.SD`.
 
 The text encoder is written as the original model held it, decided from its config
 (:func:`is_open_clip`): SD 1.x's OpenAI CLIP ViT-L (``quick_gelu``) under
@@ -24,6 +25,7 @@ __all__ = [
     "OPEN_CLIP_PREFIX",
     "is_open_clip",
     "open_clip_layout",
+    "sd_single_file",
     "to_original_layout",
 ]
 
@@ -225,3 +227,14 @@ def to_original_layout(
         for key, tensor in text_encoder.items():
             out[f"{CLIP_PREFIX}{key.removeprefix('text_model.')}"] = tensor
     return out
+
+
+def sd_single_file(
+    states: Mapping[str, Mapping[str, torch.Tensor]], configs: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
+    """:func:`to_original_layout` of an SD pipeline's ``{component: state dict}`` and ``{component: config}``
+    (``unet``, ``vae``, ``text_encoder``; the text encoder's config decides its layout)."""
+    return to_original_layout(
+        states["unet"], states["vae"], states["text_encoder"],
+        configs["unet"], configs["vae"], configs["text_encoder"],
+    )  # fmt: skip

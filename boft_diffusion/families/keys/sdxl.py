@@ -7,7 +7,7 @@ and both text-encoder state dicts of an SDXL pipeline to the one state dict that
 AUTOMATIC1111 and ``StableDiffusionXLPipeline.from_single_file`` read. Pure key (and shape)
 bookkeeping: no file, no pipeline.
 
-- UNet: the LDM ``UNetModel`` names of :mod:`.sd_keys` under ``model.diffusion_model.``, plus the
+- UNet: the LDM ``UNetModel`` names of :mod:`.sd` under ``model.diffusion_model.``, plus the
   added text-time embedding ``add_embedding.linear_{1,2}`` as ``label_emb.0.{0,2}``.
 - VAE: as SD, under ``first_stage_model.``.
 - First text encoder (CLIP ViT-L, a transformers ``CLIPTextModel``): its own names under
@@ -17,7 +17,7 @@ bookkeeping: no file, no pipeline.
   ``transformer.resblocks.N.{ln_1, ln_2, attn.in_proj_*, attn.out_proj, mlp.c_fc, mlp.c_proj}``
   (``in_proj`` is q, k and v stacked in that order), ``ln_final`` and ``text_projection`` (stored as
   open_clip multiplies by it, ``x @ P``: the transpose of the ``nn.Linear`` weight); the mapping is
-  :func:`.sd_keys.open_clip_layout`, which SD 2.x's OpenCLIP-H text encoder shares.
+  :func:`.sd.open_clip_layout`, which SD 2.x's OpenCLIP-H text encoder shares.
 
 Not written: open_clip's ``logit_scale`` (no part of text conditioning; diffusers has no such tensor,
 and ComfyUI, AUTOMATIC1111 and diffusers load without it) and ``position_ids`` buffers of the second
@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
-from .sd_keys import open_clip_layout, to_original_layout
+from .sd import open_clip_layout, to_original_layout
 
-__all__ = ["CLIP_G_PREFIX", "CLIP_L_PREFIX", "to_sdxl_original_layout"]
+__all__ = ["CLIP_G_PREFIX", "CLIP_L_PREFIX", "sdxl_single_file", "to_sdxl_original_layout"]
 
 CLIP_L_PREFIX = "conditioner.embedders.0.transformer.text_model."
 """Where the first (CLIP ViT-L) text encoder's transformers keys go."""
@@ -74,7 +74,7 @@ def to_sdxl_original_layout(
 ) -> dict[str, torch.Tensor]:
     """Diffusers state dicts of an SDXL pipeline -> one original (``sgm``) SDXL state dict.
 
-    UNet and VAE as :func:`~boft_diffusion.export.sd_keys.to_original_layout` (``model.diffusion_model.``,
+    UNet and VAE as :func:`~boft_diffusion.families.keys.sd.to_original_layout` (``model.diffusion_model.``,
     ``first_stage_model.``) with the added text-time embedding as ``label_emb.0.{0,2}``; the first CLIP
     under ``conditioner.embedders.0.transformer.text_model.``, the second in open_clip layout under
     ``conditioner.embedders.1.model.``. Renames share the input tensors; the fused ``in_proj`` tensors
@@ -93,3 +93,14 @@ def to_sdxl_original_layout(
     out.update(_clip_l(text_encoder))
     out.update(_clip_g(text_encoder_2))
     return out
+
+
+def sdxl_single_file(
+    states: Mapping[str, Mapping[str, torch.Tensor]], configs: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
+    """:func:`to_sdxl_original_layout` of an SDXL pipeline's ``{component: state dict}`` and
+    ``{component: config}`` (``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``)."""
+    return to_sdxl_original_layout(
+        states["unet"], states["vae"], states["text_encoder"], states["text_encoder_2"],
+        configs["unet"], configs["vae"],
+    )  # fmt: skip
