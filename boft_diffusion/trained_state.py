@@ -18,7 +18,9 @@ A kind says:
   needed built aside, the pipeline untouched; it returns an :class:`Attachment` whose ``attach`` and
   ``detach`` change the pipeline and undo the change;
 - :meth:`~TrainedState.restore`: resuming, the saved tensors copied into state already in place;
-- :meth:`~TrainedState.remove`: unloading or deleting an adapter, the state taken off again.
+- :meth:`~TrainedState.remove`: unloading or deleting an adapter, the state taken off again;
+- :meth:`~TrainedState.stock_files` / :meth:`~TrainedState.load_stock_files`: the state in a stock tool's
+  own format next to a converted LoRA (``boft-diffusion convert``), and loaded back by that tool.
 
 Loading runs every kind's ``prepare`` before it attaches anything, then attaches in registration order
 and detaches in reverse if anything fails, so a file that does not fit leaves the pipeline as it was.
@@ -109,6 +111,15 @@ class TrainedState:
 
     def remove(self, pipe: Any, adapter_name: str | None = None) -> None:
         """Take this kind's state of ``adapter_name`` (``None``: of every adapter) off ``pipe``."""
+
+    def stock_files(self, adapter: Any) -> dict[str, dict[str, Any]]:
+        """Files in a stock tool's format that carry this state next to a converted LoRA: ``{file-name suffix:
+        tensors}`` (token embeddings: ``"_emb"`` -> diffusers' textual-inversion tensors)."""
+        return {}
+
+    def load_stock_files(self, pipe: Any, adapter: Any, files: Mapping[str, Any]) -> None:
+        """Load what :meth:`stock_files` wrote for ``adapter`` (``{suffix: path}``) onto ``pipe`` with the
+        stock tool's own loader."""
 
 
 _REGISTRY: dict[str, TrainedState] = {}

@@ -143,3 +143,58 @@ def test_a_new_token_the_base_already_has_fails_before_training(tmp_path):
     with pytest.raises(ConfigError, match=r"new token\(s\) \['<s1>'\] are already in tokenizer's vocabulary"):
         run(make_config(tmp_path / "run", f"model.pretrained_model_name_or_path={tmp_path / 'base'}"))
     assert not (tmp_path / "run" / "boft_weights.safetensors").exists()
+
+
+def test_the_merged_export_opens_in_stock_diffusers_with_the_tokens(trained, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from boft_diffusion.export import export_merged
+
+    out, _ = trained
+    pipe = build_tiny_pipeline(seed=0)
+    load_boft_weights(pipe, out)
+    export_merged(pipe, tmp_path / "merged")
+    stock = StableDiffusionPipeline.from_pretrained(tmp_path / "merged")
+    assert stock.tokenizer.convert_tokens_to_ids(TOKENS) == pipe.tokenizer.convert_tokens_to_ids(TOKENS)
+    torch.testing.assert_close(prompt_states(stock), prompt_states(pipe), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_convert_writes_a_textual_inversion_file_stock_diffusers_reproduces(trained, tmp_path, capsys):
+    from boft_diffusion import cli
+
+    out, _ = trained
+    lora = tmp_path / "lora.safetensors"
+    code = cli.main(
+        ["convert", "--adapter", str(out), "--to", "lora", "--error-budget", "0.0001", "--max-rank", "1024",
+         "--out", str(lora), "--prompt", "a photo of <s0><s1> toy"]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0 and (tmp_path / "lora_emb.safetensors").is_file()
+    state = load_file(tmp_path / "lora_emb.safetensors")
+    torch.testing.assert_close(state["clip_l"], read_adapter(out).states["token_embeddings"]["text_encoder"])
+    difference = float(printed.split("largest pixel difference")[1].split(":")[1].split()[0])
+    assert difference < 1.0  # load_lora_weights + load_textual_inversion give the adapter's images
+
+
+def test_convert_refuses_an_existing_embeddings_file_before_writing(trained, tmp_path, capsys):
+    from boft_diffusion import cli
+
+    out, _ = trained
+    (tmp_path / "lora_emb.safetensors").write_text("keep me")
+    code = cli.main(
+        [
+            "convert",
+            "--adapter",
+            str(out),
+            "--to",
+            "lora",
+            "--rank",
+            "2",
+            "--out",
+            str(tmp_path / "lora.safetensors"),
+        ]
+    )
+    assert code == 2 and "lora_emb.safetensors: output path already exists" in capsys.readouterr().err
+    assert not (tmp_path / "lora.safetensors").exists()
+    assert (tmp_path / "lora_emb.safetensors").read_text() == "keep me"

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..io.format import atomic_save_safetensors
 from . import (
     Command,
     CommandError,
@@ -130,12 +131,14 @@ def sample_images(pipe: Any, prompts: list[str], seed: int, steps: int, size: in
 
 
 def pixel_difference(
-    pipe: Any, lora: Path, prompts: list[str], seed: int, steps: int, size: int | None
-) -> float:
+    pipe: Any, lora: Path, prompts: list[str], seed: int, steps: int, size: int | None,
+    load_beside: Any = None,
+) -> float:  # fmt: skip
     """Largest pixel difference (0..255) between ``pipe``'s BOFT adapter and the LoRA file on the same base.
 
     The BOFT adapter is unloaded from ``pipe`` afterwards (the original modules go back), then the LoRA
-    file is loaded with diffusers' ``load_lora_weights``.
+    file is loaded with diffusers' ``load_lora_weights`` and ``load_beside(pipe)`` loads what was written
+    next to it (new tokens: ``load_textual_inversion``).
     """
     import numpy as np
 
@@ -144,6 +147,8 @@ def pixel_difference(
     boft = sample_images(pipe, prompts, seed, steps, size)
     unload_boft(pipe)
     pipe.load_lora_weights(str(lora))
+    if load_beside is not None:
+        load_beside(pipe)
     converted = sample_images(pipe, prompts, seed, steps, size)
     pipe.unload_lora_weights()
     return float(np.abs(boft.astype(np.float64) - converted.astype(np.float64)).max() * 255.0)
@@ -162,7 +167,9 @@ def run(args: argparse.Namespace) -> int:
     from ..io import load_boft_weights, read_adapter
 
     start = time.perf_counter()
-    metadata = read_adapter(adapter).metadata  # a broken file fails before any model loads
+    saved = read_adapter(adapter)  # a broken file fails before any model loads
+    metadata = saved.metadata
+    beside = _stock_files(saved, out, args, inputs) if args.to == "lora" else {}
     pipe = _load(args.base)
     if check_pixels:
         check_steps(pipe, args.steps)
@@ -190,6 +197,11 @@ def run(args: argparse.Namespace) -> int:
                 report = export_diff(pipe, out, overwrite=args.overwrite)
         except ConvertError as err:
             raise CommandError(one_line(err)) from err
+    for kind, files in beside.items():
+        for suffix, tensors in kind.stock_files(saved).items():
+            with writing(files[suffix], "the file"):
+                atomic_save_safetensors(tensors, files[suffix], {"format": "pt"})
+            print(f"wrote {files[suffix]} ({kind.name}, for the stock loader; see the README)")
     if args.to == "lora":
         print(report.table())
     else:
@@ -210,12 +222,35 @@ def run(args: argparse.Namespace) -> int:
 
             prompts = args.prompt or ["a photo of sks toy", "a photo of a toy"]
             size = TINY_RESOLUTION if args.base is None else None
-            diff = pixel_difference(pipe, report.path, prompts, args.seed, args.steps, size)
+
+            def load_beside(target: Any) -> None:
+                for kind, files in beside.items():
+                    kind.load_stock_files(target, saved, files)
+
+            diff = pixel_difference(pipe, report.path, prompts, args.seed, args.steps, size, load_beside)
             print(
                 f"largest pixel difference, BOFT vs LoRA (0..255, {len(prompts)} images, {args.steps} steps): {diff:.3f}"
             )
     print(f"done in {time.perf_counter() - start:.1f}s")
     return 0
+
+
+def _stock_files(
+    saved: Any, out: Path, args: argparse.Namespace, inputs: list[Any]
+) -> dict[Any, dict[str, Path]]:
+    """``{kind: {suffix: path}}`` of what registered trained state writes next to the LoRA file (new token
+    embeddings: ``<name>_emb.safetensors``); each path checked new before anything is written."""
+    from ..trained_state import trained_states
+
+    lora = out if out.suffix == ".safetensors" else out / "pytorch_lora_weights.safetensors"
+    files = {}
+    for kind in trained_states():
+        if kind.name in saved.states:
+            names = {s: lora.with_name(f"{lora.stem}{s}.safetensors") for s in kind.stock_files(saved)}
+            for path in names.values():
+                check_new_output(path, inputs=inputs, overwrite=args.overwrite)
+            files[kind] = names
+    return files
 
 
 COMMAND = Command(HELP, add_arguments, run)

@@ -41,6 +41,8 @@ _RECORD = "_boft_new_tokens"
 """Attribute of a text encoder: ``{adapter name: (tokens, tokenizer)}``."""
 MAX_TOKENS = 64
 """At most this many new tokens per text encoder in one file."""
+STOCK_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
+"""Keys of diffusers' textual-inversion file (its advanced DreamBooth script's ``*_emb.safetensors``)."""
 
 
 def tokenizer_of(encoder: str) -> str:
@@ -211,6 +213,25 @@ class TokenEmbeddings(TrainedState):
         for comp, module in pipeline_components(pipe).items():
             if comp.startswith("text_encoder") and _records(module):
                 remove_tokens(module, adapter_name)
+
+    def stock_files(self, adapter: AdapterFile) -> dict[str, dict[str, torch.Tensor]]:
+        """diffusers' advanced DreamBooth layout: one file, ``clip_l`` (``text_encoder``) and ``clip_g``
+        (``text_encoder_2``) rows; ``pipe.load_textual_inversion(state["clip_l"], token=[...])`` loads them."""
+        record = _file_tokens(adapter)
+        rows = adapter.states[self.name]
+        return {"_emb": {STOCK_KEYS.get(encoder, encoder): rows[encoder] for encoder in record}}
+
+    def load_stock_files(self, pipe: Any, adapter: AdapterFile, files: Mapping[str, Any]) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(files["_emb"]))
+        for encoder, tokens in _file_tokens(adapter).items():
+            key = STOCK_KEYS.get(encoder, encoder)
+            if key in state:
+                pipe.load_textual_inversion(
+                    state[key], token=tokens, text_encoder=getattr(pipe, encoder),
+                    tokenizer=getattr(pipe, tokenizer_of(encoder)),
+                )  # fmt: skip
 
 
 TOKEN_EMBEDDINGS = register_trained_state(TokenEmbeddings())
