@@ -69,12 +69,12 @@ from ..metrics import (
     measure_control,
     world_control_cases,
 )
-from ..tiny import TINY_RESOLUTION
 from ..training.args import (
     BOFTArgs,
     ConfigError,
-    ModelArgs,
+    DataArgs,
     OptimArgs,
+    RecipeConfig,
     TrainArgs,
     ValidationArgs,
 )
@@ -148,7 +148,7 @@ class ControlArgs:
 
 
 @dataclass
-class ControlDataArgs:
+class ControlDataArgs(DataArgs):
     """Image / control-image / caption triples, and preprocessing."""
 
     train_data_dir: str | None = None
@@ -174,18 +174,15 @@ class ControlDataArgs:
     """The world's control map for generated data: edges or mask."""
     proportion_empty_prompts: float = 0.1
     """Share of captions replaced by the empty prompt (so that the control works without a prompt, and for CFG)."""
-    resolution: int = TINY_RESOLUTION
-    """Training image size in pixels (square; a multiple of 8)."""
     center_crop: bool = True
     """Center-crop to the resolution (false: random crop; the same crop for image and control)."""
     random_flip: bool = False
     """Flip image and control together horizontally at random."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.train_data_dir and self.dataset_name:
             raise ConfigError("data: give train_data_dir or dataset_name, not both")
-        if self.resolution < 8 or self.resolution % 8:
-            raise ConfigError(f"data.resolution must be a positive multiple of 8 (got {self.resolution})")
         if not (math.isfinite(self.proportion_empty_prompts) and 0 <= self.proportion_empty_prompts <= 1):
             raise ConfigError(
                 f"data.proportion_empty_prompts must be in [0, 1] (got {self.proportion_empty_prompts})"
@@ -255,10 +252,9 @@ class ControlMetricsArgs:
 
 
 @dataclass
-class ControlNetConfig:
+class ControlNetConfig(RecipeConfig):
     """A controllable-generation run; the defaults are the embedded tiny job (configs/controlnet/tiny_controlnet.yaml)."""
 
-    model: ModelArgs = field(default_factory=ModelArgs)
     boft: ControlBOFTArgs = field(default_factory=ControlBOFTArgs)
     control: ControlArgs = field(default_factory=ControlArgs)
     data: ControlDataArgs = field(default_factory=ControlDataArgs)

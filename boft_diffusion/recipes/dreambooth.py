@@ -55,14 +55,13 @@ from ..metrics import (
     measure_dreambooth,
     world_dreambooth_probe,
 )
-from ..tiny import TINY_CLASS_PROMPT, TINY_INSTANCE_PROMPT, TINY_RESOLUTION, make_instance_images
+from ..tiny import TINY_CLASS_PROMPT, TINY_INSTANCE_PROMPT, make_instance_images
 from ..training.args import (
     BOFTArgs,
     ConfigError,
-    ModelArgs,
-    OptimArgs,
+    DataArgs,
+    RecipeConfig,
     TrainArgs,
-    ValidationArgs,
 )
 from ..training.card import write_model_card
 from ..training.noise import (
@@ -87,7 +86,7 @@ __all__ = [
 
 
 @dataclass
-class DreamBoothDataArgs:
+class DreamBoothDataArgs(DataArgs):
     """Subject (instance) images and prompt, prior-preservation class images, preprocessing."""
 
     instance_data_dir: str | None = None
@@ -112,8 +111,6 @@ class DreamBoothDataArgs:
     """Batch size when generating class images."""
     class_inference_steps: int = 25
     """Sampler steps when generating class images."""
-    resolution: int = TINY_RESOLUTION
-    """Training image size in pixels (square; a multiple of 8)."""
     center_crop: bool = False
     """Center-crop to the resolution (false: random crop)."""
     random_flip: bool = False
@@ -122,12 +119,11 @@ class DreamBoothDataArgs:
     """Encode every training prompt (instance prompt, caption files, class prompt) once before training with the frozen text encoders, for large ones such as T5-XXL. The embeddings are kept on the CPU and written to prompt_embeddings.safetensors in data.class_data_dir (with prior preservation) or train.output_dir; a later run reuses that file when it was made by the same model family, text-encoder weights and prompts, and refuses one that was not (delete it to recompute). The encoders are then freed from training: never called by the loss, and on an accelerator moved to CPU memory (validation and metrics sampling move them back for their time). Needs boft.train_text_encoder=false."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.with_prior_preservation and not self.class_prompt:
             raise ConfigError(
                 "data.with_prior_preservation needs data.class_prompt (e.g. 'a photo of a dog')"
             )
-        if self.resolution < 8 or self.resolution % 8:
-            raise ConfigError(f"data.resolution must be a positive multiple of 8 (got {self.resolution})")
         if self.num_class_images < 1 or self.num_generated_images < 1 or self.sample_batch_size < 1:
             raise ConfigError(
                 "data.num_class_images, num_generated_images and sample_batch_size must be >= 1"
@@ -205,15 +201,12 @@ def _dreambooth_boft() -> BOFTArgs:
 
 
 @dataclass
-class DreamBoothConfig:
+class DreamBoothConfig(RecipeConfig):
     """A DreamBooth run; the defaults are the embedded tiny job (configs/dreambooth/tiny.yaml)."""
 
-    model: ModelArgs = field(default_factory=ModelArgs)
     boft: BOFTArgs = field(default_factory=_dreambooth_boft)
     data: DreamBoothDataArgs = field(default_factory=DreamBoothDataArgs)
-    optim: OptimArgs = field(default_factory=OptimArgs)
     train: TrainArgs = field(default_factory=lambda: TrainArgs(train_batch_size=4, max_train_steps=500))
-    validation: ValidationArgs = field(default_factory=ValidationArgs)
     metrics: DreamBoothMetricsArgs = field(default_factory=DreamBoothMetricsArgs)
 
     def __post_init__(self) -> None:

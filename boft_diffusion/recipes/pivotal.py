@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..training.args import ConfigError
+from ..training.args import ConfigError, TrainArgs
 from ..training.recipe import TrainResult
 from .dreambooth import DreamBoothConfig, DreamBoothRecipe
 from .tokens import MAX_TOKENS, add_tokens, tokenizer_of
@@ -61,6 +61,11 @@ class PivotalArgs:
 class PivotalConfig(DreamBoothConfig):
     """A DreamBooth run that also trains new token embeddings for the subject."""
 
+    train: TrainArgs = field(
+        default_factory=lambda: TrainArgs(
+            train_batch_size=4, max_train_steps=500, output_dir="outputs/pivotal-tiny"
+        )
+    )
     pivotal: PivotalArgs = field(default_factory=PivotalArgs)
 
     def __post_init__(self) -> None:

@@ -31,8 +31,10 @@ from ..inject import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS
 __all__ = [
     "BOFTArgs",
     "ConfigError",
+    "DataArgs",
     "ModelArgs",
     "OptimArgs",
+    "RecipeConfig",
     "TrainArgs",
     "ValidationArgs",
     "config_keys",
@@ -372,6 +374,32 @@ class ValidationArgs:
 
 
 # --- loading ------------------------------------------------------------------------------------
+@dataclass
+class DataArgs:
+    """The data section every recipe's extends: what the shared training parts read of it."""
+
+    resolution: int = 64
+    """Training image size in pixels (square; a multiple of 8; the tiny pipeline's native size is 64)."""
+
+    def __post_init__(self) -> None:
+        if self.resolution < 8 or self.resolution % 8:
+            raise ConfigError(f"data.resolution must be a positive multiple of 8 (got {self.resolution})")
+
+
+@dataclass
+class RecipeConfig:
+    """The sections every recipe's config has; a recipe's config extends it (narrowing ``data``, ``boft``,
+    ``validation`` to its own classes and adding its sections). :class:`~boft_diffusion.training.recipe.TrainingRecipe`
+    reads only these."""
+
+    model: ModelArgs = field(default_factory=ModelArgs)
+    boft: BOFTArgs = field(default_factory=BOFTArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    validation: ValidationArgs = field(default_factory=ValidationArgs)
+
+
 def config_keys(cls: type) -> list[str]:
     """Every leaf key of a (nested) config dataclass as a dotted path, in declaration order."""
     keys = []

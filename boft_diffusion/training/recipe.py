@@ -37,7 +37,7 @@ from ..io import ADAPTER_WEIGHTS_NAME, AdapterFile, write_adapter
 from ..io.load import FAMILY_METADATA
 from ..metrics import Measurement, before_after_rows, format_metrics, grid
 from ..pipeline import base_fingerprint
-from .args import ConfigError, config_to_dict, config_to_yaml
+from .args import ConfigError, RecipeConfig, config_to_dict, config_to_yaml
 from .checkpoint import (
     TrainingState,
     TrainProgress,
@@ -101,7 +101,7 @@ class TrainResult:
 
 
 class TrainingRecipe:
-    """One training run. ``cfg`` has the sections ``model, boft, data, optim, train, validation``.
+    """One training run. ``cfg`` is a :class:`~boft_diffusion.training.args.RecipeConfig` (a recipe's config extends it).
 
     Life cycle: :meth:`check_inputs` (also called by :meth:`setup`) rejects bad input before
     anything is written; :meth:`setup` loads the pipeline, claims the output folder and builds the
@@ -116,7 +116,7 @@ class TrainingRecipe:
     unshardable: str | None = None
     """Why the recipe cannot train under FSDP, if it cannot (:func:`~.sharding.check_sharding`)."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: RecipeConfig) -> None:
         self.cfg = cfg
         self.resume: Path | None = None
         # Set by setup():
