@@ -53,6 +53,8 @@ def test_new_rows_train_and_every_other_row_stays(trained):
     assert adapter.metadata["token_embeddings"] == '{"text_encoder": ["<s0>", "<s1>"]}'
     torch.testing.assert_close(adapter.states["token_embeddings"]["text_encoder"], weight[-2:])
     assert recipe.cfg.data.instance_prompt == "a photo of <s0><s1> toy"
+    card = (out / "README.md").read_text()
+    assert "# BOFT pivotal tuning: a photo of <s0><s1> toy" in card and "| `pivotal.num_new_tokens` | `2` |" in card
     assert (
         recipe.trainable_count()
         == sum(t.numel() for t in adapter.tensors["text_encoder"].values())

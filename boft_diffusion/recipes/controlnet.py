@@ -78,7 +78,7 @@ from ..training.args import (
     TrainArgs,
     ValidationArgs,
 )
-from ..training.card import write_model_card
+from ..training.card import CardParts
 from ..training.noise import (
     diffusion_loss,
     noise_latents,
@@ -577,23 +577,19 @@ class ControlNetRecipe(TrainingRecipe):
             info |= self.controlnet_fingerprints  # loading checks the ControlNet the user gives against them
         return {CONTROL_METADATA: json.dumps(info, sort_keys=True)}
 
-    def save_outputs(self, grid_path: Path | None) -> None:
-        cfg, out = self.cfg, Path(self.cfg.train.output_dir)
-        hyper = self.card_hyperparameters(CARD_HYPERPARAMETERS)
-        base, mode = self.base_model, cfg.control.mode
-        write_model_card(
-            out,
+    def card_parts(self) -> CardParts:
+        base, mode = self.base_model, self.cfg.control.mode
+        return CardParts(
             title=f"BOFT controllable generation ({mode}) for {base}",
-            base_model=base,
             description=f"A BOFT adapter for `{base}` that follows a control image ({mode} mode), trained for "
             f"{self.step} steps with boft-diffusion.",
-            hyperparameters=hyper,
-            trainable_parameters=self.trainable_count(),
-            usage=_usage(cfg),
-            images=[str(grid_path.relative_to(out))] if grid_path else [],
-            metrics=self.report,
+            hyperparameters=CARD_HYPERPARAMETERS,
+            usage=_usage(self.cfg),
             tags=("boft", "controlnet", "diffusers", "text-to-image", "stable-diffusion"),
         )
+
+    def save_outputs(self, grid_path: Path | None) -> None:
+        cfg, out = self.cfg, Path(self.cfg.train.output_dir)
         if cfg.train.export_merged:
             self._export_merged(out / "merged")
 

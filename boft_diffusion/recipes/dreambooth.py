@@ -63,7 +63,7 @@ from ..training.args import (
     RecipeConfig,
     TrainArgs,
 )
-from ..training.card import write_model_card
+from ..training.card import CardParts
 from ..training.noise import (
     diffusion_loss,
     noise_latents,
@@ -516,25 +516,21 @@ class DreamBoothRecipe(TrainingRecipe):
         return diffusion_loss(pred[:n], target[:n], w_inst) + cfg.data.prior_loss_weight * prior
 
     # --- save ------------------------------------------------------------------------------------
-    def save_outputs(self, grid: Path | None) -> None:
-        """Model card and (if asked) the merged export."""
-        cfg, out = self.cfg, Path(self.cfg.train.output_dir)
-        hyper = self.card_hyperparameters(CARD_HYPERPARAMETERS)
-        base = self.base_model
-        write_model_card(
-            out,
+    def card_parts(self) -> CardParts:
+        cfg, base = self.cfg, self.base_model
+        return CardParts(
             title=f"BOFT DreamBooth adapter: {cfg.data.instance_prompt}",
-            base_model=base,
             description=f"A BOFT adapter for `{base}` trained with DreamBooth on the prompt "
             f"`{cfg.data.instance_prompt}` for {self.step} steps with boft-diffusion.",
-            hyperparameters=hyper,
-            trainable_parameters=self.trainable_count(),
+            hyperparameters=CARD_HYPERPARAMETERS,
             usage=_usage(cfg),
-            images=[str(grid.relative_to(out))] if grid else [],
-            metrics=self.report,
             tags=("boft", "dreambooth", "diffusers", "text-to-image", "stable-diffusion"),
             instance_prompt=cfg.data.instance_prompt,
         )
+
+    def save_outputs(self, grid: Path | None) -> None:
+        """The merged export, if asked."""
+        cfg, out = self.cfg, Path(self.cfg.train.output_dir)
         if cfg.train.export_merged:
             from ..export import export_merged
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from ..training.args import ConfigError, TrainArgs
+from ..training.card import CardParts
 from ..training.recipe import TrainResult
 from .dreambooth import DreamBoothConfig, DreamBoothRecipe
 from .tokens import MAX_TOKENS, add_tokens, tokenizer_of
@@ -81,6 +82,9 @@ class PivotalConfig(DreamBoothConfig):
                 f"{self.data.instance_prompt!r}: it must name the subject there"
             )
 
+
+PIVOTAL_KEYS = ("token_abstraction", "num_new_tokens", "initializer_token")
+"""The ``pivotal.*`` keys the model card lists."""
 
 CONFIG_CLASS = PivotalConfig
 """The recipe's config class (``boft-diffusion train pivotal`` loads it)."""
@@ -177,6 +181,17 @@ class PivotalRecipe(DreamBoothRecipe):
         """BOFT's parameters and the new rows (the rest of the embedding matrix is held fixed)."""
         fixed = sum(int(keep.sum()) * values.shape[1] for keep, values in self._frozen_rows.values())
         return super().trainable_count() - fixed
+
+    def card_parts(self) -> CardParts:
+        parts, args = super().card_parts(), self.cfg.pivotal
+        return replace(
+            parts,
+            title=f"BOFT pivotal tuning: {self.cfg.data.instance_prompt}",
+            description=f"{parts.description} The new tokens {''.join(args.tokens)} stand for the subject; "
+            "`load_boft_weights` adds them to the pipeline's tokenizer and text encoder.",
+            hyperparameters=(*parts.hyperparameters, *(f"pivotal.{k}" for k in PIVOTAL_KEYS)),
+            tags=(*parts.tags, "textual-inversion", "pivotal-tuning"),
+        )
 
     def adapter_metadata(self) -> dict[str, str]:
         return {**super().adapter_metadata(), "token_abstraction": self.cfg.pivotal.token_abstraction}

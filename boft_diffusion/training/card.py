@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_text
 
-__all__ = ["write_model_card"]
+__all__ = ["CardParts", "write_model_card"]
+
+
+@dataclass(frozen=True)
+class CardParts:
+    """What a recipe says in its model card; :meth:`~boft_diffusion.training.recipe.TrainingRecipe.write_card`
+    adds the base model, trainable parameters, the final grid and the metrics."""
+
+    title: str
+    description: str
+    hyperparameters: tuple[str, ...]
+    """Config keys (dotted) the card lists besides every ``boft.*`` key."""
+    usage: str
+    """Python that loads the adapter and samples."""
+    tags: tuple[str, ...]
+    instance_prompt: str | None = None
 
 
 def _front_matter(base_model: str, tags: Sequence[str], prompt: str | None) -> str:

@@ -38,6 +38,7 @@ from ..io.load import FAMILY_METADATA
 from ..metrics import Measurement, before_after_rows, format_metrics, grid
 from ..pipeline import base_fingerprint
 from .args import ConfigError, RecipeConfig, config_to_dict, config_to_yaml
+from .card import CardParts, write_model_card
 from .checkpoint import (
     TrainingState,
     TrainProgress,
@@ -175,8 +176,30 @@ class TrainingRecipe:
     def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
 
+    def card_parts(self) -> CardParts:
+        """What the model card says about this recipe's run (title, description, keys, usage, tags)."""
+        raise NotImplementedError
+
+    def write_card(self, grid: Path | None) -> Path:
+        """``<output_dir>/README.md`` from :meth:`card_parts`, the base, the parameter count, ``grid`` and the
+        metrics."""
+        parts, out = self.card_parts(), Path(self.cfg.train.output_dir)
+        return write_model_card(
+            out,
+            title=parts.title,
+            base_model=self.base_model,
+            description=parts.description,
+            hyperparameters=self.card_hyperparameters(parts.hyperparameters),
+            trainable_parameters=self.trainable_count(),
+            usage=parts.usage,
+            images=[str(grid.relative_to(out))] if grid else [],
+            metrics=self.report,
+            tags=parts.tags,
+            instance_prompt=parts.instance_prompt,
+        )
+
     def save_outputs(self, grid: Path | None) -> None:
-        """Model card, exports (``grid``: the final sample grid): main process, after the adapter."""
+        """Exports (``grid``: the final sample grid): main process, after the adapter and the model card."""
 
     def adapter_metadata(self) -> dict[str, str]:
         """Extra metadata the adapter file carries (e.g. how to rebuild a trained control module)."""
@@ -522,6 +545,7 @@ class TrainingRecipe:
         grid = self.validate("final", tag="final")
         self.report = self.measure_run("after")
         if accelerator.is_main_process:
+            self.write_card(grid)
             self.save_outputs(grid)
             record_outputs(out, *(path for _, path in list_checkpoints(out)))
         return grid
