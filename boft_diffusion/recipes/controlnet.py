@@ -32,7 +32,6 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader
 
 from ..config import BOFTConfig
 from ..control import (
@@ -48,7 +47,6 @@ from ..control import (
 from ..data import (
     ControlDataset,
     DataError,
-    EpochSampler,
     collate_control,
     load_control_examples,
     load_rgb,
@@ -252,18 +250,8 @@ class ControlNetRecipe(TrainingRecipe):
             data.proportion_empty_prompts,
             t.seed,
         )
-        sampler = EpochSampler(len(dataset), t.seed)
-        self.dataloader = DataLoader(
-            dataset,
-            batch_size=t.train_batch_size,
-            sampler=sampler,
-            collate_fn=partial(
-                _collate, tokenize=partial(self.family.tokenize, self.family.tokenizers(self.pipe))
-            ),
-            num_workers=t.dataloader_num_workers,
-            generator=torch.Generator().manual_seed(t.seed),
-        )
-        self.epoch_aware = [sampler, dataset]
+        tokenize = partial(self.family.tokenize, self.family.tokenizers(self.pipe))
+        self.make_dataloader(dataset, partial(_collate, tokenize=tokenize))
 
     def _world_examples(self) -> list[Any]:
         cfg = self.cfg

@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from ..atomic import folder_write_problem
 from ..data import (
@@ -31,7 +30,6 @@ from ..data import (
     PROMPT_EMBEDDINGS_NAME,
     DataError,
     DreamBoothDataset,
-    EpochSampler,
     collate_dreambooth,
     dreambooth_prompts,
     generate_class_images,
@@ -201,7 +199,7 @@ class DreamBoothRecipe(TrainingRecipe):
             self.prompt_cache.build(
                 self.training_prompts(instance), self.accelerator, self.cfg.data.resolution, out
             )
-        self.dataloader, self.epoch_aware = self._dataloader(instance, classes)
+        self._dataloader(instance, classes)
 
     def _instance_images(self) -> list[Path]:
         cfg = self.cfg
@@ -326,27 +324,18 @@ class DreamBoothRecipe(TrainingRecipe):
         plans = self._plan_adapters()  # every component checked before any is changed
         return {name: apply_adapter_plan(getattr(self.pipe, name), plan) for name, plan in plans.items()}
 
-    def _dataloader(self, instance: list[Path], classes: list[Path] | None) -> tuple[DataLoader, list[Any]]:
+    def _dataloader(self, instance: list[Path], classes: list[Path] | None) -> None:
         data, t = self.cfg.data, self.cfg.train
         dataset = DreamBoothDataset(
             instance, data.instance_prompt, data.resolution, data.center_crop, data.random_flip,
             classes, data.class_prompt, data.caption_extension, t.seed,
         )  # fmt: skip
-        sampler = EpochSampler(len(dataset), t.seed)
         tokenize = (
             None
             if self.prompt_cache is not None
             else partial(self.family.tokenize, self.family.tokenizers(self.pipe))
         )
-        loader = DataLoader(
-            dataset,
-            batch_size=t.train_batch_size,
-            sampler=sampler,
-            collate_fn=partial(collate_dreambooth, tokenize=tokenize),
-            num_workers=t.dataloader_num_workers,
-            generator=torch.Generator().manual_seed(t.seed),  # keeps loader seeding off the global RNG
-        )
-        return loader, [sampler, dataset]
+        self.make_dataloader(dataset, partial(collate_dreambooth, tokenize=tokenize))
 
     # --- train -----------------------------------------------------------------------------------
     def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:

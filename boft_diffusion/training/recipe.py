@@ -28,9 +28,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
+from torch.utils.data import DataLoader
 
 from ..atomic import atomic_file, atomic_write_text, replaced_input
 from ..config import BOFTConfig
+from ..data import EpochSampler
 from ..families import Family, family_of
 from ..inject import AdapterPlan, count_parameters, plan_adapter, set_enabled, set_rotation_cache
 from ..io import ADAPTER_WEIGHTS_NAME, AdapterFile, write_adapter
@@ -175,6 +177,23 @@ class TrainingRecipe:
 
     def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
+
+    def make_dataloader(self, dataset: Any, collate_fn: Callable[[list[Any]], Any]) -> None:
+        """``self.dataloader`` over ``dataset`` as every recipe trains: an :class:`EpochSampler` seeded with
+        ``train.seed`` (a resumed run continues mid-epoch exactly), ``train.train_batch_size`` and
+        ``dataloader_num_workers``, loader seeding off the global RNG. Sampler and dataset are told each
+        epoch (``self.epoch_aware``)."""
+        t = self.cfg.train
+        sampler = EpochSampler(len(dataset), t.seed)
+        self.dataloader = DataLoader(
+            dataset,
+            batch_size=t.train_batch_size,
+            sampler=sampler,
+            collate_fn=collate_fn,
+            num_workers=t.dataloader_num_workers,
+            generator=torch.Generator().manual_seed(t.seed),  # keeps loader seeding off the global RNG
+        )
+        self.epoch_aware = [sampler, dataset]
 
     def card_parts(self) -> CardParts:
         """What the model card says about this recipe's run (title, description, keys, usage, tags)."""
