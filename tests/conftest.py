@@ -45,6 +45,27 @@ FAMILY_FAST = [
 layout (DREAMBOOTH_FAST also pins a small layout); tests add theirs after these."""
 
 
+def recipe_config(cls, out, *overrides: str):
+    """A recipe's config writing to ``out``, with dotted ``overrides`` (later ones win), as the CLI loads it."""
+    from boft_diffusion.training.args import load_config
+
+    return load_config(cls, None, [f"train.output_dir={out}", *overrides])
+
+
+class Stop(Exception):
+    """Raised by :func:`stop_at` to kill a run after a step (as Ctrl-C or kill -9 would, minus the signal)."""
+
+
+def stop_at(step: int):
+    """An ``on_step`` callback that stops the run once ``step`` steps are done."""
+
+    def on_step(done: int, logs: dict) -> None:
+        if done == step:
+            raise Stop
+
+    return on_step
+
+
 @pytest.fixture
 def tiny_pipe():
     """A fresh tiny StableDiffusionPipeline (built offline in well under a second)."""

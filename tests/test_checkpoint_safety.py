@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DREAMBOOTH_FAST
+from conftest import DREAMBOOTH_FAST, recipe_config
 from torch import nn
 
 from boft_diffusion import cli
@@ -21,7 +21,7 @@ from boft_diffusion.io import format as adapter_format
 from boft_diffusion.io import read_adapter
 from boft_diffusion.recipes.dreambooth import DreamBoothConfig, DreamBoothRecipe, run
 from boft_diffusion.training import checkpoint as checkpoint_module
-from boft_diffusion.training.args import ConfigError, load_config
+from boft_diffusion.training.args import ConfigError
 from boft_diffusion.training.checkpoint import CHECKPOINT_MARKER, latest_checkpoint, list_checkpoints
 from boft_diffusion.training.setup import RUN_CONFIG_NAME
 
@@ -31,7 +31,7 @@ SOURCE = ["optim.lr_scheduler=cosine", "optim.lr_warmup_steps=1"]
 
 
 def make_config(out: Path, *overrides: str) -> DreamBoothConfig:
-    return load_config(DreamBoothConfig, None, [f"train.output_dir={out}", *FAST, *overrides])
+    return recipe_config(DreamBoothConfig, out, *FAST, *overrides)
 
 
 def cli_train(out: Path, *overrides: str) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import Stop, recipe_config, stop_at
 from PIL import Image
 
 from boft_diffusion.control import (
@@ -48,7 +49,7 @@ QUICK = [
 
 
 def _config(out: Path, *overrides: str) -> ControlNetConfig:
-    return load_config(ControlNetConfig, None, [f"train.output_dir={out}", *QUICK, *overrides])
+    return recipe_config(ControlNetConfig, out, *QUICK, *overrides)
 
 
 def _samples(pipe, seeds=(0, 1)) -> torch.Tensor:
@@ -364,18 +365,6 @@ def test_every_controlnet_key_is_documented():
 
 
 # --- resume -------------------------------------------------------------------------------------------------------
-class Stop(Exception):
-    pass
-
-
-def _stop_at(step: int):
-    def on_step(done: int, logs: dict) -> None:
-        if done == step:
-            raise Stop
-
-    return on_step
-
-
 @pytest.mark.parametrize("mode", ["light", "controlnet"])
 def test_a_stopped_and_resumed_control_run_ends_with_the_same_adapter(tmp_path, mode):
     from boft_diffusion.recipes.controlnet import run
@@ -385,7 +374,7 @@ def test_a_stopped_and_resumed_control_run_ends_with_the_same_adapter(tmp_path, 
              "metrics.detector=none", f"control.mode={mode}"]  # fmt: skip
     whole = run(_config(tmp_path / "whole", *steps))
     with pytest.raises(Stop):
-        run(_config(tmp_path / "parts", *steps), on_step=_stop_at(3))
+        run(_config(tmp_path / "parts", *steps), on_step=stop_at(3))
     assert latest_checkpoint(tmp_path / "parts").name == "checkpoint-2"
     resumed = run(_config(tmp_path / "parts", *steps, "train.resume_from_checkpoint=latest"))
     assert resumed.global_step == 4 and resumed.losses == pytest.approx(whole.losses[2:], rel=1e-5)

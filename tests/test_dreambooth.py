@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DREAMBOOTH_FAST
+from conftest import DREAMBOOTH_FAST, Stop, recipe_config, stop_at
 from diffusers import DDPMScheduler
 
 from boft_diffusion.data import DataError
@@ -32,19 +32,7 @@ FAST = [*DREAMBOOTH_FAST, "boft.train_text_encoder=false", "data.num_generated_i
 
 
 def make_config(out: Path, *overrides: str) -> DreamBoothConfig:
-    return load_config(DreamBoothConfig, None, [f"train.output_dir={out}", *FAST, *overrides])
-
-
-class Stop(Exception):
-    pass
-
-
-def stop_at(step: int):
-    def on_step(done: int, logs: dict) -> None:
-        if done == step:
-            raise Stop
-
-    return on_step
+    return recipe_config(DreamBoothConfig, out, *FAST, *overrides)
 
 
 def capture_parts(monkeypatch) -> list:

@@ -6,16 +6,16 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import DREAMBOOTH_FAST
+from conftest import DREAMBOOTH_FAST, recipe_config
 
 from boft_diffusion.recipes.dreambooth import DreamBoothConfig, run
-from boft_diffusion.training.args import ConfigError, load_config
+from boft_diffusion.training.args import ConfigError
 
 FAST = [*DREAMBOOTH_FAST, "metrics.scorer=auto", "metrics.num_images=1", "metrics.num_inference_steps=2"]
 
 
 def make_config(out: Path, *overrides: str) -> DreamBoothConfig:
-    return load_config(DreamBoothConfig, None, [f"train.output_dir={out}", *FAST, *overrides])
+    return recipe_config(DreamBoothConfig, out, *FAST, *overrides)
 
 
 def test_run_writes_metrics_before_and_after(tmp_path, capsys):

@@ -38,7 +38,10 @@ from boft_diffusion.tiny import build_tiny_pipeline, save_tiny_pipeline
 
 UNET = BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, init_weights=False)
 
-READS_NO_FILE = {"bench": "measures built-in model shapes; --json is its only file", "inspect": "writes nothing"}
+READS_NO_FILE = {
+    "bench": "measures built-in model shapes; --json is its only file",
+    "inspect": "writes nothing",
+}
 """Verbs with no input a write of theirs could replace, and why (the walk checks the claim)."""
 
 
@@ -134,7 +137,10 @@ def test_failed_writes_are_write_errors_naming_the_destination_and_keep_the_old_
 
 def test_a_staged_folder_that_cannot_be_created_is_a_write_error(tmp_path):
     (tmp_path / "file").write_text("a file where a folder would go")
-    with pytest.raises(WriteError, match="file/sub/out: cannot write"), staged_dir(tmp_path / "file" / "sub" / "out"):
+    with (
+        pytest.raises(WriteError, match="file/sub/out: cannot write"),
+        staged_dir(tmp_path / "file" / "sub" / "out"),
+    ):
         pass
     assert (tmp_path / "file").read_text() == "a file where a folder would go"
 
@@ -150,17 +156,38 @@ def apart_cases(f: dict) -> dict[str, tuple[list, Path]]:
             f["adapter"],
         ),
         "merge": (["merge", "--base", f["base"], "--adapter", f["adapter"], "--out", f["base"]], f["base"]),
-        "export": (["export", "--base", f["base"], "--adapter", f["adapter"], "--out", f["adapter"]], f["adapter"]),
+        "export": (
+            ["export", "--base", f["base"], "--adapter", f["adapter"], "--out", f["adapter"]],
+            f["adapter"],
+        ),
         "sample": (  # a picture inside the base folder
-            ["sample", "--base", f["base"], "--prompt", "a photo", "--num-images", "1", "--steps", "1",
-             "--out", f["base"] / "preview.png", "--overwrite"],
+            [
+                "sample",
+                "--base",
+                f["base"],
+                "--prompt",
+                "a photo",
+                "--num-images",
+                "1",
+                "--steps",
+                "1",
+                "--out",
+                f["base"] / "preview.png",
+                "--overwrite",
+            ],
             f["base"],
         ),  # fmt: skip
         "eval": (["eval", f["adapter"], "--out", adapter_file, "--overwrite"], f["adapter"]),
         "train": (  # a base loaded from an earlier run's merged export, overwritten by this run's export
-            ["train", "dreambooth", *DREAMBOOTH_FAST, f"train.output_dir={out}",
-             f"model.pretrained_model_name_or_path={out / 'merged'}", "train.overwrite_output_dir=true",
-             "train.export_merged=true"],
+            [
+                "train",
+                "dreambooth",
+                *DREAMBOOTH_FAST,
+                f"train.output_dir={out}",
+                f"model.pretrained_model_name_or_path={out / 'merged'}",
+                "train.overwrite_output_dir=true",
+                "train.export_merged=true",
+            ],
             out / "merged",
         ),  # fmt: skip
     }
@@ -175,7 +202,9 @@ def earlier_run_with_a_merged_export(folder: Path) -> None:
 
 
 def test_every_writing_verb_is_walked():
-    cases = set(apart_cases({"root": Path("r"), "base": Path("b"), "adapter": Path("a"), "control": Path("c")}))
+    cases = set(
+        apart_cases({"root": Path("r"), "base": Path("b"), "adapter": Path("a"), "control": Path("c")})
+    )
     assert cases | set(READS_NO_FILE) == set(COMMAND_NAMES), "a new verb must join the output/input walk"
     for name in READS_NO_FILE:  # what they claim: inspect has no output option, bench only --json
         import argparse
@@ -202,7 +231,9 @@ def test_symlinked_output_onto_the_input_is_refused(files, tmp_path, capsys):
     link = tmp_path / "diff.safetensors"
     link.symlink_to(files["adapter"] / "boft_weights.safetensors")
     before = digest(files["adapter"])
-    assert run_cli(["convert", "--adapter", files["adapter"], "--to", "diff", "--out", link, "--overwrite"]) == 2
+    assert (
+        run_cli(["convert", "--adapter", files["adapter"], "--to", "diff", "--out", link, "--overwrite"]) == 2
+    )
     assert "replace the input" in one_error_line(capsys)
     assert digest(files["adapter"]) == before
 
@@ -260,7 +291,11 @@ def test_every_verb_reports_a_failed_write_in_one_line_and_keeps_the_old_output(
     cases = {name: [a.format(**fill) for a in argv] for name, argv in WRITE_CASES.items() if argv}
     env = {**os.environ, "BOFT_DIFFUSION_DEBUG": ""}
     proc = subprocess.run(
-        [sys.executable, "-c", WALKER, json.dumps(cases)], capture_output=True, text=True, timeout=900, env=env
+        [sys.executable, "-c", WALKER, json.dumps(cases)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
     )
     assert "RESULTS" in proc.stdout, proc.stderr[-3000:]
     results = json.loads(proc.stdout.split("RESULTS", 1)[1])
@@ -349,7 +384,17 @@ def test_every_verb_reports_an_unreadable_image_in_one_line(files, tmp_path, ver
 def test_more_steps_than_the_scheduler_has_is_one_line(files, verb, capsys):
     out = files["root"] / f"steps-{verb}"
     argv = {
-        "sample": ["sample", "--base", files["base"], "--prompt", "a photo", "--steps", 5000, "--out", f"{out}.png"],
+        "sample": [
+            "sample",
+            "--base",
+            files["base"],
+            "--prompt",
+            "a photo",
+            "--steps",
+            5000,
+            "--out",
+            f"{out}.png",
+        ],
         "eval": ["eval", files["adapter"], "--steps", 5000, "--out", f"{out}.json"],
     }[verb]
     assert run_cli(argv) == 2

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DREAMBOOTH_FAST
+from conftest import DREAMBOOTH_FAST, recipe_config
 from safetensors.torch import load_file, save_file
 
 from boft_diffusion import AdapterFormatError, load_boft_weights, unload_boft
@@ -14,14 +14,14 @@ from boft_diffusion.io import read_adapter
 from boft_diffusion.recipes.pivotal import PivotalConfig, PivotalRecipe, run
 from boft_diffusion.recipes.tokens import new_tokens
 from boft_diffusion.tiny import build_tiny_pipeline
-from boft_diffusion.training.args import ConfigError, load_config
+from boft_diffusion.training.args import ConfigError
 
 FAST = [*DREAMBOOTH_FAST, "train.max_train_steps=3", "optim.learning_rate=1e-2"]
 TOKENS = ["<s0>", "<s1>"]
 
 
 def make_config(out, *overrides: str) -> PivotalConfig:
-    return load_config(PivotalConfig, None, [f"train.output_dir={out}", *FAST, *overrides])
+    return recipe_config(PivotalConfig, out, *FAST, *overrides)
 
 
 def prompt_states(pipe, prompt: str = "a photo of <s0><s1> toy") -> torch.Tensor:
@@ -54,7 +54,10 @@ def test_new_rows_train_and_every_other_row_stays(trained):
     torch.testing.assert_close(adapter.states["token_embeddings"]["text_encoder"], weight[-2:])
     assert recipe.cfg.data.instance_prompt == "a photo of <s0><s1> toy"
     card = (out / "README.md").read_text()
-    assert "# BOFT pivotal tuning: a photo of <s0><s1> toy" in card and "| `pivotal.num_new_tokens` | `2` |" in card
+    assert (
+        "# BOFT pivotal tuning: a photo of <s0><s1> toy" in card
+        and "| `pivotal.num_new_tokens` | `2` |" in card
+    )
     assert (
         recipe.trainable_count()
         == sum(t.numel() for t in adapter.tensors["text_encoder"].values())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILY_FAST
+from conftest import FAMILY_FAST, recipe_config
 
 from boft_diffusion import cli
 from boft_diffusion.data import (
@@ -29,7 +29,7 @@ from boft_diffusion.tiny import (
     make_instance_images,
 )
 from boft_diffusion.training import prompt_cache
-from boft_diffusion.training.args import ConfigError, load_config
+from boft_diffusion.training.args import ConfigError
 from boft_diffusion.training.prompt_cache import cached_conditioning, encode_prompts
 from boft_diffusion.training.setup import recorded_outputs
 
@@ -46,7 +46,7 @@ CACHE = "data.cache_prompt_embeddings=true"
 
 
 def _cfg(out: Path, *extra: str) -> DreamBoothConfig:
-    return load_config(DreamBoothConfig, overrides=[f"train.output_dir={out}", *QUICK, *extra])
+    return recipe_config(DreamBoothConfig, out, *QUICK, *extra)
 
 
 def _no_encoding(monkeypatch: pytest.MonkeyPatch) -> None:

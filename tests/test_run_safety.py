@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DREAMBOOTH_FAST
+from conftest import DREAMBOOTH_FAST, recipe_config
 
 from boft_diffusion import cli
 from boft_diffusion.data import DataError
@@ -30,7 +30,7 @@ FAST = [*DREAMBOOTH_FAST, "train.max_train_steps=1", "validation.num_inference_s
 
 
 def make_config(out: Path, *overrides: str) -> DreamBoothConfig:
-    return load_config(DreamBoothConfig, None, [f"train.output_dir={out}", *FAST, *overrides])
+    return recipe_config(DreamBoothConfig, out, *FAST, *overrides)
 
 
 def snapshot(folder: Path) -> dict[str, bytes | None]:
