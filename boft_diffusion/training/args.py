@@ -306,8 +306,16 @@ class TrainArgs:
     """Tracker folder, relative to output_dir (and inside it)."""
     export_merged: bool = False
     """After training, also write the merged model to output_dir/merged (boft_diffusion.export)."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the trained tensors with this decay (e.g. 0.999; 0: off). Validation and metrics use the average; it is saved as output_dir/ema/boft_weights.safetensors beside the raw adapter, and in checkpoints (a resume restores it exactly)."""
+    ema_on_cpu: bool = False
+    """Keep the moving average in CPU memory instead of the accelerator's."""
 
     def __post_init__(self) -> None:
+        _require(
+            _finite(self.ema_decay) and 0.0 <= self.ema_decay < 1.0, "train.ema_decay",
+            "a number in [0, 1) (0: no EMA)", self.ema_decay,
+        )  # fmt: skip
         positive = ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs")
         for name in positive:
             if getattr(self, name) < 1:

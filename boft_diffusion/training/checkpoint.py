@@ -47,6 +47,7 @@ from ..io import ADAPTER_WEIGHTS_NAME, AdapterFile, AdapterFormatError, read_ada
 from ..io.format import atomic_save_safetensors
 from ..trained_state import trained_states
 from .args import ConfigError, config_to_dict
+from .ema import EMA_FILE, AdapterEMA
 from .loop import TrainingDiverged, TrainingError, TrainingInterrupted, first_nonfinite
 from .optim import schedule_keys
 from .sharding import full_adapter, full_state, shard_like, shard_optimizer_state
@@ -103,6 +104,8 @@ class TrainingState:
     progress: TrainProgress
     adapter_name: str = "default"
     config: dict[str, Any] = field(default_factory=dict)
+    ema: AdapterEMA | None = None
+    """The moving average of the trained tensors (``train.ema_decay``), saved as :data:`EMA_FILE`."""
 
 
 def rng_state_file(rank: int) -> str:
@@ -165,6 +168,8 @@ def resume_keys(cfg: Any, schedule_steps: int | None = None) -> dict[str, Any]:
     keys |= schedule_keys(cfg.optim, cfg.train, schedule_steps)
     for key in ("train_batch_size", "gradient_accumulation_steps", "seed"):
         keys[f"train.{key}"] = getattr(cfg.train, key)
+    if cfg.train.ema_decay:  # the saved average continues with it (a checkpoint without one has no key)
+        keys["train.ema_decay"] = cfg.train.ema_decay
     return json.loads(json.dumps(keys))  # as the checkpoint will hold them (lists, not tuples)
 
 
@@ -173,6 +178,8 @@ def _why(key: str) -> str:
         return "this run's adapter needs a checkpoint of the same BOFT layout"
     if key in ("train.train_batch_size", "train.gradient_accumulation_steps"):
         return "where the data resumes (and a scaled learning rate) depends on it"
+    if key == "train.ema_decay":
+        return "the saved moving average continues with its decay"
     if key == "train.seed":
         return "the restored random state continues the data order of that seed"
     return "the optimiser and learning-rate schedule state restored from it would keep the old value"
@@ -412,6 +419,8 @@ def load_checkpoint(accelerator: Accelerator, folder: str | Path, state: Trainin
     optimizer, scheduler, scaler = _read_optimizer(folder / OPTIMIZER_FILE)
     rng = _read_rng(folder / rng_state_file(accelerator.process_index))
     load_adapter_tensors(state.components, folder, state.adapter_name)
+    if state.ema is not None:
+        _load_ema(state.ema, folder)
     try:
         state.optimizer.load_state_dict(shard_optimizer_state(state.optimizer, optimizer))
         state.lr_scheduler.load_state_dict(scheduler)
@@ -423,6 +432,21 @@ def load_checkpoint(accelerator: Accelerator, folder: str | Path, state: Trainin
         ) from err
     state.progress.step = marker["step"]
     _set_rng_state(rng, accelerator.device, folder)
+
+
+def _load_ema(ema: AdapterEMA, folder: Path) -> None:
+    """The moving average saved in ``folder`` (checked by :func:`_open_checkpoint` with every file)."""
+    file = folder / EMA_FILE
+    if not file.is_file():
+        raise ConfigError(
+            f"train.resume_from_checkpoint: {folder} holds no moving average ({EMA_FILE}) for train.ema_decay; "
+            f"{_FIX}"
+        )
+    tensors, metadata = _read_safetensors(file)
+    try:
+        ema.load_state(tensors, metadata)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{file} does not fit this run's moving average ({err}); {_FIX}") from err
 
 
 # --- random state ---------------------------------------------------------------------------------
@@ -548,6 +572,9 @@ def _write_checkpoint(
         atomic_save_safetensors(payload[0], staging / OPTIMIZER_FILE, payload[1])
         for rank, (tensors, metadata) in enumerate(rng_states):
             atomic_save_safetensors(tensors, staging / rng_state_file(rank), metadata)
+        if state.ema is not None:
+            tensors, metadata = state.ema.state()
+            atomic_save_safetensors(tensors, staging / EMA_FILE, metadata)
         if extra is not None:
             extra(staging)
         marker = {

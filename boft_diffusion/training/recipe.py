@@ -16,6 +16,7 @@ attributes are set by :meth:`setup` and used by :meth:`train` and :meth:`save`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -54,6 +55,7 @@ from .checkpoint import (
     resume_keys,
     save_checkpoint,
 )
+from .ema import AdapterEMA
 from .loop import LossMeter, StepPlan, check_finite_loss, check_finite_parameters, epoch_batches, is_due
 from .noise import training_scheduler
 from .optim import make_lr_scheduler, make_optimizer, trainable_parameters
@@ -103,6 +105,10 @@ class TrainResult:
     trainable_parameters: int
 
 
+EMA_FOLDER = "ema"
+"""Where the moving average (``train.ema_decay``) is saved, as an adapter folder of its own."""
+
+
 class TrainingRecipe:
     """One training run. ``cfg`` is a :class:`~boft_diffusion.training.args.RecipeConfig` (a recipe's config extends it).
 
@@ -148,6 +154,8 @@ class TrainingRecipe:
         self._family: tuple[Any, Family] | None = None
         self.saved: AdapterFile | None = None
         """The final adapter as :meth:`save` wrote it (whole tensors, on the CPU)."""
+        self.ema: AdapterEMA | None = None
+        """The moving average of the trained tensors (``train.ema_decay``), made by :meth:`setup`."""
 
     # --- what a recipe supplies ------------------------------------------------------------------
     def check_task_inputs(self) -> None:
@@ -160,6 +168,7 @@ class TrainingRecipe:
         paths += [t.logging_dir] if t.report_to != "none" else []
         paths += ["validation"] if self.cfg.validation.prompts else []
         paths += [METRICS_NAME, METRICS_GRID_NAME] if self.measures() else []
+        paths += [EMA_FOLDER] if t.ema_decay else []
         return paths + (["merged"] if t.export_merged else [])
 
     def input_paths(self) -> list[str | Path]:
@@ -371,9 +380,15 @@ class TrainingRecipe:
             for component in self.components.values():
                 set_rotation_cache(component, False)
         keys = resume_keys(cfg, self.plan.max_train_steps)
+        if t.ema_decay and is_sharded(accelerator):
+            raise ConfigError(
+                "train.ema_decay: a moving average of FSDP-sharded tensors is not supported yet"
+            )
+        self.ema = AdapterEMA(self.params, t.ema_decay, t.ema_on_cpu) if t.ema_decay else None
         self.state = TrainingState(
-            self.components, self.optimizer, self.lr_scheduler, TrainProgress(), cfg.boft.adapter_name, keys
-        )
+            self.components, self.optimizer, self.lr_scheduler, TrainProgress(), cfg.boft.adapter_name, keys,
+            self.ema,
+        )  # fmt: skip
         if self.resume is not None:
             accelerator.print(f"Resuming from {self.resume}")
             load_checkpoint(accelerator, self.resume, self.state)
@@ -449,6 +464,8 @@ class TrainingRecipe:
                     accelerator.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
             self.optimizer.step()
             self.after_optimizer_step()
+            if self.ema is not None and accelerator.sync_gradients:
+                self.ema.update()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return loss_value
@@ -470,10 +487,15 @@ class TrainingRecipe:
     def validate(self, name: str, tag: str = "validation") -> Path | None:
         """Sample the validation grid into ``validation/<name>.png`` (and the trackers)."""
         out = Path(self.cfg.train.output_dir) / "validation" / f"{name}.png"
-        return run_validation(
-            self.accelerator, self.pipe, self.cfg.validation, self.cfg.data.resolution, out, self.step,
-            trained=list(self.components.values()), tag=tag,
-        )  # fmt: skip
+        with self.averaged():
+            return run_validation(
+                self.accelerator, self.pipe, self.cfg.validation, self.cfg.data.resolution, out, self.step,
+                trained=list(self.components.values()), tag=tag,
+            )  # fmt: skip
+
+    def averaged(self) -> contextlib.AbstractContextManager[None]:
+        """The moving average (``train.ema_decay``) in the trained tensors inside the block, if there is one."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
     def measure_run(self, stage: str) -> dict[str, Any] | None:
         """Measure the base (``stage="before"``: adapters off) or the trained model (``"after"``).
@@ -494,7 +516,8 @@ class TrainingRecipe:
                 module.eval()
                 set_enabled(module, stage != "before")
             devices = [accelerator.device] if accelerator.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices), torch.no_grad(), sampling_context(accelerator):
+            forked = torch.random.fork_rng(devices=devices)
+            with forked, torch.no_grad(), sampling_context(accelerator), self.averaged():
                 measured = self.measure()
             for module, mode in zip(self.components.values(), modes):
                 set_enabled(module, True)
@@ -561,6 +584,8 @@ class TrainingRecipe:
                 **adapter.metadata,
             }
             write_adapter(adapter, out)
+        if self.ema is not None:
+            self._save_average(out / EMA_FOLDER, adapter.metadata if accelerator.is_main_process else {})
         grid = self.validate("final", tag="final")
         self.report = self.measure_run("after")
         if accelerator.is_main_process:
@@ -568,6 +593,15 @@ class TrainingRecipe:
             self.save_outputs(grid)
             record_outputs(out, *(path for _, path in list_checkpoints(out)))
         return grid
+
+    def _save_average(self, folder: Path, metadata: dict[str, str]) -> None:
+        """The moving average as an adapter of its own (``load_boft_weights(pipe, folder)`` loads it)."""
+        with self.averaged():
+            adapter = full_adapter(self.components, self.cfg.boft.adapter_name)
+        check_finite_adapter(adapter, f"the averaged adapter in {folder}")
+        if self.accelerator.is_main_process:
+            adapter.metadata = {**metadata, **adapter.metadata, "ema_decay": str(self.cfg.train.ema_decay)}
+            write_adapter(adapter, folder)
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         """The trained tensors, ``<component>.<module path>.boft_R`` etc., whole and on the CPU: as saved
