@@ -14,6 +14,7 @@ from boft_diffusion.data import (
     DreamBoothDataset,
     EpochSampler,
     collate_dreambooth,
+    dreambooth_prompts,
     generate_class_images,
     image_to_tensor,
     list_images,
@@ -176,6 +177,23 @@ def test_dataset_with_class_images_cycles_the_smaller_set(instance_dir, tmp_path
     assert item["class_prompt"] == "a toy" and item["class_pixel_values"].shape == (3, 32, 32)
     with pytest.raises(DataError, match="class prompt"):
         DreamBoothDataset(list_images(instance_dir), "sks", 32, class_images=classes)
+
+
+def test_class_images_may_carry_their_own_captions(instance_dir, tmp_path):
+    classes = make_instance_images(tmp_path / "class", num_images=3, seed=3, resolution=32)
+    classes[1].with_suffix(".txt").write_text("a photo of a toy on a striped green background")
+    dataset = DreamBoothDataset(
+        list_images(instance_dir), "sks", 32, class_images=classes, class_prompt="a toy"
+    )
+    assert [dataset[i]["class_prompt"] for i in range(3)] == [
+        "a toy",
+        "a photo of a toy on a striped green background",
+        "a toy",
+    ]
+    assert list_images(tmp_path / "class", "class") == classes  # the caption file is no image
+    prompts = dreambooth_prompts(list_images(instance_dir), "sks", ".txt", "a toy", classes)
+    assert prompts == ["sks", "a toy", "a photo of a toy on a striped green background"]
+    assert dreambooth_prompts([], "sks", ".txt", None, classes) == ["sks"]  # no prior preservation
 
 
 def test_augmentation_depends_on_seed_epoch_index_only(instance_dir):

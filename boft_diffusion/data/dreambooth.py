@@ -23,7 +23,9 @@ class DreamBoothDataset(Dataset):
 
     Item ``i`` holds ``instance_pixel_values`` ``(3, R, R)`` and ``instance_prompt`` (the image's
     caption file, else ``instance_prompt``); with class images also ``class_pixel_values`` and
-    ``class_prompt``. The length is the larger of the two sets; the smaller one cycles.
+    ``class_prompt`` (the class image's caption file, else ``class_prompt``: a regularisation set may
+    caption its images, e.g. the class in the contexts the subject should keep). The length is the
+    larger of the two sets; the smaller one cycles.
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class DreamBoothDataset(Dataset):
         self.prompts = [read_caption(p, caption_extension) or instance_prompt for p in self.instance_images]
         self.class_images = list(class_images or [])
         self.class_prompt = class_prompt
+        self.class_prompts = [read_caption(p, caption_extension) or class_prompt for p in self.class_images]
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
@@ -73,7 +76,7 @@ class DreamBoothDataset(Dataset):
             item["class_pixel_values"] = self._load(
                 self.class_images[index % len(self.class_images)], "class", index
             )
-            item["class_prompt"] = self.class_prompt
+            item["class_prompt"] = self.class_prompts[index % len(self.class_images)]
         return item
 
 
@@ -117,13 +120,18 @@ def dreambooth_prompts(
     instance_prompt: str,
     caption_extension: str = ".txt",
     class_prompt: str | None = None,
+    class_images: Sequence[Path] = (),
 ) -> list[str]:
     """Every distinct prompt a :class:`DreamBoothDataset` of these images gives, in first-use order:
     each image's caption file (else ``instance_prompt``; ``instance_prompt`` alone without images),
-    then ``class_prompt`` if given."""
+    then, if ``class_prompt`` is given, each class image's caption file (else ``class_prompt``) and
+    ``class_prompt``."""
     prompts = [read_caption(p, caption_extension) or instance_prompt for p in instance_images]
     prompts = prompts or [instance_prompt]
-    return list(dict.fromkeys([*prompts, *([class_prompt] if class_prompt else [])]))
+    if class_prompt:
+        prompts += [read_caption(p, caption_extension) or class_prompt for p in class_images]
+        prompts.append(class_prompt)
+    return list(dict.fromkeys(prompts))
 
 
 class EpochSampler(Sampler[int]):

@@ -197,7 +197,7 @@ class DreamBoothRecipe(TrainingRecipe):
                 self._check_prompt_cache()
             out = Path(self.cfg.train.output_dir)
             self.prompt_cache.build(
-                self.training_prompts(instance), self.accelerator, self.cfg.data.resolution, out
+                self.training_prompts(instance, classes), self.accelerator, self.cfg.data.resolution, out
             )
         self._dataloader(instance, classes)
 
@@ -243,7 +243,7 @@ class DreamBoothRecipe(TrainingRecipe):
                 record_outputs(out, *(set(folder.iterdir()) - before))  # images added to an existing folder
 
         self.on_main_process(fill)
-        return list_images(folder, "class")[: data.num_class_images]
+        return list_images(folder, "class", data.caption_extension)[: data.num_class_images]
 
     def check_pipeline(self) -> None:
         self._plan_adapters()
@@ -258,12 +258,25 @@ class DreamBoothRecipe(TrainingRecipe):
             return Path(data.class_data_dir).expanduser() / PROMPT_EMBEDDINGS_NAME
         return Path(self.cfg.train.output_dir) / PROMPT_EMBEDDINGS_NAME
 
-    def training_prompts(self, instance: list[Path] | None = None) -> list[str]:
-        """Every distinct prompt the dataset gives (``instance``: its images; default: the user's, if any)."""
+    def training_prompts(
+        self, instance: list[Path] | None = None, classes: list[Path] | None = None
+    ) -> list[str]:
+        """Every distinct prompt the dataset gives (``instance`` / ``classes``: its images; default: the
+        user's instance images, if any, and the class images already in the class folder)."""
         data = self.cfg.data
         images = instance if instance is not None else (self.instance_images or [])
         class_prompt = data.class_prompt if data.with_prior_preservation else None
-        return dreambooth_prompts(images, data.instance_prompt, data.caption_extension, class_prompt)
+        if classes is None and class_prompt:
+            folder = self.class_folder()
+            found = (
+                sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+                if folder.is_dir()
+                else []
+            )
+            classes = found[: data.num_class_images]
+        return dreambooth_prompts(
+            images, data.instance_prompt, data.caption_extension, class_prompt, classes or []
+        )
 
     def _overwritten(self, path: Path) -> bool:
         """Whether ``train.overwrite_output_dir`` sets ``path`` aside as an earlier run's output."""
