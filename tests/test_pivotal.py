@@ -203,3 +203,11 @@ def test_convert_refuses_an_existing_embeddings_file_before_writing(trained, tmp
     assert code == 2 and "lora_emb.safetensors: output path already exists" in capsys.readouterr().err
     assert not (tmp_path / "lora.safetensors").exists()
     assert (tmp_path / "lora_emb.safetensors").read_text() == "keep me"
+
+
+def test_inspect_names_the_token_embeddings(trained, capsys):
+    from boft_diffusion import cli
+
+    out, _ = trained
+    assert cli.main(["inspect", str(out)]) == 0
+    assert "Trained state token_embeddings: text_encoder 2x32" in capsys.readouterr().out

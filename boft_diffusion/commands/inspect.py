@@ -198,6 +198,10 @@ def boft_report(path: str | Path) -> dict[str, Any]:
         "max_orthogonality_error": worst[0],
         "max_orthogonality_error_layer": worst[1],
         "control": control,
+        "trained_state": {
+            kind: {key: list(t.shape) for key, t in tensors.items()}
+            for kind, tensors in adapter.states.items()
+        },
         "components": components,
     }
 
@@ -495,6 +499,9 @@ def format_report(report: dict[str, Any]) -> str:
         )
     if report.get("control"):
         lines.append(_control_line(report["control"]))
+    for kind, shapes in (report.get("trained_state") or {}).items():
+        held = ", ".join(f"{key} {'x'.join(map(str, shape))}" for key, shape in shapes.items())
+        lines.append(f"Trained state {kind}: {held} (load_boft_weights brings it)")
     lines.append(f"Total trainable parameters: {report['trainable_parameters']:,d}")
     lines.append(
         f"Largest orthogonality error max|R R^T - I|: {report['max_orthogonality_error']:.2e}"
