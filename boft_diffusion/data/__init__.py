@@ -34,8 +34,10 @@ from .embeddings import (
 from .images import (
     IMAGE_EXTENSIONS,
     DataError,
+    image_and_mask_to_tensors,
     image_to_tensor,
     list_images,
+    load_mask,
     load_rgb,
     read_caption,
 )
@@ -55,8 +57,10 @@ __all__ = [
     "collate_control",
     "collate_dreambooth",
     "generate_class_images",
+    "image_and_mask_to_tensors",
     "image_to_tensor",
     "list_images",
+    "load_mask",
     "load_control_examples",
     "dreambooth_prompts",
     "load_prompt_embeddings",

@@ -7,7 +7,7 @@ import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -15,13 +15,22 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_file
 from ..sampling import seeded_images
-from .images import DataError, image_to_tensor, list_images, read_caption
+from .images import (
+    DataError,
+    image_and_mask_to_tensors,
+    image_to_tensor,
+    list_images,
+    load_mask,
+    read_caption,
+)
 
 
 class DreamBoothDataset(Dataset):
     """Instance images with their prompts, optionally paired with class images (prior preservation).
 
-    Item ``i`` holds ``instance_pixel_values`` ``(3, R, R)`` and ``instance_prompt`` (the image's
+    Item ``i`` holds ``instance_pixel_values`` ``(3, R, R)``, with ``masks`` its loss mask
+    ``instance_mask`` ``(1, R, R)`` in ``[0, 1]`` (``alpha``: the image's alpha channel; ``files``: the file
+    of its stem in ``mask_dir``), and ``instance_prompt`` (the image's
     caption file, else ``instance_prompt``); with class images also ``class_pixel_values`` and
     ``class_prompt`` (the class image's caption file, else ``class_prompt``: a regularisation set may
     caption its images, e.g. the class in the contexts the subject should keep). The length is the
@@ -39,6 +48,8 @@ class DreamBoothDataset(Dataset):
         class_prompt: str | None = None,
         caption_extension: str = ".txt",
         seed: int = 0,
+        masks: Literal["none", "alpha", "files"] = "none",
+        mask_dir: Path | None = None,
     ) -> None:
         if not instance_images:
             raise DataError("DreamBoothDataset needs at least one instance image")
@@ -54,6 +65,7 @@ class DreamBoothDataset(Dataset):
         self.random_flip = random_flip
         self.seed = seed
         self.epoch = 0
+        self.masks, self.mask_dir = masks, mask_dir
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -66,12 +78,21 @@ class DreamBoothDataset(Dataset):
         flip = self.random_flip and rng.random() < 0.5
         return image_to_tensor(path, self.resolution, self.center_crop, flip, rng)
 
+    def _load_masked(self, path: Path, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The instance image and its loss mask, cropped and flipped alike (the same draws as :meth:`_load`)."""
+        rng = random.Random(f"{self.seed}/{self.epoch}/instance/{index}")
+        flip = self.random_flip and rng.random() < 0.5
+        mask = load_mask(path, self.mask_dir if self.masks == "files" else None)
+        return image_and_mask_to_tensors(path, mask, self.resolution, self.center_crop, flip, rng)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         i = index % len(self.instance_images)
-        item = {
-            "instance_pixel_values": self._load(self.instance_images[i], "instance", index),
-            "instance_prompt": self.prompts[i],
-        }
+        if self.masks == "none":
+            item = {"instance_pixel_values": self._load(self.instance_images[i], "instance", index)}
+        else:
+            pixels, mask = self._load_masked(self.instance_images[i], index)
+            item = {"instance_pixel_values": pixels, "instance_mask": mask}
+        item["instance_prompt"] = self.prompts[i]
         if self.class_images:
             item["class_pixel_values"] = self._load(
                 self.class_images[index % len(self.class_images)], "class", index
@@ -108,6 +129,10 @@ def collate_dreambooth(
         pixels += [e["class_pixel_values"] for e in examples]
         prompts += [e["class_prompt"] for e in examples]
     batch = {"pixel_values": torch.stack(pixels).contiguous(), "prompts": prompts}
+    if "instance_mask" in examples[0]:  # loss masks (1 on class images: their loss is never masked)
+        masks = [e["instance_mask"] for e in examples]
+        masks += [torch.ones_like(masks[0]) for _ in range(len(pixels) - len(masks))]
+        batch["loss_mask"] = torch.stack(masks).contiguous()
     if tokenizer is not None:
         batch["input_ids"] = tokenize_prompts(tokenizer, prompts)
     if tokenize is not None:

@@ -1,5 +1,6 @@
-"""Image files: the one opener (`load_rgb`), listing with a check that each decodes, caption files, and
-images as ``(3, R, R)`` tensors in ``[-1, 1]`` (resize, center or random crop, flip)."""
+"""Image files: the one opener (`load_rgb`), listing with a check that each decodes, caption files, loss
+masks (a mask file or the alpha channel), and images as ``(3, R, R)`` tensors in ``[-1, 1]`` (resize,
+center or random crop, flip; a mask the same way)."""
 
 from __future__ import annotations
 
@@ -155,16 +156,73 @@ def image_to_tensor(
     The shorter side is resized to ``resolution`` (bilinear, antialiased), then cropped square:
     centered, or at a position drawn from ``rng``; ``flip`` mirrors it left-right.
     """
-    image = load_rgb(path)
-    scale = resolution / min(image.size)
-    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-    image = image.resize(size, Image.Resampling.BILINEAR)
+    (image,) = _square([load_rgb(path)], resolution, center_crop, flip, rng)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def image_and_mask_to_tensors(
+    path: Path,
+    mask: Image.Image,
+    resolution: int,
+    center_crop: bool = False,
+    flip: bool = False,
+    rng: random.Random | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`image_to_tensor` and its loss ``mask`` (an ``L`` image of the same size, from :func:`load_mask`)
+    resized, cropped and flipped the same way: ``(3, R, R)`` in ``[-1, 1]`` and ``(1, R, R)`` in ``[0, 1]``."""
+    image, mask = _square([load_rgb(path), mask], resolution, center_crop, flip, rng)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    weights = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous(), weights.contiguous()
+
+
+def _square(
+    images: list[Image.Image], resolution: int, center_crop: bool, flip: bool, rng: random.Random | None
+) -> list[Image.Image]:
+    """The same resize (shorter side to ``resolution``), square crop and flip applied to every image."""
+    width, height = images[0].size
+    scale = resolution / min(width, height)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
     if center_crop or rng is None:
         left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
     else:
         left, top = rng.randint(0, size[0] - resolution), rng.randint(0, size[1] - resolution)
-    image = image.crop((left, top, left + resolution, top + resolution))
-    if flip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    out = []
+    for image in images:
+        image = image.resize(size, Image.Resampling.BILINEAR)
+        image = image.crop((left, top, left + resolution, top + resolution))
+        out.append(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image)
+    return out
+
+
+def load_mask(image: Path, mask_dir: Path | None = None) -> Image.Image:
+    """The loss mask of ``image`` as an 8-bit ``L`` image of the image's size (white: train, black: do not):
+    the file with the image's stem in ``mask_dir`` (any image format; colour is converted to grey), or,
+    without ``mask_dir``, the image's own alpha channel. A missing mask, an image without alpha or a mask of
+    another size is a :class:`DataError` naming both files."""
+    size = load_rgb(image).size
+    if mask_dir is None:
+        try:
+            with Image.open(image) as raw:
+                decoded = ImageOps.exif_transpose(raw)
+                if "A" not in decoded.getbands() and "transparency" not in decoded.info:
+                    raise DataError(f"{image}: data.alpha_mask is set but the image has no alpha channel")
+                mask = decoded.convert("RGBA").getchannel("A")
+        except DataError:
+            raise
+        except Exception as err:  # noqa: BLE001 (Pillow raises many types; load_rgb above read it already)
+            raise DataError(f"{image}: cannot read its alpha channel ({type(err).__name__}: {err})") from None
+        return mask
+    found = [
+        p for p in sorted(Path(mask_dir).glob(f"{image.stem}.*")) if p.suffix.lower() in IMAGE_EXTENSIONS
+    ]
+    if not found:
+        raise DataError(f"{image}: no loss mask named {image.stem}.<png|jpg|...> in data.mask_dir {mask_dir}")
+    mask = load_rgb(found[0]).convert("L")
+    if mask.size != size:
+        raise DataError(
+            f"{found[0]}: the mask is {mask.size[0]}x{mask.size[1]}, its image {image} is {size[0]}x{size[1]}; "
+            "a mask must have its image's size"
+        )
+    return mask

@@ -34,6 +34,7 @@ from ..data import (
     dreambooth_prompts,
     generate_class_images,
     list_images,
+    load_mask,
     load_rgb,
 )
 from ..families import get_family
@@ -119,6 +120,10 @@ class DreamBoothRecipe(TrainingRecipe):
         data = self.cfg.data
         if data.instance_data_dir is not None:
             self.instance_images = list_images(data.instance_data_dir, "instance", data.caption_extension)
+            if data.masks != "none":  # every mask there, readable and of its image's size, before training
+                mask_dir = Path(data.mask_dir).expanduser() if data.mask_dir else None
+                for image in self.instance_images:
+                    load_mask(image, mask_dir)
         if data.with_prior_preservation:
             self._check_class_folder()
         self._check_metrics()
@@ -183,7 +188,8 @@ class DreamBoothRecipe(TrainingRecipe):
 
     def input_paths(self) -> list[str | Path]:
         data = self.cfg.data
-        return [*super().input_paths(), *(p for p in (data.instance_data_dir, data.class_data_dir) if p)]
+        folders = (data.instance_data_dir, data.class_data_dir, data.mask_dir)
+        return [*super().input_paths(), *(p for p in folders if p)]
 
     # --- build -----------------------------------------------------------------------------------
     def build(self) -> None:
@@ -341,7 +347,8 @@ class DreamBoothRecipe(TrainingRecipe):
         data, t = self.cfg.data, self.cfg.train
         dataset = DreamBoothDataset(
             instance, data.instance_prompt, data.resolution, data.center_crop, data.random_flip,
-            classes, data.class_prompt, data.caption_extension, t.seed,
+            classes, data.class_prompt, data.caption_extension, t.seed, data.masks,
+            Path(data.mask_dir).expanduser() if data.mask_dir else None,
         )  # fmt: skip
         tokenize = (
             None
@@ -375,12 +382,18 @@ class DreamBoothRecipe(TrainingRecipe):
             cfg.train.guidance_scale,
         )
         target, weights = noised.target, noised.weights
+        spatial = None
+        if "loss_mask" in batch:  # 1 inside the mask, unmasked_loss_weight outside, at the latents' size
+            mask = batch["loss_mask"].to(pred.device, torch.float32)
+            mask = mask + cfg.data.unmasked_loss_weight * (1.0 - mask)
+            spatial = torch.nn.functional.interpolate(mask, size=pred.shape[-2:], mode="area")
         if not cfg.data.with_prior_preservation:
-            return diffusion_loss(pred, target, weights)
+            return diffusion_loss(pred, target, weights, spatial)
         n = pred.shape[0] // 2
         w_inst, w_class = (None, None) if weights is None else (weights[:n], weights[n:])
         prior = diffusion_loss(pred[n:], target[n:], w_class)
-        return diffusion_loss(pred[:n], target[:n], w_inst) + cfg.data.prior_loss_weight * prior
+        inst = diffusion_loss(pred[:n], target[:n], w_inst, None if spatial is None else spatial[:n])
+        return inst + cfg.data.prior_loss_weight * prior
 
     # --- save ------------------------------------------------------------------------------------
     def card_parts(self) -> CardParts:

@@ -59,11 +59,27 @@ class DreamBoothDataArgs(DataArgs):
     """Center-crop to the resolution (false: random crop)."""
     random_flip: bool = False
     """Flip images horizontally at random."""
+    mask_dir: str | None = None
+    """Folder of loss masks, one per instance image with the image's file stem (any image format, the image's size; white: the subject, black: the rest): only the masked area trains (see unmasked_loss_weight). null: no mask files."""
+    alpha_mask: bool = False
+    """Use each instance image's alpha channel as its loss mask (transparent: not trained)."""
+    unmasked_loss_weight: float = 0.0
+    """Weight of the loss outside the mask, in [0, 1] (0: only the masked area trains; 1: the mask has no effect). As kohya's masked loss, the weighted error is averaged over the whole image."""
     cache_prompt_embeddings: bool = False
     """Encode every training prompt (instance prompt, caption files, class prompt) once before training with the frozen text encoders, for large ones such as T5-XXL. The embeddings are kept on the CPU and written to prompt_embeddings.safetensors in data.class_data_dir (with prior preservation) or train.output_dir; a later run reuses that file when it was made by the same model family, text-encoder weights and prompts, and refuses one that was not (delete it to recompute). The encoders are then freed from training: never called by the loss, and on an accelerator moved to CPU memory (validation and metrics sampling move them back for their time). Needs boft.train_text_encoder=false."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.mask_dir and self.alpha_mask:
+            raise ConfigError("data: give mask_dir or alpha_mask, not both")
+        weight = self.unmasked_loss_weight
+        if not (math.isfinite(weight) and 0.0 <= weight <= 1.0):
+            raise ConfigError(f"data.unmasked_loss_weight must be in [0, 1] (got {weight})")
+        if (self.mask_dir or self.alpha_mask) and self.instance_data_dir is None:
+            raise ConfigError(
+                "data.mask_dir / data.alpha_mask mask your own photos: set data.instance_data_dir too "
+                "(the generated views have no masks)"
+            )
         if self.with_prior_preservation and not self.class_prompt:
             raise ConfigError(
                 "data.with_prior_preservation needs data.class_prompt (e.g. 'a photo of a dog')"
@@ -77,6 +93,11 @@ class DreamBoothDataArgs(DataArgs):
         weight = self.prior_loss_weight
         if not (math.isfinite(weight) and weight >= 0):
             raise ConfigError(f"data.prior_loss_weight must be a finite number >= 0 (got {weight})")
+
+    @property
+    def masks(self) -> str:
+        """How instance images carry their loss masks: ``none``, ``alpha`` or ``files`` (in mask_dir)."""
+        return "files" if self.mask_dir else "alpha" if self.alpha_mask else "none"
 
 
 @dataclass

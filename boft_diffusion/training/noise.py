@@ -79,13 +79,21 @@ def snr_loss_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float) -> t
 
 
 def diffusion_loss(
-    pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    spatial: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean squared error in float32; with ``weights`` ``(B,)`` each sample's mean is weighted."""
-    if weights is None:
+    """Mean squared error in float32; with ``weights`` ``(B,)`` each sample's mean is weighted; with
+    ``spatial`` ``(B, 1, h, w)`` (a loss mask at the latents' size) each element's error is weighted first,
+    the mean still over every element (kohya's masked loss)."""
+    if weights is None and spatial is None:
         return F.mse_loss(pred.float(), target.float(), reduction="mean")
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
-    return (per_sample * weights.float()).mean()
+    error = F.mse_loss(pred.float(), target.float(), reduction="none")
+    if spatial is not None:
+        error = error * spatial.float()
+    per_sample = error.flatten(1).mean(dim=1)
+    return per_sample.mean() if weights is None else (per_sample * weights.float()).mean()
 
 
 @dataclass
