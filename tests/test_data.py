@@ -287,6 +287,37 @@ def test_generate_class_images_fills_missing_and_reuses(tiny_pipe, tmp_path):
     assert not list(folder.glob(".*.tmp"))
 
 
+def test_context_class_images_are_captioned_with_their_prompt(tiny_pipe, tmp_path):
+    contexts = ["a photo of a toy on a red background", "a photo of a toy on a striped blue background"]
+    paths = generate_class_images(
+        tiny_pipe, tmp_path / "class", "a photo of a toy", 5, num_inference_steps=2, resolution=32,
+        show_progress=False, context_prompts=contexts,
+    )  # fmt: skip
+    assert [read_caption(p) for p in paths] == [None, contexts[0], None, contexts[1], None]
+    dataset = DreamBoothDataset(paths[:1], "sks", 32, class_images=paths, class_prompt="a photo of a toy")
+    assert [dataset[i]["class_prompt"] for i in range(5)] == [
+        "a photo of a toy", contexts[0], "a photo of a toy", contexts[1], "a photo of a toy",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.class_context_prompts=[' ']"], "class_context_prompts must be non-blank prompts"),
+        (
+            ["data.with_prior_preservation=false", "data.class_context_prompts=[a toy on red]"],
+            "need data.with_prior_preservation=true",
+        ),
+    ],
+)
+def test_class_context_prompts_are_checked(overrides, message):
+    from boft_diffusion.recipes.dreambooth import DreamBoothConfig
+    from boft_diffusion.training.args import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(DreamBoothConfig, None, overrides)
+
+
 def test_generated_class_images_are_deterministic(tiny_pipe, tmp_path):
     kwargs = dict(num_inference_steps=2, resolution=32, seed=7, show_progress=False)
     a = generate_class_images(tiny_pipe, tmp_path / "a", "a toy", 2, **kwargs)

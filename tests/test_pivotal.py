@@ -211,3 +211,16 @@ def test_inspect_names_the_token_embeddings(trained, capsys):
     out, _ = trained
     assert cli.main(["inspect", str(out)]) == 0
     assert "Trained state token_embeddings: text_encoder 2x32" in capsys.readouterr().out
+
+
+def test_the_shipped_pivotal_configs_load():
+    from pathlib import Path
+
+    from boft_diffusion.training.args import load_config
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs" / "pivotal").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        cfg = load_config(PivotalConfig, path)
+        assert cfg.data.with_prior_preservation and len(cfg.data.class_context_prompts) == 25
+        assert "sks" not in " ".join(cfg.data.class_context_prompts)  # the class alone, never the subject

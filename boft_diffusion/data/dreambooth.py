@@ -196,12 +196,16 @@ def generate_class_images(
     resolution: int | None = None,
     seed: int = 0,
     show_progress: bool = True,
+    context_prompts: Sequence[str] = (),
 ) -> list[Path]:
     """Fill ``class_dir`` up to ``num_images`` images of ``class_prompt`` sampled from ``pipe``.
 
     Images already there (from an earlier run) are reused; only the missing ones are generated,
     image ``k`` from seed ``seed + k`` (:func:`~boft_diffusion.sampling.seeded_images`) as
-    ``class_{k:05d}.png``. Returns the first ``num_images``.
+    ``class_{k:05d}.png``. With ``context_prompts`` (the class in contexts the subject should keep,
+    e.g. "a photo of a dog on a beach") every odd ``k`` is sampled from the next context prompt instead,
+    and its caption file ``class_{k:05d}.txt`` names it (:class:`DreamBoothDataset` trains it on that
+    prompt). Returns the first ``num_images``.
     """
     class_dir = Path(class_dir)
     class_dir.mkdir(parents=True, exist_ok=True)
@@ -213,15 +217,19 @@ def generate_class_images(
         bar = tqdm(total=missing, desc="Generating class images", disable=not show_progress)
         for start in range(0, missing, batch_size):
             chunk = indices[start : start + batch_size]
+            prompts = [class_image_prompt(k, class_prompt, context_prompts) for k in chunk]
             images = seeded_images(
                 pipe,
-                [class_prompt] * len(chunk),
+                prompts,
                 [seed + k for k in chunk],
                 num_inference_steps=num_inference_steps,
                 height=resolution,
                 width=resolution,
             )
-            for k, image in zip(chunk, images):
+            for k, image, prompt in zip(chunk, images, prompts):
+                if prompt != class_prompt:  # its caption first: an image never stands without it
+                    with atomic_file(class_dir / f"class_{k:05d}.txt") as tmp:
+                        Path(tmp).write_text(prompt, encoding="utf-8")
                 # Atomic: a killed run leaves no half image for the next run to reuse.
                 with atomic_file(class_dir / f"class_{k:05d}.png") as tmp:
                     image.save(tmp, format="PNG")
@@ -229,3 +237,11 @@ def generate_class_images(
         bar.close()
         existing = list_images(class_dir, role="class")
     return existing[:num_images]
+
+
+def class_image_prompt(k: int, class_prompt: str, context_prompts: Sequence[str] = ()) -> str:
+    """The prompt of generated class image ``k``: ``class_prompt``, or with ``context_prompts`` every odd
+    image the next of them in turn."""
+    if not context_prompts or k % 2 == 0:
+        return class_prompt
+    return context_prompts[(k // 2) % len(context_prompts)]

@@ -243,7 +243,7 @@ class DreamBoothRecipe(TrainingRecipe):
             generate_class_images(
                 self.pipe, folder, data.class_prompt, data.num_class_images, data.sample_batch_size,
                 data.class_inference_steps, data.resolution, self.cfg.train.seed,
-                accelerator.is_local_main_process,
+                accelerator.is_local_main_process, data.class_context_prompts,
             )  # fmt: skip
             if inside and before is not None:
                 record_outputs(out, *(set(folder.iterdir()) - before))  # images added to an existing folder
@@ -280,9 +280,11 @@ class DreamBoothRecipe(TrainingRecipe):
                 else []
             )
             classes = found[: data.num_class_images]
-        return dreambooth_prompts(
+        prompts = dreambooth_prompts(
             images, data.instance_prompt, data.caption_extension, class_prompt, classes or []
         )
+        contexts = data.class_context_prompts if class_prompt else []
+        return list(dict.fromkeys([*prompts, *contexts]))
 
     def _overwritten(self, path: Path) -> bool:
         """Whether ``train.overwrite_output_dir`` sets ``path`` aside as an earlier run's output."""

@@ -59,6 +59,8 @@ class DreamBoothDataArgs(DataArgs):
     """Center-crop to the resolution (false: random crop)."""
     random_flip: bool = False
     """Flip images horizontally at random."""
+    class_context_prompts: list[str] = field(default_factory=list)
+    """Prompts putting the class in contexts the subject should keep (e.g. 'a photo of a toy on a striped red background'): every other generated class image is sampled from the next of them and trained on it (its caption file), so prior preservation keeps those contexts as well as the class. Empty: every class image is of class_prompt."""
     mask_dir: str | None = None
     """Folder of loss masks, one per instance image with the image's file stem (any image format, the image's size; white: the subject, black: the rest): only the masked area trains (see unmasked_loss_weight). null: no mask files."""
     alpha_mask: bool = False
@@ -70,6 +72,14 @@ class DreamBoothDataArgs(DataArgs):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not all(isinstance(p, str) and p.strip() for p in self.class_context_prompts):
+            raise ConfigError(
+                f"data.class_context_prompts must be non-blank prompts (got {self.class_context_prompts!r})"
+            )
+        if self.class_context_prompts and not self.with_prior_preservation:
+            raise ConfigError(
+                "data.class_context_prompts are class images: they need data.with_prior_preservation=true"
+            )
         if self.mask_dir and self.alpha_mask:
             raise ConfigError("data: give mask_dir or alpha_mask, not both")
         weight = self.unmasked_loss_weight
