@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DREAMBOOTH_FAST, recipe_config
+from conftest import DREAMBOOTH_FAST, FAMILY_FAST, recipe_config
 from safetensors.torch import load_file, save_file
 
 from boft_diffusion import AdapterFormatError, load_boft_weights, unload_boft
@@ -224,3 +224,23 @@ def test_the_shipped_pivotal_configs_load():
         cfg = load_config(PivotalConfig, path)
         assert cfg.data.with_prior_preservation and len(cfg.data.class_context_prompts) == 25
         assert "sks" not in " ".join(cfg.data.class_context_prompts)  # the class alone, never the subject
+
+
+def test_sdxl_gets_the_tokens_in_both_text_encoders(tmp_path):
+
+    from boft_diffusion.tiny import build_tiny_sdxl_pipeline
+
+    out = tmp_path / "run"
+    cfg = recipe_config(
+        PivotalConfig, out, *FAMILY_FAST, "model.tiny_family=sdxl", "pivotal.initializer_token=null"
+    )
+    run(cfg)
+    adapter = read_adapter(out)
+    assert sorted(adapter.states["token_embeddings"]) == ["text_encoder", "text_encoder_2"]
+    pipe = build_tiny_sdxl_pipeline(seed=0)
+    sizes = (len(pipe.tokenizer), len(pipe.tokenizer_2))
+    load_boft_weights(pipe, out)
+    assert pipe.tokenizer_2.convert_tokens_to_ids(TOKENS) == [sizes[1], sizes[1] + 1]
+    assert new_tokens(pipe.text_encoder_2, "default") == TOKENS
+    unload_boft(pipe)
+    assert (len(pipe.tokenizer), len(pipe.tokenizer_2)) == sizes
