@@ -41,12 +41,14 @@ from .images import (
     load_rgb,
     read_caption,
 )
+from .latents import LATENT_CACHE_NAME, LatentCache, vae_fingerprint
 from .world import (
     write_world_control_data,
 )
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "LATENT_CACHE_NAME",
     "PROMPT_EMBEDDINGS_NAME",
     "ControlColumns",
     "ControlDataset",
@@ -54,6 +56,7 @@ __all__ = [
     "DataError",
     "DreamBoothDataset",
     "EpochSampler",
+    "LatentCache",
     "collate_control",
     "collate_dreambooth",
     "generate_class_images",
@@ -69,5 +72,6 @@ __all__ = [
     "read_prompt_embeddings_metadata",
     "save_prompt_embeddings",
     "tokenize_prompts",
+    "vae_fingerprint",
     "write_world_control_data",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,6 +50,7 @@ class DreamBoothDataset(Dataset):
         seed: int = 0,
         masks: Literal["none", "alpha", "files"] = "none",
         mask_dir: Path | None = None,
+        latents: Mapping[Path, torch.Tensor] | None = None,
     ) -> None:
         if not instance_images:
             raise DataError("DreamBoothDataset needs at least one instance image")
@@ -66,6 +67,7 @@ class DreamBoothDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.masks, self.mask_dir = masks, mask_dir
+        self.latents = latents
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -93,11 +95,17 @@ class DreamBoothDataset(Dataset):
             pixels, mask = self._load_masked(self.instance_images[i], index)
             item = {"instance_pixel_values": pixels, "instance_mask": mask}
         item["instance_prompt"] = self.prompts[i]
+        if self.latents is not None:  # the cached posterior (data.cache_latents) stands in for the VAE
+            item["instance_latent_parameters"] = self.latents[self.instance_images[i]]
         if self.class_images:
             item["class_pixel_values"] = self._load(
                 self.class_images[index % len(self.class_images)], "class", index
             )
             item["class_prompt"] = self.class_prompts[index % len(self.class_images)]
+            if self.latents is not None:
+                item["class_latent_parameters"] = self.latents[
+                    self.class_images[index % len(self.class_images)]
+                ]
         return item
 
 
@@ -129,6 +137,10 @@ def collate_dreambooth(
         pixels += [e["class_pixel_values"] for e in examples]
         prompts += [e["class_prompt"] for e in examples]
     batch = {"pixel_values": torch.stack(pixels).contiguous(), "prompts": prompts}
+    if "instance_latent_parameters" in examples[0]:
+        cached = [e["instance_latent_parameters"] for e in examples]
+        cached += [e["class_latent_parameters"] for e in examples if "class_latent_parameters" in e]
+        batch["latent_parameters"] = torch.stack(cached).contiguous()
     if "instance_mask" in examples[0]:  # loss masks (1 on class images: their loss is never masked)
         masks = [e["instance_mask"] for e in examples]
         masks += [torch.ones_like(masks[0]) for _ in range(len(pixels) - len(masks))]

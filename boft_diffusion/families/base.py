@@ -201,7 +201,13 @@ class Family:
         """Images ``(B, 3, H, W)`` in ``[-1, 1]`` -> the latents ``(B, C, h, w)`` the denoiser is trained on,
         as the family's pipeline decodes them: by default a posterior sample, shifted by the VAE's
         ``shift_factor`` and scaled by its ``scaling_factor``."""
-        latents = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist.sample()
+        posterior = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        return self.latents_from(vae, posterior)
+
+    def latents_from(self, vae: Any, posterior: Any) -> torch.Tensor:
+        """The training latents from the VAE's posterior (a diffusers ``DiagonalGaussianDistribution``, e.g.
+        rebuilt from a latent cache): by default a sample, shifted and scaled as :meth:`encode_latents` says."""
+        latents = posterior.sample()
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor
 

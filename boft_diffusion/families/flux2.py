@@ -150,8 +150,12 @@ class _Flux2(Family):
         """The posterior mode, 2x2-patchified and normalised by the VAE's latent batch-norm statistics,
         ``(B, 4C, H/2f, W/2f)``: as ``Flux2KleinPipeline`` encodes images (and diffusers' Flux.2 [klein]
         DreamBooth script its training images), the inverse of what it decodes."""
-        latents = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
-        return normalise_latents(vae, latents)
+        posterior = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        return self.latents_from(vae, posterior)
+
+    def latents_from(self, vae: Any, posterior: Any) -> torch.Tensor:
+        """The posterior's mode, patchified and normalised (:meth:`encode_latents`)."""
+        return normalise_latents(vae, posterior.mode())
 
     def denoise(
         self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: Mapping[str, Any],

@@ -22,20 +22,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
 from ..atomic import folder_write_problem
 from ..data import (
     IMAGE_EXTENSIONS,
+    LATENT_CACHE_NAME,
     PROMPT_EMBEDDINGS_NAME,
     DataError,
     DreamBoothDataset,
+    LatentCache,
     collate_dreambooth,
     dreambooth_prompts,
     generate_class_images,
+    image_to_tensor,
     list_images,
     load_mask,
     load_rgb,
+    vae_fingerprint,
 )
 from ..families import get_family
 from ..inject import apply_adapter_plan
@@ -108,6 +113,9 @@ class DreamBoothRecipe(TrainingRecipe):
         self.probe: DreamBoothProbe | None = None
         self.references: list[Path] = []
         """The instance images subject fidelity compares samples with (set by ``build``)."""
+        self.latents: dict[Path, torch.Tensor] | None = None
+        """``data.cache_latents``: every training image's VAE posterior parameters (set by ``build``)."""
+        self.latent_cache: LatentCache | None = None
         self.prompt_cache: PromptCache | None = None
         """``data.cache_prompt_embeddings``: the run's prompt embeddings (checked by ``check_pipeline``)."""
 
@@ -180,6 +188,8 @@ class DreamBoothRecipe(TrainingRecipe):
 
     def planned_outputs(self) -> list[str]:
         generated = ["instance_images"] if self.cfg.data.instance_data_dir is None else []
+        if self.cfg.data.cache_latents and self.cfg.data.latent_cache_dir is None:
+            generated.append(LATENT_CACHE_NAME)
         if self.cfg.data.cache_prompt_embeddings and self.prompt_cache_path().parent == Path(
             self.cfg.train.output_dir
         ):
@@ -188,7 +198,7 @@ class DreamBoothRecipe(TrainingRecipe):
 
     def input_paths(self) -> list[str | Path]:
         data = self.cfg.data
-        folders = (data.instance_data_dir, data.class_data_dir, data.mask_dir)
+        folders = (data.instance_data_dir, data.class_data_dir, data.mask_dir, data.latent_cache_dir)
         return [*super().input_paths(), *(p for p in folders if p)]
 
     # --- build -----------------------------------------------------------------------------------
@@ -205,7 +215,36 @@ class DreamBoothRecipe(TrainingRecipe):
             self.prompt_cache.build(
                 self.training_prompts(instance, classes), self.accelerator, self.cfg.data.resolution, out
             )
+        self.latents = (
+            self._cached_latents([*instance, *(classes or [])]) if self.cfg.data.cache_latents else None
+        )
         self._dataloader(instance, classes)
+
+    def latent_cache_dir(self) -> Path:
+        folder = self.cfg.data.latent_cache_dir
+        return Path(folder).expanduser() if folder else Path(self.cfg.train.output_dir) / LATENT_CACHE_NAME
+
+    def _cached_latents(self, images: list[Path]) -> dict[Path, torch.Tensor]:
+        """Every training image's VAE posterior from the latent cache, encoding (main process) what is missing."""
+        data, vae = self.cfg.data, self.pipe.vae
+        cache = LatentCache(self.latent_cache_dir(), vae_fingerprint(vae), data.resolution, "center")
+
+        @torch.no_grad()
+        def encode(paths: list[Path]) -> torch.Tensor:
+            pixels = torch.stack([image_to_tensor(p, data.resolution, center_crop=True) for p in paths])
+            return vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.parameters
+
+        def fill() -> None:
+            cache.fill(images, encode, data.sample_batch_size)
+            if cache.encoded:
+                print(f"Latent cache {cache.folder}: {cache.encoded} of {len(set(images))} images encoded")
+
+        if self.cfg.data.latent_cache_dir is None:
+            self.write_output_folder(cache.folder, fill)
+        else:
+            self.on_main_process(fill)
+        self.latent_cache = cache
+        return cache.fill(images, encode, data.sample_batch_size)  # every process: all there now
 
     def _instance_images(self) -> list[Path]:
         cfg = self.cfg
@@ -350,7 +389,7 @@ class DreamBoothRecipe(TrainingRecipe):
         dataset = DreamBoothDataset(
             instance, data.instance_prompt, data.resolution, data.center_crop, data.random_flip,
             classes, data.class_prompt, data.caption_extension, t.seed, data.masks,
-            Path(data.mask_dir).expanduser() if data.mask_dir else None,
+            Path(data.mask_dir).expanduser() if data.mask_dir else None, self.latents,
         )  # fmt: skip
         tokenize = (
             None
@@ -364,7 +403,12 @@ class DreamBoothRecipe(TrainingRecipe):
         """Denoising loss of one batch (instance half + ``prior_loss_weight`` x class half)."""
         cfg, scheduler = self.cfg, self.noise_scheduler
         with torch.no_grad():
-            latents = self.family.encode_latents(self.pipe.vae, batch["pixel_values"])
+            if "latent_parameters" in batch:  # data.cache_latents: the cached posterior, sampled afresh
+                vae = self.pipe.vae
+                params = batch["latent_parameters"].to(device=vae.device, dtype=vae.dtype)
+                latents = self.family.latents_from(vae, DiagonalGaussianDistribution(params))
+            else:
+                latents = self.family.encode_latents(self.pipe.vae, batch["pixel_values"])
         family = self.family
         noised = noise_latents(family.objective, scheduler, latents, cfg.train)
         if self.prompt_cache is not None:

@@ -61,6 +61,10 @@ class DreamBoothDataArgs(DataArgs):
     """Flip images horizontally at random."""
     class_context_prompts: list[str] = field(default_factory=list)
     """Prompts putting the class in contexts the subject should keep (e.g. 'a photo of a toy on a striped red background'): every other generated class image is sampled from the next of them and trained on it (its caption file), so prior preservation keeps those contexts as well as the class. Empty: every class image is of class_prompt."""
+    cache_latents: bool = False
+    """Encode each training image (instance and class) with the VAE once, before training, and keep its posterior on disk in latent_cache_dir, keyed by the VAE's weights, the image file's bytes, the resolution and the crop: a changed image or VAE is encoded anew, never reused. Training still samples the posterior each step. Needs center_crop=true and random_flip=false (one crop per image)."""
+    latent_cache_dir: str | None = None
+    """Folder of the latent cache (null: <output_dir>/latent_cache); a shared folder serves several runs."""
     mask_dir: str | None = None
     """Folder of loss masks, one per instance image with the image's file stem (any image format, the image's size; white: the subject, black: the rest): only the masked area trains (see unmasked_loss_weight). null: no mask files."""
     alpha_mask: bool = False
@@ -79,6 +83,11 @@ class DreamBoothDataArgs(DataArgs):
         if self.class_context_prompts and not self.with_prior_preservation:
             raise ConfigError(
                 "data.class_context_prompts are class images: they need data.with_prior_preservation=true"
+            )
+        if self.cache_latents and (not self.center_crop or self.random_flip):
+            raise ConfigError(
+                "data.cache_latents keeps one latent per image: it needs data.center_crop=true and "
+                "data.random_flip=false (a random crop or flip would change the image every epoch)"
             )
         if self.mask_dir and self.alpha_mask:
             raise ConfigError("data: give mask_dir or alpha_mask, not both")

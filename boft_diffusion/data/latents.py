@@ -1,0 +1,92 @@
+"""The latent cache (``data.cache_latents``): each training image's VAE posterior, encoded once and kept
+on disk as safetensors, keyed by what it depends on.
+
+The key hashes the VAE's fingerprint (its weights), the image file's bytes, the resolution and the crop,
+so an image that changed or another VAE is encoded anew and never silently reused; a file of the cache
+holds the posterior's parameters (mean and log-variance, ``DiagonalGaussianDistribution.parameters``), so
+training still draws a fresh sample of it each step as without the cache. The cache needs one crop per
+image (center crop, no flip): a random crop would need a latent per crop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..atomic import atomic_file
+from .images import DataError
+
+__all__ = ["LATENT_CACHE_NAME", "LatentCache", "vae_fingerprint"]
+
+LATENT_CACHE_NAME = "latent_cache"
+"""The cache folder's default name (in ``train.output_dir``)."""
+_KEY = "posterior"
+
+
+class LatentCache:
+    """Posterior parameters of images encoded by one VAE at one resolution and crop, in ``folder``."""
+
+    def __init__(
+        self, folder: str | Path, vae_fingerprint: str, resolution: int, crop: str = "center"
+    ) -> None:
+        self.folder = Path(folder)
+        self.vae_fingerprint, self.resolution, self.crop = vae_fingerprint, resolution, crop
+        self.encoded = 0
+        """Images encoded (not found in the cache) by :meth:`fill` so far."""
+
+    def key(self, image: Path) -> str:
+        """The cache key of ``image``: a hash of the VAE, the resolution, the crop and the file's bytes."""
+        digest = hashlib.sha256()
+        digest.update(f"{self.vae_fingerprint}|{self.resolution}|{self.crop}|".encode())
+        try:
+            digest.update(Path(image).read_bytes())
+        except OSError as err:
+            raise DataError(f"{image}: cannot read it for the latent cache ({err})") from None
+        return digest.hexdigest()[:40]
+
+    def path(self, image: Path) -> Path:
+        return self.folder / f"{self.key(image)}.safetensors"
+
+    def fill(
+        self, images: Sequence[Path], encode: Callable[[list[Path]], torch.Tensor], batch_size: int = 4
+    ) -> dict[Path, torch.Tensor]:
+        """``{image: posterior parameters}`` for every image: read from the cache, or ``encode``d (a list of
+        images -> their ``(B, 2C, h, w)`` parameters) in batches and written to it (each file atomic)."""
+        found: dict[Path, torch.Tensor] = {}
+        missing = []
+        for image in dict.fromkeys(images):
+            file = self.path(image)
+            if file.is_file():
+                try:
+                    found[image] = load_file(str(file))[_KEY]
+                    continue
+                except (SafetensorError, OSError, KeyError):
+                    pass  # a damaged entry is encoded again and replaced
+            missing.append(image)
+        for start in range(0, len(missing), batch_size):
+            chunk = missing[start : start + batch_size]
+            parameters = encode(chunk).detach().float().cpu()
+            for image, value in zip(chunk, parameters):
+                with atomic_file(self.path(image)) as tmp:
+                    save_file({_KEY: value.contiguous()}, str(tmp), metadata={"image": str(image)})
+                found[image] = value
+            self.encoded += len(chunk)
+        return found
+
+
+def vae_fingerprint(vae: torch.nn.Module) -> str:
+    """A sha256 of what a posterior depends on: the names, dtypes, shapes and bytes of the VAE encoder's
+    weights (``encoder.*``, ``quant_conv.*``; all of them for a VAE without those names)."""
+    state = vae.state_dict()
+    names = sorted(k for k in state if k.startswith(("encoder.", "quant_conv."))) or sorted(state)
+    digest = hashlib.sha256()
+    for name in names:
+        tensor = state[name].detach().cpu().contiguous().flatten()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(state[name].shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return "sha256:" + digest.hexdigest()[:32]
