@@ -29,30 +29,29 @@ CACHED = [
 
 def test_the_cache_is_reused_and_refreshed_when_an_image_or_the_vae_changes(tmp_path):
     images = make_instance_images(tmp_path / "photos", num_images=3, seed=0, resolution=64)
+    entries = [(p, (64, 64)) for p in images]
     vae = build_tiny_pipeline(seed=0).vae
-    calls = []
 
-    def encode(paths):
-        calls.append(len(paths))
-        return torch.randn(len(paths), 8, 8, 8)
+    def encode(paths, size):
+        return torch.randn(len(paths), 8, size[1] // 4, size[0] // 4)
 
-    cache = LatentCache(tmp_path / "cache", vae_fingerprint(vae), 64)
-    first = cache.fill(images, encode)
+    cache = LatentCache(tmp_path / "cache", vae_fingerprint(vae))
+    first = cache.fill(entries, encode)
     assert cache.encoded == 3 and len(list((tmp_path / "cache").glob("*.safetensors"))) == 3
-    again = LatentCache(tmp_path / "cache", vae_fingerprint(vae), 64)
-    second = again.fill(images, encode)
-    assert again.encoded == 0 and all(torch.equal(first[p], second[p]) for p in images)
+    again = LatentCache(tmp_path / "cache", vae_fingerprint(vae))
+    second = again.fill(entries, encode)
+    assert again.encoded == 0 and all(torch.equal(first[e], second[e]) for e in entries)
 
     Image.new("RGB", (64, 64), (255, 0, 0)).save(images[1])  # the photo changed: encoded anew
-    changed = LatentCache(tmp_path / "cache", vae_fingerprint(vae), 64)
-    changed.fill(images, encode)
+    changed = LatentCache(tmp_path / "cache", vae_fingerprint(vae))
+    changed.fill(entries, encode)
     assert changed.encoded == 1
     with torch.no_grad():
         vae.encoder.conv_in.weight.add_(1e-3)  # another VAE: every image encoded anew
-    other = LatentCache(tmp_path / "cache", vae_fingerprint(vae), 64)
-    other.fill(images, encode)
+    other = LatentCache(tmp_path / "cache", vae_fingerprint(vae))
+    other.fill(entries, encode)
     assert other.encoded == 3
-    assert LatentCache(tmp_path / "cache", vae_fingerprint(vae), 32).key(images[0]) != other.key(images[0])
+    assert other.key(images[0], (48, 80)) != other.key(images[0], (64, 64))  # another size, another entry
 
 
 def test_a_run_trains_on_the_vaes_own_posteriors_and_the_next_run_reuses_them(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ function of ``(seed, epoch, index)``, so an interrupted run that resumes sees th
 
 from __future__ import annotations
 
+from .buckets import BucketBatchSampler, assign_buckets, auto_buckets, bucket_table, parse_bucket_sizes
 from .control import (
     ControlColumns,
     ControlDataset,
@@ -47,6 +48,11 @@ from .world import (
 )
 
 __all__ = [
+    "BucketBatchSampler",
+    "assign_buckets",
+    "auto_buckets",
+    "bucket_table",
+    "parse_bucket_sizes",
     "IMAGE_EXTENSIONS",
     "LATENT_CACHE_NAME",
     "PROMPT_EMBEDDINGS_NAME",

@@ -34,7 +34,8 @@ class DreamBoothDataset(Dataset):
     caption file, else ``instance_prompt``); with class images also ``class_pixel_values`` and
     ``class_prompt`` (the class image's caption file, else ``class_prompt``: a regularisation set may
     caption its images, e.g. the class in the contexts the subject should keep). The length is the
-    larger of the two sets; the smaller one cycles.
+    larger of the two sets; the smaller one cycles. With ``sizes`` (aspect-ratio buckets) item ``i`` is
+    ``(3, h, w)`` at its instance image's bucket, its class image fitted to the same size.
     """
 
     def __init__(
@@ -50,7 +51,8 @@ class DreamBoothDataset(Dataset):
         seed: int = 0,
         masks: Literal["none", "alpha", "files"] = "none",
         mask_dir: Path | None = None,
-        latents: Mapping[Path, torch.Tensor] | None = None,
+        latents: Mapping[tuple[Path, tuple[int, int]], torch.Tensor] | None = None,
+        sizes: Mapping[Path, tuple[int, int]] | None = None,
     ) -> None:
         if not instance_images:
             raise DataError("DreamBoothDataset needs at least one instance image")
@@ -68,6 +70,7 @@ class DreamBoothDataset(Dataset):
         self.epoch = 0
         self.masks, self.mask_dir = masks, mask_dir
         self.latents = latents
+        self.sizes = sizes
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -75,17 +78,35 @@ class DreamBoothDataset(Dataset):
     def __len__(self) -> int:
         return max(len(self.instance_images), len(self.class_images))
 
+    def size_at(self, index: int) -> tuple[int, int]:
+        """(width, height) item ``index`` trains at: its instance image's bucket (``sizes``), else square."""
+        if self.sizes is None:
+            return (self.resolution, self.resolution)
+        return self.sizes[self.instance_images[index % len(self.instance_images)]]
+
+    def pairs(self) -> list[tuple[Path, tuple[int, int]]]:
+        """Every (image, size) an epoch loads: what a latent cache must hold."""
+        out = []
+        for index in range(len(self)):
+            size = self.size_at(index)
+            out.append((self.instance_images[index % len(self.instance_images)], size))
+            if self.class_images:
+                out.append((self.class_images[index % len(self.class_images)], size))
+        return list(dict.fromkeys(out))
+
     def _load(self, path: Path, role: str, index: int) -> torch.Tensor:
         rng = random.Random(f"{self.seed}/{self.epoch}/{role}/{index}")
         flip = self.random_flip and rng.random() < 0.5
-        return image_to_tensor(path, self.resolution, self.center_crop, flip, rng)
+        size = self.size_at(index) if self.sizes is not None else self.resolution
+        return image_to_tensor(path, size, self.center_crop, flip, rng)
 
     def _load_masked(self, path: Path, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The instance image and its loss mask, cropped and flipped alike (the same draws as :meth:`_load`)."""
         rng = random.Random(f"{self.seed}/{self.epoch}/instance/{index}")
         flip = self.random_flip and rng.random() < 0.5
         mask = load_mask(path, self.mask_dir if self.masks == "files" else None)
-        return image_and_mask_to_tensors(path, mask, self.resolution, self.center_crop, flip, rng)
+        size = self.size_at(index) if self.sizes is not None else self.resolution
+        return image_and_mask_to_tensors(path, mask, size, self.center_crop, flip, rng)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         i = index % len(self.instance_images)
@@ -95,17 +116,15 @@ class DreamBoothDataset(Dataset):
             pixels, mask = self._load_masked(self.instance_images[i], index)
             item = {"instance_pixel_values": pixels, "instance_mask": mask}
         item["instance_prompt"] = self.prompts[i]
+        size = self.size_at(index)
         if self.latents is not None:  # the cached posterior (data.cache_latents) stands in for the VAE
-            item["instance_latent_parameters"] = self.latents[self.instance_images[i]]
-        if self.class_images:
-            item["class_pixel_values"] = self._load(
-                self.class_images[index % len(self.class_images)], "class", index
-            )
+            item["instance_latent_parameters"] = self.latents[(self.instance_images[i], size)]
+        if self.class_images:  # at the instance image's size: the two halves of a batch stack
+            path = self.class_images[index % len(self.class_images)]
+            item["class_pixel_values"] = self._load(path, "class", index)
             item["class_prompt"] = self.class_prompts[index % len(self.class_images)]
             if self.latents is not None:
-                item["class_latent_parameters"] = self.latents[
-                    self.class_images[index % len(self.class_images)]
-                ]
+                item["class_latent_parameters"] = self.latents[(path, size)]
         return item
 
 

@@ -146,7 +146,7 @@ def read_caption(image: Path, caption_extension: str = ".txt") -> str | None:
 
 def image_to_tensor(
     path: Path,
-    resolution: int,
+    resolution: int | tuple[int, int],
     center_crop: bool = False,
     flip: bool = False,
     rng: random.Random | None = None,
@@ -154,9 +154,10 @@ def image_to_tensor(
     """Load an image as a ``(3, resolution, resolution)`` float tensor in ``[-1, 1]``.
 
     The shorter side is resized to ``resolution`` (bilinear, antialiased), then cropped square:
-    centered, or at a position drawn from ``rng``; ``flip`` mirrors it left-right.
+    centered, or at a position drawn from ``rng``; ``flip`` mirrors it left-right. A ``(width, height)``
+    ``resolution`` (an aspect-ratio bucket) gives ``(3, height, width)``: resized to cover it, then cropped.
     """
-    (image,) = _square([load_rgb(path)], resolution, center_crop, flip, rng)
+    (image,) = _fit([load_rgb(path)], _size(resolution), center_crop, flip, rng)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
@@ -164,34 +165,43 @@ def image_to_tensor(
 def image_and_mask_to_tensors(
     path: Path,
     mask: Image.Image,
-    resolution: int,
+    resolution: int | tuple[int, int],
     center_crop: bool = False,
     flip: bool = False,
     rng: random.Random | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`image_to_tensor` and its loss ``mask`` (an ``L`` image of the same size, from :func:`load_mask`)
     resized, cropped and flipped the same way: ``(3, R, R)`` in ``[-1, 1]`` and ``(1, R, R)`` in ``[0, 1]``."""
-    image, mask = _square([load_rgb(path), mask], resolution, center_crop, flip, rng)
+    image, mask = _fit([load_rgb(path), mask], _size(resolution), center_crop, flip, rng)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     weights = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
     return torch.from_numpy(array).permute(2, 0, 1).contiguous(), weights.contiguous()
 
 
-def _square(
-    images: list[Image.Image], resolution: int, center_crop: bool, flip: bool, rng: random.Random | None
+def _size(resolution: int | tuple[int, int]) -> tuple[int, int]:
+    return (
+        (resolution, resolution) if isinstance(resolution, int) else (int(resolution[0]), int(resolution[1]))
+    )
+
+
+def _fit(
+    images: list[Image.Image], size: tuple[int, int], center_crop: bool, flip: bool, rng: random.Random | None
 ) -> list[Image.Image]:
-    """The same resize (shorter side to ``resolution``), square crop and flip applied to every image."""
+    """The same resize (the smallest that covers ``size`` = (width, height), aspect kept), crop to ``size``
+    (centered, or where ``rng`` draws) and flip applied to every image. A square ``size`` resizes the
+    shorter side to it, as always."""
     width, height = images[0].size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    target_w, target_h = size
+    scale = max(target_w / width, target_h / height)
+    scaled = (max(target_w, round(width * scale)), max(target_h, round(height * scale)))
     if center_crop or rng is None:
-        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+        left, top = (scaled[0] - target_w) // 2, (scaled[1] - target_h) // 2
     else:
-        left, top = rng.randint(0, size[0] - resolution), rng.randint(0, size[1] - resolution)
+        left, top = rng.randint(0, scaled[0] - target_w), rng.randint(0, scaled[1] - target_h)
     out = []
     for image in images:
-        image = image.resize(size, Image.Resampling.BILINEAR)
-        image = image.crop((left, top, left + resolution, top + resolution))
+        image = image.resize(scaled, Image.Resampling.BILINEAR)
+        image = image.crop((left, top, left + target_w, top + target_h))
         out.append(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image)
     return out
 

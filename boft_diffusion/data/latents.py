@@ -1,7 +1,8 @@
 """The latent cache (``data.cache_latents``): each training image's VAE posterior, encoded once and kept
 on disk as safetensors, keyed by what it depends on.
 
-The key hashes the VAE's fingerprint (its weights), the image file's bytes, the resolution and the crop,
+The key hashes the VAE's fingerprint (its weights), the image file's bytes, the size it trains at (the
+resolution, or its aspect-ratio bucket) and the crop,
 so an image that changed or another VAE is encoded anew and never silently reused; a file of the cache
 holds the posterior's parameters (mean and log-variance, ``DiagonalGaussianDistribution.parameters``), so
 training still draws a fresh sample of it each step as without the cache. The cache needs one crop per
@@ -28,54 +29,60 @@ LATENT_CACHE_NAME = "latent_cache"
 _KEY = "posterior"
 
 
-class LatentCache:
-    """Posterior parameters of images encoded by one VAE at one resolution and crop, in ``folder``."""
+Size = tuple[int, int]
+"""(width, height) an image is fitted to (the square resolution, or its aspect-ratio bucket)."""
 
-    def __init__(
-        self, folder: str | Path, vae_fingerprint: str, resolution: int, crop: str = "center"
-    ) -> None:
+
+class LatentCache:
+    """Posterior parameters of images encoded by one VAE, each at the size it trains at, in ``folder``."""
+
+    def __init__(self, folder: str | Path, vae_fingerprint: str, crop: str = "center") -> None:
         self.folder = Path(folder)
-        self.vae_fingerprint, self.resolution, self.crop = vae_fingerprint, resolution, crop
+        self.vae_fingerprint, self.crop = vae_fingerprint, crop
         self.encoded = 0
         """Images encoded (not found in the cache) by :meth:`fill` so far."""
 
-    def key(self, image: Path) -> str:
-        """The cache key of ``image``: a hash of the VAE, the resolution, the crop and the file's bytes."""
+    def key(self, image: Path, size: Size) -> str:
+        """The cache key of ``image`` at ``size``: a hash of the VAE, the size, the crop and the file's bytes."""
         digest = hashlib.sha256()
-        digest.update(f"{self.vae_fingerprint}|{self.resolution}|{self.crop}|".encode())
+        digest.update(f"{self.vae_fingerprint}|{size[0]}x{size[1]}|{self.crop}|".encode())
         try:
             digest.update(Path(image).read_bytes())
         except OSError as err:
             raise DataError(f"{image}: cannot read it for the latent cache ({err})") from None
         return digest.hexdigest()[:40]
 
-    def path(self, image: Path) -> Path:
-        return self.folder / f"{self.key(image)}.safetensors"
+    def path(self, image: Path, size: Size) -> Path:
+        return self.folder / f"{self.key(image, size)}.safetensors"
 
     def fill(
-        self, images: Sequence[Path], encode: Callable[[list[Path]], torch.Tensor], batch_size: int = 4
-    ) -> dict[Path, torch.Tensor]:
-        """``{image: posterior parameters}`` for every image: read from the cache, or ``encode``d (a list of
-        images -> their ``(B, 2C, h, w)`` parameters) in batches and written to it (each file atomic)."""
-        found: dict[Path, torch.Tensor] = {}
-        missing = []
-        for image in dict.fromkeys(images):
-            file = self.path(image)
+        self,
+        entries: Sequence[tuple[Path, Size]],
+        encode: Callable[[list[Path], Size], torch.Tensor],
+        batch_size: int = 4,
+    ) -> dict[tuple[Path, Size], torch.Tensor]:
+        """``{(image, size): posterior parameters}`` for every entry: read from the cache, or ``encode``d (images
+        of one size -> their ``(B, 2C, h, w)`` parameters) in batches and written to it (each file atomic)."""
+        found: dict[tuple[Path, Size], torch.Tensor] = {}
+        missing: dict[Size, list[Path]] = {}
+        for image, size in dict.fromkeys(entries):
+            file = self.path(image, size)
             if file.is_file():
                 try:
-                    found[image] = load_file(str(file))[_KEY]
+                    found[(image, size)] = load_file(str(file))[_KEY]
                     continue
                 except (SafetensorError, OSError, KeyError):
                     pass  # a damaged entry is encoded again and replaced
-            missing.append(image)
-        for start in range(0, len(missing), batch_size):
-            chunk = missing[start : start + batch_size]
-            parameters = encode(chunk).detach().float().cpu()
-            for image, value in zip(chunk, parameters):
-                with atomic_file(self.path(image)) as tmp:
-                    save_file({_KEY: value.contiguous()}, str(tmp), metadata={"image": str(image)})
-                found[image] = value
-            self.encoded += len(chunk)
+            missing.setdefault(size, []).append(image)
+        for size, images in missing.items():
+            for start in range(0, len(images), batch_size):
+                chunk = images[start : start + batch_size]
+                parameters = encode(chunk, size).detach().float().cpu()
+                for image, value in zip(chunk, parameters):
+                    with atomic_file(self.path(image, size)) as tmp:
+                        save_file({_KEY: value.contiguous()}, str(tmp), metadata={"image": str(image)})
+                    found[(image, size)] = value
+                self.encoded += len(chunk)
         return found
 
 

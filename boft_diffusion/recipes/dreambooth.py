@@ -13,6 +13,7 @@ module supplies the data, the adapters, the loss and the model card.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import warnings
 from collections.abc import Callable
@@ -30,9 +31,13 @@ from ..data import (
     IMAGE_EXTENSIONS,
     LATENT_CACHE_NAME,
     PROMPT_EMBEDDINGS_NAME,
+    BucketBatchSampler,
     DataError,
     DreamBoothDataset,
     LatentCache,
+    assign_buckets,
+    auto_buckets,
+    bucket_table,
     collate_dreambooth,
     dreambooth_prompts,
     generate_class_images,
@@ -40,6 +45,7 @@ from ..data import (
     list_images,
     load_mask,
     load_rgb,
+    parse_bucket_sizes,
     vae_fingerprint,
 )
 from ..families import get_family
@@ -66,7 +72,7 @@ from ..training.noise import (
 )
 from ..training.prompt_cache import PromptCache
 from ..training.recipe import TrainingRecipe, TrainResult
-from ..training.setup import load_pipeline, record_outputs
+from ..training.setup import check_resolution, load_pipeline, record_outputs
 from ..training.sharding import is_sharded
 from ..world import parse_caption
 from .dreambooth_config import (
@@ -113,7 +119,7 @@ class DreamBoothRecipe(TrainingRecipe):
         self.probe: DreamBoothProbe | None = None
         self.references: list[Path] = []
         """The instance images subject fidelity compares samples with (set by ``build``)."""
-        self.latents: dict[Path, torch.Tensor] | None = None
+        self.latents: dict[Any, torch.Tensor] | None = None
         """``data.cache_latents``: every training image's VAE posterior parameters (set by ``build``)."""
         self.latent_cache: LatentCache | None = None
         self.prompt_cache: PromptCache | None = None
@@ -215,36 +221,34 @@ class DreamBoothRecipe(TrainingRecipe):
             self.prompt_cache.build(
                 self.training_prompts(instance, classes), self.accelerator, self.cfg.data.resolution, out
             )
-        self.latents = (
-            self._cached_latents([*instance, *(classes or [])]) if self.cfg.data.cache_latents else None
-        )
         self._dataloader(instance, classes)
 
     def latent_cache_dir(self) -> Path:
         folder = self.cfg.data.latent_cache_dir
         return Path(folder).expanduser() if folder else Path(self.cfg.train.output_dir) / LATENT_CACHE_NAME
 
-    def _cached_latents(self, images: list[Path]) -> dict[Path, torch.Tensor]:
-        """Every training image's VAE posterior from the latent cache, encoding (main process) what is missing."""
+    def _cached_latents(self, pairs: list[tuple[Path, tuple[int, int]]]) -> dict[Any, torch.Tensor]:
+        """Every (training image, size)'s VAE posterior from the latent cache, encoding (main process) what is
+        missing."""
         data, vae = self.cfg.data, self.pipe.vae
-        cache = LatentCache(self.latent_cache_dir(), vae_fingerprint(vae), data.resolution, "center")
+        cache = LatentCache(self.latent_cache_dir(), vae_fingerprint(vae), "center")
 
         @torch.no_grad()
-        def encode(paths: list[Path]) -> torch.Tensor:
-            pixels = torch.stack([image_to_tensor(p, data.resolution, center_crop=True) for p in paths])
+        def encode(paths: list[Path], size: tuple[int, int]) -> torch.Tensor:
+            pixels = torch.stack([image_to_tensor(p, size, center_crop=True) for p in paths])
             return vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.parameters
 
         def fill() -> None:
-            cache.fill(images, encode, data.sample_batch_size)
+            cache.fill(pairs, encode, data.sample_batch_size)
             if cache.encoded:
-                print(f"Latent cache {cache.folder}: {cache.encoded} of {len(set(images))} images encoded")
+                print(f"Latent cache {cache.folder}: {cache.encoded} of {len(pairs)} images encoded")
 
         if self.cfg.data.latent_cache_dir is None:
             self.write_output_folder(cache.folder, fill)
         else:
             self.on_main_process(fill)
         self.latent_cache = cache
-        return cache.fill(images, encode, data.sample_batch_size)  # every process: all there now
+        return cache.fill(pairs, encode, data.sample_batch_size)  # every process: all there now
 
     def _instance_images(self) -> list[Path]:
         cfg = self.cfg
@@ -386,17 +390,41 @@ class DreamBoothRecipe(TrainingRecipe):
 
     def _dataloader(self, instance: list[Path], classes: list[Path] | None) -> None:
         data, t = self.cfg.data, self.cfg.train
+        sizes = self._buckets(instance) if data.buckets else None
         dataset = DreamBoothDataset(
             instance, data.instance_prompt, data.resolution, data.center_crop, data.random_flip,
             classes, data.class_prompt, data.caption_extension, t.seed, data.masks,
-            Path(data.mask_dir).expanduser() if data.mask_dir else None, self.latents,
+            Path(data.mask_dir).expanduser() if data.mask_dir else None, None, sizes,
         )  # fmt: skip
+        if data.cache_latents:
+            dataset.latents = self.latents = self._cached_latents(dataset.pairs())
         tokenize = (
             None
             if self.prompt_cache is not None
             else partial(self.family.tokenize, self.family.tokenizers(self.pipe))
         )
-        self.make_dataloader(dataset, partial(collate_dreambooth, tokenize=tokenize))
+        batches = None
+        if sizes is not None:  # one bucket per batch
+            order = [dataset.size_at(i) for i in range(len(dataset))]
+            batches = BucketBatchSampler(order, t.train_batch_size, t.seed)
+        self.make_dataloader(dataset, partial(collate_dreambooth, tokenize=tokenize), batches)
+
+    def _buckets(self, instance: list[Path]) -> dict[Path, tuple[int, int]]:
+        """Each instance image's bucket (``data.buckets``), every bucket checked against the model; the table
+        of the buckets in use printed by the main process."""
+        data = self.cfg.data
+        explicit = parse_bucket_sizes(data.bucket_sizes)
+        vae_factor = getattr(self.pipe, "vae_scale_factor", None) or 8
+        multiple = math.lcm(8, int(vae_factor))
+        step = data.bucket_step or max(multiple, data.resolution // 8 // multiple * multiple)
+        buckets = explicit or auto_buckets(data.resolution, step)
+        for width, height in buckets:
+            check_resolution(self.pipe, width, f"data.buckets {width}x{height}: its width")
+            check_resolution(self.pipe, height, f"data.buckets {width}x{height}: its height")
+        assigned = assign_buckets(instance, buckets, explicit=bool(explicit))
+        if self.accelerator.is_main_process:
+            print(bucket_table(assigned))
+        return assigned
 
     # --- train -----------------------------------------------------------------------------------
     def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..data import parse_bucket_sizes
 from ..metrics import (
     EVAL_GUIDANCE,
     EVAL_STEPS,
@@ -61,6 +62,12 @@ class DreamBoothDataArgs(DataArgs):
     """Flip images horizontally at random."""
     class_context_prompts: list[str] = field(default_factory=list)
     """Prompts putting the class in contexts the subject should keep (e.g. 'a photo of a toy on a striped red background'): every other generated class image is sampled from the next of them and trained on it (its caption file), so prior preservation keeps those contexts as well as the class. Empty: every class image is of class_prompt."""
+    buckets: bool = False
+    """Aspect-ratio buckets: each instance image trains at the size of the bucket nearest its aspect (buckets of about resolution x resolution pixels, aspects 1:2 to 2:1), resized to cover it and cropped, instead of a square crop; every batch is drawn from one bucket, and class images are fitted to their batch's bucket. The buckets and how many images each holds are printed before training."""
+    bucket_step: int = 0
+    """Side step of the automatic buckets in pixels (0: resolution / 8, rounded to what the model can encode; kohya's bucket_reso_steps)."""
+    bucket_sizes: list[str] = field(default_factory=list)
+    """Your own buckets as WIDTHxHEIGHT (e.g. [512x768, 768x512, 640x640]) instead of the automatic ones; each must receive at least one image."""
     cache_latents: bool = False
     """Encode each training image (instance and class) with the VAE once, before training, and keep its posterior on disk in latent_cache_dir, keyed by the VAE's weights, the image file's bytes, the resolution and the crop: a changed image or VAE is encoded anew, never reused. Training still samples the posterior each step. Needs center_crop=true and random_flip=false (one crop per image)."""
     latent_cache_dir: str | None = None
@@ -84,6 +91,12 @@ class DreamBoothDataArgs(DataArgs):
             raise ConfigError(
                 "data.class_context_prompts are class images: they need data.with_prior_preservation=true"
             )
+        if self.bucket_step < 0 or (self.bucket_sizes and not self.buckets):
+            raise ConfigError("data.bucket_step must be >= 0, and data.bucket_sizes needs data.buckets=true")
+        try:
+            parse_bucket_sizes(self.bucket_sizes)
+        except ValueError as err:
+            raise ConfigError(f"data.bucket_sizes: {err}") from None
         if self.cache_latents and (not self.center_crop or self.random_flip):
             raise ConfigError(
                 "data.cache_latents keeps one latent per image: it needs data.center_crop=true and "

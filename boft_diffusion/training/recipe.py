@@ -187,21 +187,28 @@ class TrainingRecipe:
     def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
 
-    def make_dataloader(self, dataset: Any, collate_fn: Callable[[list[Any]], Any]) -> None:
+    def make_dataloader(
+        self, dataset: Any, collate_fn: Callable[[list[Any]], Any], batch_sampler: Any = None
+    ) -> None:
         """``self.dataloader`` over ``dataset`` as every recipe trains: an :class:`EpochSampler` seeded with
         ``train.seed`` (a resumed run continues mid-epoch exactly), ``train.train_batch_size`` and
-        ``dataloader_num_workers``, loader seeding off the global RNG. Sampler and dataset are told each
-        epoch (``self.epoch_aware``)."""
+        ``dataloader_num_workers``, loader seeding off the global RNG; or ``batch_sampler``'s batches (aspect-ratio
+        buckets). Sampler and dataset are told each epoch (``self.epoch_aware``)."""
         t = self.cfg.train
+        generator = torch.Generator().manual_seed(t.seed)  # keeps loader seeding off the global RNG
+        workers = t.dataloader_num_workers
+        if batch_sampler is not None:
+            self.dataloader = DataLoader(
+                dataset, batch_sampler=batch_sampler, collate_fn=collate_fn, num_workers=workers,
+                generator=generator,
+            )  # fmt: skip
+            self.epoch_aware = [batch_sampler, dataset]
+            return
         sampler = EpochSampler(len(dataset), t.seed)
         self.dataloader = DataLoader(
-            dataset,
-            batch_size=t.train_batch_size,
-            sampler=sampler,
-            collate_fn=collate_fn,
-            num_workers=t.dataloader_num_workers,
-            generator=torch.Generator().manual_seed(t.seed),  # keeps loader seeding off the global RNG
-        )
+            dataset, batch_size=t.train_batch_size, sampler=sampler, collate_fn=collate_fn,
+            num_workers=workers, generator=generator,
+        )  # fmt: skip
         self.epoch_aware = [sampler, dataset]
 
     def card_parts(self) -> CardParts:
