@@ -325,3 +325,19 @@ def test_generated_class_images_are_deterministic(tiny_pipe, tmp_path):
     for x, y in zip(a, b):  # batched kernels may round a pixel differently: one level at most
         diff = np.abs(np.asarray(Image.open(x)).astype(int) - np.asarray(Image.open(y)).astype(int))
         assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
+def test_captions_from_a_metadata_file_when_no_caption_file(instance_dir):
+    images = list_images(instance_dir)
+    (instance_dir / "metadata.jsonl").write_text(
+        '{"file_name": "%s", "text": "a photo of sks toy  on grass"}\n\n{"file_name": "%s", "caption": "x"}\n'
+        % (images[0].name, images[1].name)
+    )
+    images[1].with_suffix(".txt").write_text("from the caption file")
+    assert list_images(instance_dir) == images  # metadata.jsonl is no image
+    assert read_caption(images[0]) == "a photo of sks toy on grass"
+    assert read_caption(images[1]) == "from the caption file"  # a caption file wins
+    assert read_caption(images[2]) is None
+    (instance_dir / "metadata.jsonl").write_text('{"file_name": "a.png"}\n')
+    with pytest.raises(DataError, match=r"metadata.jsonl, line 1: expected a JSON object"):
+        read_caption(images[0])

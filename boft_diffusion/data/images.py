@@ -5,6 +5,8 @@ center or random crop, flip; a mask the same way)."""
 from __future__ import annotations
 
 import codecs
+import functools
+import json
 import os
 import random
 import warnings
@@ -15,6 +17,8 @@ import torch
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+METADATA_NAME = "metadata.jsonl"
+"""A folder's caption file in the Hugging Face imagefolder layout (``{"file_name": ..., "text": ...}`` per line)."""
 
 
 class DataError(ValueError):
@@ -98,7 +102,10 @@ def list_images(
     candidates = sorted(
         p
         for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() != caption_extension.lower()
+        if p.is_file()
+        and not p.name.startswith(".")
+        and p.suffix.lower() != caption_extension.lower()
+        and p.name != METADATA_NAME
     )
     if not candidates:
         if not must_exist:
@@ -123,14 +130,20 @@ def list_images(
 
 
 def read_caption(image: Path, caption_extension: str = ".txt") -> str | None:
-    """The text of ``<image stem><caption_extension>`` beside the image, if that file exists.
+    """The text of ``<image stem><caption_extension>`` beside the image, if that file exists; else the
+    image's row of the folder's ``metadata.jsonl`` (the Hugging Face imagefolder layout: one JSON object per
+    line, ``file_name`` and the caption under ``text`` or ``caption``), if there is one.
 
     UTF-8 (with or without a byte-order mark) and UTF-16 with a byte-order mark are read; any other
     encoding raises :class:`DataError` naming the file.
     """
     path = image.with_suffix(caption_extension)
     if not path.is_file():
-        return None
+        metadata = Path(image).parent / METADATA_NAME
+        if not metadata.is_file():
+            return None
+        stat = metadata.stat()
+        return _metadata_captions(str(metadata), stat.st_mtime_ns, stat.st_size).get(Path(image).name)
     raw = path.read_bytes()
     encoding = "utf-16" if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
     try:
@@ -236,3 +249,31 @@ def load_mask(image: Path, mask_dir: Path | None = None) -> Image.Image:
             "a mask must have its image's size"
         )
     return mask
+
+
+@functools.lru_cache(maxsize=16)
+def _metadata_captions(path: str, mtime_ns: int, size: int) -> dict[str, str]:
+    """``{file_name: caption}`` of a ``metadata.jsonl`` (cached per file version); a malformed line is a
+    :class:`DataError` naming the file and line."""
+    captions = {}
+    try:
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read it as UTF-8 text ({err})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            row = None
+        name = row.get("file_name") if isinstance(row, dict) else None
+        text = next((row[k] for k in ("text", "caption") if isinstance(row, dict) and k in row), None)
+        if not isinstance(name, str) or not isinstance(text, str):
+            raise DataError(
+                f"{path}, line {number}: expected a JSON object with a file_name and a text (or caption) string"
+            )
+        caption = " ".join(text.split())
+        if caption:
+            captions[Path(name).name] = caption
+    return captions
