@@ -110,3 +110,35 @@ def test_a_mixed_size_folder_trains_through_buckets_with_cached_latents(tmp_path
     run(recipe_config(DreamBoothConfig, tmp_path / "c", *overrides))
     assert encoded == [5, 0, 1]  # all, then none (reused), then the changed photo alone
     assert torch.isfinite(torch.tensor(first.losses)).all()
+
+
+def test_your_own_photos_with_everything_at_once(tmp_path):
+    """Buckets, loss masks, cached latents, metadata captions, class images with prior preservation and EMA
+    together on a mixed-size folder: the run trains, resumes and saves the averaged adapter."""
+    folder = folder_of(tmp_path)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for path in folder.iterdir():
+        Image.new("L", Image.open(path).size, 255).save(masks / path.name)
+    (folder / "metadata.jsonl").write_text(
+        '{"file_name": "photo_1.png", "text": "a photo of sks toy, wide"}\n'
+    )
+    overrides = [
+        *DREAMBOOTH_FAST, "train.max_train_steps=3", "train.train_batch_size=2", f"data.instance_data_dir={folder}",
+        "data.buckets=true", "data.center_crop=true", "data.cache_latents=true", f"data.mask_dir={masks}",
+        "data.unmasked_loss_weight=0.5", "data.with_prior_preservation=true", "data.num_class_images=3",
+        "data.class_inference_steps=2", "train.ema_decay=0.9", "train.checkpointing_steps=2",
+    ]  # fmt: skip
+    result = run(recipe_config(DreamBoothConfig, tmp_path / "run", *overrides))
+    assert len(result.losses) == 3 and all(math.isfinite(x) for x in result.losses)
+    assert (tmp_path / "run" / "ema" / "boft_weights.safetensors").is_file()
+    resumed = run(
+        recipe_config(
+            DreamBoothConfig,
+            tmp_path / "run",
+            *overrides,
+            "train.max_train_steps=4",
+            "train.resume_from_checkpoint=latest",
+        )
+    )
+    assert resumed.global_step == 4
