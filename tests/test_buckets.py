@@ -80,6 +80,7 @@ def test_bad_buckets_and_images_are_named(tmp_path):
         recipe_config(DreamBoothConfig, tmp_path / "run", "data.buckets=true", "data.bucket_sizes=[60x64]")
 
 
+@pytest.mark.slow
 def test_a_mixed_size_folder_trains_through_buckets_with_cached_latents(tmp_path, monkeypatch, capsys):
     folder = folder_of(tmp_path)
     shapes, encoded = [], []
@@ -112,6 +113,7 @@ def test_a_mixed_size_folder_trains_through_buckets_with_cached_latents(tmp_path
     assert torch.isfinite(torch.tensor(first.losses)).all()
 
 
+@pytest.mark.slow
 def test_your_own_photos_with_everything_at_once(tmp_path):
     """Buckets, loss masks, cached latents, metadata captions, class images with prior preservation and EMA
     together on a mixed-size folder: the run trains, resumes and saves the averaged adapter."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -329,10 +330,12 @@ def test_generated_class_images_are_deterministic(tiny_pipe, tmp_path):
 
 def test_captions_from_a_metadata_file_when_no_caption_file(instance_dir):
     images = list_images(instance_dir)
-    (instance_dir / "metadata.jsonl").write_text(
-        '{"file_name": "%s", "text": "a photo of sks toy  on grass"}\n\n{"file_name": "%s", "caption": "x"}\n'
-        % (images[0].name, images[1].name)
-    )
+    rows = [
+        {"file_name": images[0].name, "text": "a photo of sks toy  on grass"},
+        {},
+        {"file_name": images[1].name, "caption": "x"},
+    ]
+    (instance_dir / "metadata.jsonl").write_text("".join((json.dumps(r) if r else "") + "\n" for r in rows))
     images[1].with_suffix(".txt").write_text("from the caption file")
     assert list_images(instance_dir) == images  # metadata.jsonl is no image
     assert read_caption(images[0]) == "a photo of sks toy on grass"

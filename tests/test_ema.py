@@ -64,6 +64,7 @@ def test_a_run_saves_the_average_beside_the_adapter_and_it_loads(tmp_path):
     load_boft_weights(pipe, out / "ema")
 
 
+@pytest.mark.slow
 def test_a_stopped_run_resumes_with_the_same_average(tmp_path):
     whole = tmp_path / "whole"
     run(make_config(whole, "train.checkpointing_steps=2"))
@@ -77,6 +78,7 @@ def test_a_stopped_run_resumes_with_the_same_average(tmp_path):
             torch.testing.assert_close(b.tensors[comp][key], value, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_resuming_needs_the_checkpoints_average(tmp_path):
     out = tmp_path / "run"
     run(make_config(out, "train.ema_decay=0", "train.max_train_steps=1", "train.checkpointing_steps=1"))

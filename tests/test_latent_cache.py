@@ -54,6 +54,7 @@ def test_the_cache_is_reused_and_refreshed_when_an_image_or_the_vae_changes(tmp_
     assert other.key(images[0], (48, 80)) != other.key(images[0], (64, 64))  # another size, another entry
 
 
+@pytest.mark.slow
 def test_a_run_trains_on_the_vaes_own_posteriors_and_the_next_run_reuses_them(tmp_path, monkeypatch):
     encoded, seen = [], []
     original = DreamBoothRecipe._cached_latents

@@ -95,6 +95,7 @@ def test_class_images_are_never_masked(tmp_path):
     assert batch["loss_mask"][:2].max() == 0 and batch["loss_mask"][2:].min() == 1
 
 
+@pytest.mark.slow
 def test_a_fully_masked_out_run_learns_nothing_and_weight_one_is_no_mask(tmp_path):
     images = photos(tmp_path / "photos", n=2, size=(64, 64))
     data = [f"data.instance_data_dir={tmp_path / 'photos'}"]

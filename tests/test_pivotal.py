@@ -81,6 +81,7 @@ def test_the_adapter_loads_into_a_fresh_stock_pipeline_and_unloads(trained):
     assert pipe.text_encoder.config.vocab_size == before.shape[0]
 
 
+@pytest.mark.slow
 def test_a_stopped_run_resumes_with_the_same_tokens(trained, tmp_path):
     out, _ = trained
     whole = read_adapter(out).states["token_embeddings"]["text_encoder"]
@@ -226,6 +227,7 @@ def test_the_shipped_pivotal_configs_load():
         assert "sks" not in " ".join(cfg.data.class_context_prompts)  # the class alone, never the subject
 
 
+@pytest.mark.slow
 def test_sdxl_gets_the_tokens_in_both_text_encoders(tmp_path):
 
     from boft_diffusion.tiny import build_tiny_sdxl_pipeline
