@@ -439,7 +439,31 @@ def convert_to_lora(
     out = _check_output(out, overwrite)
     deltas = layer_deltas(pipe, adapter_name)
     check_base_fingerprint(pipe, base_fingerprint)
+    _check_layers(deltas, format, rank)
     components = list(pipeline_components(pipe))
+    factored = _factor_layers(deltas, rank, budget, max_rank, format, components)
+    tensors = factored.tensors
+    notes = [f"not exported: {item}" for item in _not_exported(pipe)]
+    notes += _bias_changes(pipe, tensors, format, components)
+    if format == "kohya":
+        notes += _kohya_notes(tensors, factored.kohya_ranks)
+    else:
+        _zero_biases(tensors, deltas)
+    metadata = {"format": "pt", **_provenance(pipe, adapter_name, "lora")}
+    if format == "diffusers":
+        metadata["lora_adapter_metadata"] = json.dumps(
+            _lora_metadata(factored.configs, deltas), sort_keys=True
+        )
+    else:
+        metadata["ss_network_module"] = "networks.lora"
+    if not tensors:
+        raise ConvertError("the adapter changes no weight (every layer is the identity): nothing to convert")
+    path = _write(out, tensors, metadata, overwrite)
+    return LoRAReport(path, format, factored.layers, path.stat().st_size, notes)
+
+
+def _check_layers(deltas: list[Any], format: str, rank: int | None) -> None:  # noqa: A002
+    """Every changed layer has a place in ``format``, and a fixed ``rank`` fits it."""
     allowed = DIFFUSERS_COMPONENTS if format == "diffusers" else ("unet", "text_encoder", "text_encoder_2")
     for delta in deltas:
         if delta.component not in allowed:
@@ -452,17 +476,29 @@ def convert_to_lora(
                 f"{tuple(delta.delta.shape)}"
             )
 
-    tensors: dict[str, torch.Tensor] = {}
-    layers: list[LayerReport] = []
-    notes = [f"not exported: {item}" for item in _not_exported(pipe)]
-    configs: dict[str, dict[str, Any]] = {}
-    kohya_ranks: dict[str, int] = {}
+
+@dataclass
+class _Factored:
+    """The LoRA factors of every layer, keyed for the format, and what the report and metadata need."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    layers: list[LayerReport] = field(default_factory=list)
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    kohya_ranks: dict[str, int] = field(default_factory=dict)
+
+
+def _factor_layers(
+    deltas: list[Any], rank: int | None, budget: float | None, max_rank: int | None, format: str,  # noqa: A002
+    components: list[str],
+) -> _Factored:  # fmt: skip
+    """Each layer's truncated SVD (:func:`lora_factors`) under its diffusers or kohya keys; kohya's alphas set."""
+    out = _Factored()
     for delta in deltas:
         up, down, error = lora_factors(
             delta.matrix(), rank, budget, max_rank, min_rank=1 if delta.bias is not None else 0
         )
         r = up.shape[1]
-        layers.append(LayerReport(delta.name, tuple(delta.delta.shape), r, error, delta.bias is not None))
+        out.layers.append(LayerReport(delta.name, tuple(delta.delta.shape), r, error, delta.bias is not None))
         if r == 0 and delta.bias is None:
             continue  # nothing changed in this layer
         if delta.conv:
@@ -471,29 +507,42 @@ def convert_to_lora(
             up = up.reshape(*up.shape, 1, 1)
         if format == "diffusers":
             key = delta.name
-            tensors[f"{key}.lora_A.weight"] = down
-            tensors[f"{key}.lora_B.weight"] = up
+            out.tensors[f"{key}.lora_A.weight"] = down
+            out.tensors[f"{key}.lora_B.weight"] = up
             if delta.bias is not None:
-                tensors[f"{key}.lora_B.bias"] = delta.bias
-            configs.setdefault(delta.component, {})[delta.path] = r
+                out.tensors[f"{key}.lora_B.bias"] = delta.bias
+            out.configs.setdefault(delta.component, {})[delta.path] = r
         else:
             key = kohya_name(delta.component, delta.path, components)
-            tensors[f"{key}.lora_down.weight"] = down
-            tensors[f"{key}.lora_up.weight"] = up
-            kohya_ranks[key] = r
+            out.tensors[f"{key}.lora_down.weight"] = down
+            out.tensors[f"{key}.lora_up.weight"] = up
+            out.kohya_ranks[key] = r
             if delta.bias is not None:
-                tensors[f"{key}.diff_b"] = delta.bias
-    if kohya_ranks:
-        _kohya_alpha(tensors, kohya_ranks)
+                out.tensors[f"{key}.diff_b"] = delta.bias
+    if out.kohya_ranks:
+        _kohya_alpha(out.tensors, out.kohya_ranks)
+    return out
+
+
+def _bias_changes(
+    pipe: Any, tensors: dict[str, torch.Tensor], format: str, components: list[str]
+) -> list[str]:  # noqa: A002
+    """Biases of non-adapted modules (``bias="all"``): kohya's ``.diff_b`` keys, else a note that they are left out."""
     own = _own_bias_deltas(pipe)
     if own and format == "kohya":
         for (comp, path), db in own.items():
             tensors[f"{kohya_name(comp, path, components)}.diff_b"] = db
     elif own:
-        notes.append(
+        return [
             f"not exported: {len(own)} biases of non-adapted modules (bias='all'); use format='kohya' or diff"
-        )
-    if format == "kohya" and any(k.endswith(".diff_b") for k in tensors):
+        ]
+    return []
+
+
+def _kohya_notes(tensors: dict[str, torch.Tensor], kohya_ranks: dict[str, int]) -> list[str]:
+    """What a kohya file holds that diffusers' ``load_lora_weights`` cannot read."""
+    notes = []
+    if any(k.endswith(".diff_b") for k in tensors):
         notes.append(
             "bias changes are '.diff_b' keys: ComfyUI applies them; diffusers' load_lora_weights refuses them"
         )
@@ -503,21 +552,16 @@ def convert_to_lora(
             "no text-encoder out_proj: diffusers' load_lora_weights cannot read this kohya file (it takes the "
             "text encoder's format from 'to_out_lora' keys); the diffusers-format file loads there"
         )
-    if format == "diffusers":
-        biased = {d.component for d in deltas if d.bias is not None}
-        for delta in deltas:  # PEFT's lora_bias is per component: zero biases where nothing changed
-            key = f"{delta.name}.lora_B.bias"
-            if delta.component in biased and key not in tensors and f"{delta.name}.lora_B.weight" in tensors:
-                tensors[key] = torch.zeros(tensors[f"{delta.name}.lora_B.weight"].shape[0])
-    metadata = {"format": "pt", **_provenance(pipe, adapter_name, "lora")}
-    if format == "diffusers":
-        metadata["lora_adapter_metadata"] = json.dumps(_lora_metadata(configs, deltas), sort_keys=True)
-    else:
-        metadata["ss_network_module"] = "networks.lora"
-    if not tensors:
-        raise ConvertError("the adapter changes no weight (every layer is the identity): nothing to convert")
-    path = _write(out, tensors, metadata, overwrite)
-    return LoRAReport(path, format, layers, path.stat().st_size, notes)
+    return notes
+
+
+def _zero_biases(tensors: dict[str, torch.Tensor], deltas: list[Any]) -> None:
+    """PEFT's ``lora_bias`` is per component: zero biases on a biased component's layers whose bias did not change."""
+    biased = {d.component for d in deltas if d.bias is not None}
+    for delta in deltas:
+        key = f"{delta.name}.lora_B.bias"
+        if delta.component in biased and key not in tensors and f"{delta.name}.lora_B.weight" in tensors:
+            tensors[key] = torch.zeros(tensors[f"{delta.name}.lora_B.weight"].shape[0])
 
 
 def _kohya_alpha(tensors: dict[str, torch.Tensor], ranks: dict[str, int]) -> None:
