@@ -5,8 +5,8 @@ The word standing for the subject in the prompts (``pivotal.token_abstraction``,
 every prompt the run uses (instance prompt, validation and metrics prompts) by ``pivotal.num_new_tokens``
 new tokens ``<s0><s1>...``, added to each text encoder's tokenizer. Their embedding rows start from
 ``pivotal.initializer_token``'s (or random rows of the vocabulary's scale) and train with the adapter; every
-other row is held fixed (its gradient masked, and put back after each optimiser step so weight decay
-leaves it too). The rows are trained state of the kind :mod:`boft_diffusion.recipes.tokens` registers:
+other row is held fixed (its gradient is masked and the embeddings train without weight decay, so
+AdamW never moves those rows). The rows are trained state of the kind :mod:`boft_diffusion.recipes.tokens` registers:
 they are saved in the same adapter file, in checkpoints and exact resume, and
 ``load_boft_weights(pipe, folder)`` adds the tokens to a fresh stock pipeline (``unload_boft`` removes
 them again). Sample with ``"a photo of <s0><s1> toy"``.
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..training.args import ConfigError, TrainArgs
 from ..training.card import CardParts
@@ -115,8 +116,8 @@ class PivotalRecipe(DreamBoothRecipe):
 
     def __init__(self, cfg: PivotalConfig) -> None:
         super().__init__(with_tokens(cfg))
-        self._frozen_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        """Per text encoder: (mask of the rows that stay, their values), put back after each step."""
+        self._embeddings: dict[str, tuple[nn.Parameter, int]] = {}
+        """Per text encoder: its token-embedding weight and how many rows are new (the rest stay)."""
 
     def _encoders(self) -> list[str]:
         return [
@@ -169,17 +170,19 @@ class PivotalRecipe(DreamBoothRecipe):
             keep = torch.ones(weight.shape[0], 1, dtype=torch.bool, device=weight.device)
             keep[ids] = False
             weight.register_hook(lambda grad, keep=keep: grad.masked_fill(keep, 0.0))
-            self._frozen_rows[name] = (keep, weight.detach().clone())
+            self._embeddings[name] = (weight, len(ids))
 
-    @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        for name, (keep, values) in self._frozen_rows.items():
-            weight = self.components[name].get_input_embeddings().weight
-            weight.copy_(torch.where(keep, values, weight))
+    def parameter_groups(self, params: list[nn.Parameter]) -> list[Any]:
+        """The token embeddings in a group without weight decay: their other rows get zero gradients, so
+        AdamW leaves them exactly as they were (its moments stay zero), with no copy per step."""
+        embeddings = {id(weight) for weight, _ in self._embeddings.values()}
+        rest = [p for p in params if id(p) not in embeddings]
+        rows = [p for p in params if id(p) in embeddings]
+        return [{"params": rest}, {"params": rows, "weight_decay": 0.0}] if rows else rest
 
     def trainable_count(self) -> int:
         """BOFT's parameters and the new rows (the rest of the embedding matrix is held fixed)."""
-        fixed = sum(int(keep.sum()) * values.shape[1] for keep, values in self._frozen_rows.values())
+        fixed = sum((weight.shape[0] - new) * weight.shape[1] for weight, new in self._embeddings.values())
         return super().trainable_count() - fixed
 
     def card_parts(self) -> CardParts:

@@ -28,9 +28,10 @@ def trainable_parameters(modules: Iterable[nn.Module | None]) -> list[nn.Paramet
 
 
 def make_optimizer(
-    params: list[nn.Parameter], optim: OptimArgs, learning_rate: float
+    params: list[nn.Parameter] | list[dict[str, Any]], optim: OptimArgs, learning_rate: float
 ) -> torch.optim.Optimizer:
-    """AdamW (torch), or bitsandbytes' 8-bit AdamW for ``optimizer=adamw_8bit``."""
+    """AdamW (torch), or bitsandbytes' 8-bit AdamW for ``optimizer=adamw_8bit``; ``params`` may be parameter
+    groups (dicts whose options override the config's)."""
     if not params:
         raise ConfigError("Nothing to train: no parameter requires grad (check the BOFT target modules)")
     if optim.optimizer == "adamw_8bit":

@@ -370,7 +370,7 @@ class TrainingRecipe:
         lr = cfg.optim.learning_rate * (
             t.train_batch_size * t.gradient_accumulation_steps * n if cfg.optim.scale_lr else 1
         )
-        optimizer = make_optimizer(self.params, cfg.optim, lr)
+        optimizer = make_optimizer(self.parameter_groups(self.params), cfg.optim, lr)
         self.plan = StepPlan.create(
             math.ceil(len(self.dataloader) / n),
             t.gradient_accumulation_steps,
@@ -470,16 +470,17 @@ class TrainingRecipe:
                 if self.cfg.optim.max_grad_norm:
                     accelerator.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
             self.optimizer.step()
-            self.after_optimizer_step()
             if self.ema is not None and accelerator.sync_gradients:
                 self.ema.update()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return loss_value
 
-    def after_optimizer_step(self) -> None:
-        """Runs after every optimiser step: a recipe that trains part of a tensor (pivotal tuning: the new
-        rows of the token embeddings) puts the rest back here."""
+    def parameter_groups(self, params: list[nn.Parameter]) -> list[Any]:
+        """The optimiser's parameter groups over ``params`` (the trainable ones): one group by default; a recipe
+        may set a group's options (pivotal tuning: no weight decay on the token embeddings, whose fixed rows
+        then never move)."""
+        return params
 
     def save_checkpoint(self) -> Path:
         """A checkpoint of this step, recorded as this run's; older ones pruned only once it is saved."""
