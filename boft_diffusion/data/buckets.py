@@ -16,17 +16,14 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from PIL import Image
 from torch.utils.data import Sampler
 
-from .images import DataError
+from .images import DataError, image_size
 
 __all__ = ["BucketBatchSampler", "assign_buckets", "auto_buckets", "bucket_table", "parse_bucket_sizes"]
 
 Size = tuple[int, int]
 """(width, height) in pixels."""
-
-_EXIF_ORIENTATION = 0x0112
 
 
 def auto_buckets(resolution: int, step: int, max_aspect: float = 2.0) -> list[Size]:
@@ -56,17 +53,6 @@ def parse_bucket_sizes(sizes: Sequence[str], multiple: int = 8) -> list[Size]:
     return out
 
 
-def _image_size(path: Path) -> Size:
-    """An image's (width, height) as :func:`~boft_diffusion.data.images.load_rgb` turns it upright."""
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-    except Exception as err:  # noqa: BLE001 (Pillow raises many types)
-        raise DataError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-
-
 def assign_buckets(
     images: Sequence[Path], buckets: Sequence[Size], explicit: bool = False
 ) -> dict[Path, Size]:
@@ -76,7 +62,7 @@ def assign_buckets(
     smallest = min(buckets, key=lambda s: s[0] * s[1])
     assigned = {}
     for path in images:
-        width, height = _image_size(path)
+        width, height = image_size(path)
         if width * height < smallest[0] * smallest[1]:
             raise DataError(
                 f"{path}: {width}x{height} is smaller than every bucket (the smallest is "

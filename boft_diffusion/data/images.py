@@ -219,12 +219,26 @@ def _fit(
     return out
 
 
+_EXIF_ORIENTATION = 0x0112
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """An image's (width, height) as :func:`load_rgb` turns it upright, read from its header (no decode)."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception as err:  # noqa: BLE001 (Pillow raises many types)
+        raise DataError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
 def load_mask(image: Path, mask_dir: Path | None = None) -> Image.Image:
     """The loss mask of ``image`` as an 8-bit ``L`` image of the image's size (white: train, black: do not):
     the file with the image's stem in ``mask_dir`` (any image format; colour is converted to grey), or,
     without ``mask_dir``, the image's own alpha channel. A missing mask, an image without alpha or a mask of
     another size is a :class:`DataError` naming both files."""
-    size = load_rgb(image).size
+    size = image_size(image)
     if mask_dir is None:
         try:
             with Image.open(image) as raw:

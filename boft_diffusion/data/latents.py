@@ -65,8 +65,10 @@ class LatentCache:
         of one size -> their ``(B, 2C, h, w)`` parameters) in batches and written to it (each file atomic)."""
         found: dict[tuple[Path, Size], torch.Tensor] = {}
         missing: dict[Size, list[Path]] = {}
-        for image, size in dict.fromkeys(entries):
-            file = self.path(image, size)
+        files = {
+            entry: self.path(*entry) for entry in dict.fromkeys(entries)
+        }  # each file's bytes hashed once
+        for (image, size), file in files.items():
             if file.is_file():
                 try:
                     found[(image, size)] = load_file(str(file))[_KEY]
@@ -79,7 +81,7 @@ class LatentCache:
                 chunk = images[start : start + batch_size]
                 parameters = encode(chunk, size).detach().float().cpu()
                 for image, value in zip(chunk, parameters):
-                    with atomic_file(self.path(image, size)) as tmp:
+                    with atomic_file(files[(image, size)]) as tmp:
                         save_file({_KEY: value.contiguous()}, str(tmp), metadata={"image": str(image)})
                     found[(image, size)] = value
                 self.encoded += len(chunk)
