@@ -25,16 +25,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, NamedTuple
+from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
@@ -51,6 +48,14 @@ from .ema import EMA_FILE, AdapterEMA
 from .loop import TrainingDiverged, TrainingError, TrainingInterrupted, first_nonfinite
 from .optim import schedule_keys
 from .sharding import full_adapter, full_state, shard_like, shard_optimizer_state
+from .state_codec import (
+    RandomState,
+    decode_state,
+    encode_state,
+    parse_random_state,
+    random_state,
+    restore_random_state,
+)
 
 __all__ = [
     "CHECKPOINT_MARKER",
@@ -334,7 +339,7 @@ def _read_optimizer(file: Path) -> tuple[dict, dict, dict | None]:
     tensors, metadata = _read_safetensors(file)
     try:
         optimizer, scheduler, scaler = (
-            _decode(json.loads(metadata[key]), tensors)
+            decode_state(json.loads(metadata[key]), tensors)
             for key in ("optimizer", "lr_scheduler", "grad_scaler")
         )
         if not (isinstance(optimizer, dict) and {"state", "param_groups"} <= set(optimizer)):
@@ -348,34 +353,16 @@ def _read_optimizer(file: Path) -> tuple[dict, dict, dict | None]:
     return optimizer, scheduler, scaler
 
 
-class _RandomState(NamedTuple):
-    tensors: dict[str, torch.Tensor]
-    """torch generator states: ``torch`` (CPU) and, if saved on one, the device type's."""
-    device: str
-    python: tuple
-    numpy: tuple
-
-
-def _read_rng(file: Path) -> _RandomState:
-    """One process's saved random state, each part checked on a private generator (the global
-    ones are not touched)."""
+def _read_rng(file: Path) -> RandomState:
+    """One process's saved random state, each part checked on a private generator (the global ones are
+    not touched)."""
     tensors, metadata = _read_safetensors(file)
     try:
-        version, internal, gauss = json.loads(metadata["python"])
-        python = (version, tuple(internal), gauss)
-        random.Random().setstate(python)
-        name, keys, pos, has_gauss, cached = json.loads(metadata["numpy"])
-        numpy_state = (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached)
-        np.random.RandomState().set_state(numpy_state)
-        torch.Generator().set_state(tensors["torch"])
-        device = metadata["device"]
-        if device != "cpu" and device not in tensors:
-            raise KeyError(device)
+        return parse_random_state(tensors, metadata)
     except (KeyError, TypeError, ValueError, OverflowError, RuntimeError, RecursionError) as err:
         raise ConfigError(
             f"{file} holds no valid random state ({type(err).__name__}: {err}); {_FIX}"
         ) from err
-    return _RandomState(tensors, device, python, numpy_state)
 
 
 @torch.no_grad()
@@ -431,7 +418,7 @@ def load_checkpoint(accelerator: Accelerator, folder: str | Path, state: Trainin
             f"{folder / OPTIMIZER_FILE} does not fit this run's optimiser ({err}); {_FIX}"
         ) from err
     state.progress.step = marker["step"]
-    _set_rng_state(rng, accelerator.device, folder)
+    restore_random_state(rng, accelerator.device, str(folder))
 
 
 def _load_ema(ema: AdapterEMA, folder: Path) -> None:
@@ -449,87 +436,13 @@ def _load_ema(ema: AdapterEMA, folder: Path) -> None:
         raise ConfigError(f"{file} does not fit this run's moving average ({err}); {_FIX}") from err
 
 
-# --- random state ---------------------------------------------------------------------------------
-def _device_rng(device: torch.device) -> Any:
-    """The torch module holding the generator of ``device`` (``torch.cuda`` ...); None for the CPU."""
-    module = None if device.type == "cpu" else getattr(torch, device.type, None)
-    return module if hasattr(module, "get_rng_state") and hasattr(module, "set_rng_state") else None
-
-
-def _rng_state(device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """This process's generator states: torch's as tensors, Python's and NumPy's as JSON."""
-    tensors = {"torch": torch.get_rng_state()}
-    module = _device_rng(device)
-    if module is not None:
-        tensors[device.type] = module.get_rng_state(device).cpu()
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    metadata = {
-        "device": device.type if module is not None else "cpu",
-        "python": json.dumps([version, list(internal), gauss]),
-        "numpy": json.dumps([name, keys.tolist(), int(pos), int(has_gauss), float(cached)]),
-    }
-    return tensors, metadata
-
-
-def _set_rng_state(saved: _RandomState, device: torch.device, folder: Path) -> None:
-    random.setstate(saved.python)
-    np.random.set_state(saved.numpy)
-    torch.set_rng_state(saved.tensors["torch"])
-    module = _device_rng(device)
-    here = device.type if module is not None else "cpu"
-    if here != saved.device:
-        warnings.warn(
-            f"{folder} was saved on {saved.device}, this run is on {here}: the {saved.device} random state "
-            "cannot be restored, so the random draws (noise, timesteps, dropout) differ from an "
-            "uninterrupted run",
-            stacklevel=3,
-        )
-    elif module is not None:
-        module.set_rng_state(saved.tensors[here], device)
-
-
 # --- writing --------------------------------------------------------------------------------------
-def _encode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """``value`` (a state dict) as tagged JSON; tensors go to ``tensors`` under a fresh name."""
-    if isinstance(value, torch.Tensor):
-        name = f"t{len(tensors)}"
-        tensors[name] = value.detach()
-        return {"tensor": name}
-    if isinstance(value, Mapping):
-        if not all(isinstance(k, str | int) and not isinstance(k, bool) for k in value):
-            raise TypeError(f"cannot store a mapping with keys {list(value)[:3]} in a checkpoint")
-        return {"dict": [[k, _encode(v, tensors)] for k, v in value.items()]}
-    if isinstance(value, list | tuple):
-        return {type(value).__name__: [_encode(v, tensors) for v in value]}
-    if value is None or isinstance(value, bool | int | float | str):
-        return {"value": value}
-    raise TypeError(f"cannot store a {type(value).__name__} in a checkpoint")
-
-
-def _decode(node: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    """Inverse of :func:`_encode`."""
-    if not isinstance(node, dict) or len(node) != 1:
-        raise ValueError(f"unexpected node {str(node)[:80]}")
-    ((kind, body),) = node.items()
-    if kind == "tensor":
-        return tensors[body]
-    if kind == "dict":
-        return {k: _decode(v, tensors) for k, v in body}
-    if kind in ("list", "tuple"):
-        items = [_decode(v, tensors) for v in body]
-        return items if kind == "list" else tuple(items)
-    if kind == "value" and (body is None or isinstance(body, bool | int | float | str)):
-        return body
-    raise ValueError(f"unexpected node kind {kind!r}")
-
-
 def _optimizer_payload(state: TrainingState, scaler: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     tensors: dict[str, torch.Tensor] = {}
     metadata = {
-        "optimizer": json.dumps(_encode(full_state(state.optimizer.state_dict()), tensors)),
-        "lr_scheduler": json.dumps(_encode(state.lr_scheduler.state_dict(), tensors)),
-        "grad_scaler": json.dumps(_encode(None if scaler is None else scaler.state_dict(), tensors)),
+        "optimizer": json.dumps(encode_state(full_state(state.optimizer.state_dict()), tensors)),
+        "lr_scheduler": json.dumps(encode_state(state.lr_scheduler.state_dict(), tensors)),
+        "grad_scaler": json.dumps(encode_state(None if scaler is None else scaler.state_dict(), tensors)),
     }
     return tensors, metadata
 
@@ -650,7 +563,7 @@ def save_checkpoint(
     bad = first_nonfinite(payload[0].items())
     if bad is not None:
         raise TrainingDiverged(f"Not saving the checkpoint {final}: the optimiser state holds NaN or inf")
-    rng_states = gather_object([_rng_state(accelerator.device)])
+    rng_states = gather_object([random_state(accelerator.device)])
     error = None
     if accelerator.is_main_process:
         try:
