@@ -34,6 +34,7 @@ __all__ = [
     "DataArgs",
     "ModelArgs",
     "OptimArgs",
+    "QuantizationArgs",
     "RecipeConfig",
     "TrainArgs",
     "ValidationArgs",
@@ -87,6 +88,46 @@ def _check_logging_dir(value: str) -> None:
         )
 
 
+QUANTIZATION_BACKENDS = (
+    "none",
+    "bnb-nf4",
+    "bnb-int8",
+    "torchao-int8",
+    "torchao-fp8",
+    "quanto-int8",
+    "quanto-fp8",
+)
+QUANTIZABLE_COMPONENTS = ("denoiser", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+@dataclass
+class QuantizationArgs:
+    """A quantized base: the frozen weights stored in 8 or 4 bits, BOFT's rotation applied in front of them."""
+
+    backend: Literal[
+        "none", "bnb-nf4", "bnb-int8", "torchao-int8", "torchao-fp8", "quanto-int8", "quanto-fp8"
+    ] = "none"
+    """none, or how the components below are loaded: bnb-nf4 / bnb-int8 (bitsandbytes; diffusers' loader needs a
+    CUDA or XPU device), torchao-int8 / torchao-fp8 (weight-only; fp8 computes in the input's dtype), quanto-int8 /
+    quanto-fp8 (optimum-quanto). Each through diffusers' quantization config of that library."""
+    components: list[str] = field(default_factory=lambda: ["denoiser"])
+    """Which components to quantize: denoiser (the UNet or transformer) and any of text_encoder, text_encoder_2,
+    text_encoder_3 the model has."""
+
+    def __post_init__(self) -> None:
+        _require(self.backend in QUANTIZATION_BACKENDS, "model.quantization.backend", _one_of(QUANTIZATION_BACKENDS),
+                 self.backend)  # fmt: skip
+        components = list(self.components)
+        bad = [c for c in components if c not in QUANTIZABLE_COMPONENTS]
+        _require(
+            not bad, "model.quantization.components", f"a list of {_one_of(QUANTIZABLE_COMPONENTS)}", bad
+        )
+        _require(len(set(components)) == len(components), "model.quantization.components", "without repeats",
+                 components)  # fmt: skip
+        _require(bool(components) or self.backend == "none", "model.quantization.components",
+                 "not empty with a backend", components)  # fmt: skip
+
+
 @dataclass
 class ModelArgs:
     """The base pipeline to finetune."""
@@ -110,6 +151,9 @@ class ModelArgs:
     """Model family of the embedded tiny pipeline, a name in boft_diffusion.families.FAMILIES (sd, sdxl, sd3,
     flux, flux2): sd is the Stable Diffusion 1.x shape with world or random weights, the others have random
     weights, chosen by default (stock component classes in tiny configs, boft_diffusion.tiny)."""
+
+    quantization: QuantizationArgs = field(default_factory=QuantizationArgs)
+    """A quantized base (backend none: full precision)."""
 
     def __post_init__(self) -> None:
         _check_seed("model.tiny_seed", self.tiny_seed)
