@@ -50,6 +50,8 @@ from .functional import (
     multiplicative_dropout,
     num_free_entries,
 )
+from .quantized import QuantizedMergeError, dequantized_weight, logical_dtype, quantization_of
+from .quantized import requantize as _requantize
 
 try:
     from torch.distributed.tensor import DTensor as _DTensor
@@ -72,12 +74,16 @@ def _at_least_float32(tensor: torch.Tensor) -> torch.dtype:
 class MergePlan:
     """A merge computed and checked by :meth:`BOFTLayer.plan_merge`, not yet written.
 
-    ``weight`` and ``bias`` are in the base layer's layout and dtype (``bias`` ``None``: unchanged).
+    ``weight`` and ``bias`` are in the base layer's layout and dtype (``bias`` ``None``: unchanged). On a
+    quantized base merged with ``requantize``, ``replacement`` is the new quantized layer holding them and
+    ``error`` the relative error its rounding adds, ``‖Q(W') - W'‖ / ‖W'‖``.
     """
 
     names: list[str]
     weight: torch.Tensor
     bias: torch.Tensor | None
+    replacement: nn.Module | None = None
+    error: float | None = None
 
 
 class BOFTLayer(nn.Module):
@@ -103,6 +109,11 @@ class BOFTLayer(nn.Module):
         # Inference rotations by (adapter, transposed): parameters, stamp, (blocks, perms, transpose, scale).
         self._rotation_cache: dict[tuple[str, bool], tuple] = {}
         self.cache_rotations = True
+        # The backend of a quantized base layer (None: plain): called as it is, never written in place.
+        self.quantization = quantization_of(base_layer)
+        # The quantized base as it was before the first merge with requantize (a plain list: not a submodule,
+        # so it is neither in the state dict nor moved by .to()); unmerge puts it back exactly.
+        self._premerge_base: list[nn.Module] = []
 
     # --- shape hooks (per base layer type) ----------------------------------------------------
     @staticmethod
@@ -127,6 +138,10 @@ class BOFTLayer(nn.Module):
         raise NotImplementedError
 
     def set_weight_rows(self, rows: torch.Tensor) -> None:
+        if self.quantization:
+            raise QuantizedMergeError(
+                f"the base layer is quantized ({self.quantization}); it is never written in place"
+            )
         self.base_layer.weight.data.copy_(self.weight_from_rows(rows))
 
     # --- adapters -----------------------------------------------------------------------------
@@ -142,14 +157,14 @@ class BOFTLayer(nn.Module):
             raise ValueError(f"Adapter {name!r} already exists on layer {layer_name!r}")
         if layout is None:
             layout = config.resolve_blocks(self.rotation_dim, layer_name)
-        weight = self.weight_rows()
+        device = self.base_layer.weight.device
         generators = torch.zeros(layout.n_factors, layout.block_num, num_free_entries(layout.block_size))
         scale = torch.ones(self.out_features)
         if not config.init_weights:
             nn.init.normal_(generators, mean=0.0, std=0.1)
             nn.init.normal_(scale, mean=1.0, std=0.1)
-        self.boft_R[name] = nn.Parameter(generators.to(weight.device))
-        self.boft_s[name] = nn.Parameter(scale.to(weight.device))
+        self.boft_R[name] = nn.Parameter(generators.to(device))
+        self.boft_s[name] = nn.Parameter(scale.to(device))
         base_bias = self.original_bias()
         if config.bias != "none" and base_bias is not None:
             self.boft_bias[name] = nn.Parameter(
@@ -326,48 +341,87 @@ class BOFTLayer(nn.Module):
     # --- merge --------------------------------------------------------------------------------
     @torch.no_grad()
     def plan_merge(
-        self, names: list[str] | None = None, layer_name: str = "<layer>", dtype: torch.dtype | None = None
+        self,
+        names: list[str] | None = None,
+        layer_name: str = "<layer>",
+        dtype: torch.dtype | None = None,
+        requantize: bool = False,
     ) -> MergePlan | None:
         """Compute and check the merge of ``names`` (default: the active adapters); write nothing.
 
         ``None`` when there is nothing to merge (already merged adapters are skipped). The result is
-        in ``dtype`` (default: the base layer's, as merging writes it; export may ask for another).
-        Raises ``ValueError`` (naming the layer and adapters) if the merged weight or bias, in that
-        dtype, holds a non-finite value.
+        in ``dtype`` (default: the base layer's, as merging writes it; export may ask for another; a
+        quantized base's is the dtype it computes in). Raises ``ValueError`` (naming the layer and
+        adapters) if the merged weight or bias, in that dtype, holds a non-finite value.
+
+        ``requantize`` (a quantized base only): also build the quantized layer :meth:`apply_merge` puts in
+        its place, and measure the error its rounding adds; 4-bit bases raise :class:`QuantizedMergeError`.
         """
         names = self._unmerged(self.active_adapters if names is None else names)
         if not names:
             return None
         base = self.base_layer
-        weight = self.merged_weight(names).to(dtype or base.weight.dtype)
+        weight = self.merged_weight(names).to(dtype or logical_dtype(base))
         bias = None
-        if base.bias is not None and any(n in self.boft_bias for n in names):
+        if base.bias is not None and (self.quantization or any(n in self.boft_bias for n in names)):
             bias = self.merged_bias(names).to(dtype or base.bias.dtype)
         if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
             raise ValueError(
                 f"Non-finite values in the merged weight of {layer_name!r}: adapter(s) {names} look broken; "
                 "nothing was merged"
             )
-        return MergePlan(names, weight, bias)
+        if not (requantize and self.quantization):
+            return MergePlan(names, weight, bias)
+        try:
+            replacement = _requantize(base, weight, bias)
+        except QuantizedMergeError as err:
+            raise QuantizedMergeError(f"layer {layer_name!r}: {err}") from None
+        exact = weight.float()
+        error = (dequantized_weight(replacement).float() - exact).norm() / exact.norm().clamp_min(1e-12)
+        return MergePlan(names, weight, bias, replacement, float(error))
 
     @torch.no_grad()
     def apply_merge(self, plan: MergePlan) -> None:
-        """Write a plan of this layer made by :meth:`plan_merge` (the base bias is saved for unmerge)."""
+        """Write a plan of this layer made by :meth:`plan_merge` (the base bias is saved for unmerge).
+
+        A quantized base is replaced by the plan's requantized layer (kept aside for :meth:`unmerge`); a
+        plan without one raises :class:`QuantizedMergeError`.
+        """
         base = self.base_layer
+        if self.quantization and plan.replacement is None:
+            raise QuantizedMergeError(
+                f"the base layer is quantized ({self.quantization}): merging in place needs requantize=True"
+            )
         if not self.merged_adapters and base.bias is not None:
             self.unmerged_bias = base.bias.detach().clone()
+        if plan.replacement is not None:
+            if not self._premerge_base:
+                self._premerge_base.append(base)
+            self.base_layer = plan.replacement
+            self.quantization = quantization_of(plan.replacement)
+            self.clear_rotation_cache()
+            self.merged_adapters.extend(plan.names)
+            return
         base.weight.data.copy_(plan.weight)
         if plan.bias is not None:
             base.bias.data.copy_(plan.bias)
         self.merged_adapters.extend(plan.names)
 
-    def merge(self, names: list[str] | None = None, layer_name: str = "<layer>") -> list[str]:
+    def merge(
+        self, names: list[str] | None = None, layer_name: str = "<layer>", requantize: bool = False
+    ) -> list[str]:
         """Fold adapters into the base weight and bias (default: the active ones). Returns those merged.
 
         Already merged adapters are skipped (merging twice changes nothing). The merged values are
-        checked before anything is written: a non-finite one raises and leaves the layer untouched.
+        checked before anything is written: a non-finite one raises and leaves the layer untouched. A
+        quantized base needs ``requantize`` (see :meth:`plan_merge`).
         """
-        plan = self.plan_merge(names, layer_name)
+        if self.quantization and not requantize and self._unmerged(names):
+            raise QuantizedMergeError(
+                f"layer {layer_name!r} has a quantized base ({self.quantization}): merging in place would round "
+                "the merged weight again; pass requantize=True, or export the merged model at full precision"
+            )
+        plan = self.plan_merge(names, layer_name, requantize=requantize)
         if plan is None:
             return []
         self.apply_merge(plan)
@@ -375,7 +429,17 @@ class BOFTLayer(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo every merge: ``W = (W' / s) M`` (``M`` orthogonal), last merged first; the bias exactly."""
+        """Undo every merge: ``W = (W' / s) M`` (``M`` orthogonal), last merged first; the bias exactly.
+
+        A quantized base merged with requantize gets its original layer back, bit for bit.
+        """
+        if self._premerge_base:
+            self.base_layer = self._premerge_base.pop()
+            self.quantization = quantization_of(self.base_layer)
+            self.unmerged_bias = None
+            self.merged_adapters.clear()
+            self.clear_rotation_cache()
+            return
         base = self.weight_rows()
         rows = base.float()
         for name in reversed(self.merged_adapters):
@@ -404,10 +468,14 @@ class BOFTLinear(BOFTLayer):
 
     @staticmethod
     def shape_of(base_layer: nn.Module) -> tuple[int, int]:
+        if isinstance(base_layer, nn.Linear):  # a quantized weight may be packed (bitsandbytes 4-bit)
+            return base_layer.in_features, base_layer.out_features
         w = base_layer.weight
         return (w.shape[0], w.shape[1]) if is_conv1d(base_layer) else (w.shape[1], w.shape[0])
 
     def weight_rows(self) -> torch.Tensor:
+        if self.quantization:
+            return dequantized_weight(self.base_layer)
         w = self.base_layer.weight
         return w.t() if self.fan_in_fan_out else w
 
@@ -426,14 +494,20 @@ class BOFTLinear(BOFTLayer):
         # input path more passes over activations (the rotation, the scale and their backward):
         # even at tokens = 3.2 × out (SD's 32×32 latents) the two cost the same on CPU, and at
         # more tokens the weight path wins.
-        if x.numel() // x.shape[-1] >= self.out_features:
+        # A quantized base is always called as it is, on the rotated input (its kernel, its weight unread).
+        if not self.quantization and x.numel() // x.shape[-1] >= self.out_features:
             return F.linear(x, self.rotated_weight_rows(names, self.training).to(x.dtype), bias)
         scale = None
         for name in reversed(names):  # x M_k ⋯ M_1
             blocks, perms, transpose, s = self.rotation_operator(name, False, self.training)
             x = apply_rotation(x, blocks, perms, transpose)
             scale = s if scale is None else scale * s
-        out = F.linear(x, self.weight_rows().to(x.dtype))
+        if self.quantization:
+            out = self.base_layer(x)
+            if self.base_layer.bias is not None:
+                out = out - self.base_layer.bias.to(out.dtype)
+        else:
+            out = F.linear(x, self.weight_rows().to(x.dtype))
         scale = scale.to(x.dtype)
         return out * scale if bias is None else torch.addcmul(bias, out, scale)
 

@@ -34,6 +34,7 @@ from .inject import (
     stock_state_dict,
     unmerge_adapters,
 )
+from .quantized import is_quantized
 from .trained_state import state_components, trained_states
 
 __all__ = [
@@ -79,7 +80,11 @@ _FP16_MIN_NORMAL = 2.0**-14
 
 
 def base_fingerprint(
-    pipe: Any, components: Iterable[str] | None = None, *, as_dtype: torch.dtype | None = None
+    pipe: Any,
+    components: Iterable[str] | None = None,
+    *,
+    as_dtype: torch.dtype | None = None,
+    linear_weights: bool | None = None,
 ) -> str:
     """A cheap fingerprint of the base weights of ``pipe``: ``"sha256:"`` and 16 hex digits.
 
@@ -101,20 +106,51 @@ def base_fingerprint(
     Attaching an adapter leaves the fingerprint as it was; merging one changes the weights, and so the
     fingerprint (so does loading trained ``modules_to_save`` copies or ``bias="all"`` biases, which are
     then the weights in effect): take it before.
+
+    ``linear_weights=False`` leaves the weights of linear layers out (their keys and shapes still count)
+    and gives ``"sha256-nolinear:"`` and 16 hex digits: what a base with quantized linear layers and the
+    same base at full precision share. ``None`` (default): left out exactly when a component in scope has
+    a quantized layer (:mod:`~boft_diffusion.quantized`).
     """
     names = list(pipeline_components(pipe)) if components is None else list(components)
     present = pipeline_components(pipe)
     missing = [n for n in names if n not in present]
     if missing:
         raise ValueError(f"Pipeline has no component(s) {missing}; it has {list(present)}")
+    if linear_weights is None:
+        linear_weights = not any(is_quantized(m) for n in names for m in present[n].modules())
     digest = hashlib.sha256()
     for comp in names:
         state = stock_state_dict(present[comp])
+        linear = {} if linear_weights else _linear_shapes(present[comp])
         for key in sorted(state):
+            if linear and _in_linear_weight(key, linear):
+                continue
             tensor = state[key]
             digest.update(f"{comp}.{key}:{tuple(tensor.shape)};".encode())
             digest.update(_fingerprint_sample(tensor, as_dtype).numpy().tobytes())
-    return f"sha256:{digest.hexdigest()[:16]}"
+        for path in sorted(linear):
+            digest.update(f"{comp}.{path}.weight:{linear[path]};".encode())
+    return f"sha256{'' if linear_weights else '-nolinear'}:{digest.hexdigest()[:16]}"
+
+
+def _linear_shapes(module: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{stock path: (out, in)}`` of every linear layer in ``module`` (plain or quantized)."""
+    return {
+        f"{name}.".replace(".base_layer.", ".")[:-1]: (m.out_features, m.in_features)
+        for name, m in module.named_modules()
+        if isinstance(m, nn.Linear)
+    }
+
+
+def _in_linear_weight(key: str, linear: Mapping[str, tuple[int, int]]) -> bool:
+    """Whether a stock state-dict key is (part of) a linear layer's weight: any key under its path but the bias."""
+    parts = key.split(".")
+    for i in range(1, len(parts)):
+        path = ".".join(parts[:i])
+        if path in linear:
+            return parts[i:] != ["bias"]
+    return False
 
 
 @torch.no_grad()

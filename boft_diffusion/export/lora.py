@@ -224,10 +224,17 @@ def check_base_fingerprint(pipe: Any, recorded: str | None) -> str:
     """Refuse a pipeline whose base is not the one an adapter recorded (``recorded``; ``None`` passes).
 
     Returns this base's fingerprint. A float32 base's float16 fingerprint counts as the same base (see
-    :func:`~boft_diffusion.pipeline.base_fingerprint`). Take it before any adapter is merged.
+    :func:`~boft_diffusion.pipeline.base_fingerprint`). Take it before any adapter is merged. An adapter
+    trained on a quantized base recorded a ``sha256-nolinear:`` fingerprint: the base's without its linear
+    weights, compared as such (so a full-precision base passes).
     """
     ours = fingerprint_of(pipe)
-    if recorded and recorded not in (ours, fingerprint_of(pipe, as_dtype=torch.float16)):
+    if recorded and recorded.startswith("sha256-nolinear:"):
+        ours = fingerprint_of(pipe, linear_weights=False)
+        mine = (ours, fingerprint_of(pipe, as_dtype=torch.float16, linear_weights=False))
+    else:
+        mine = (ours, fingerprint_of(pipe, as_dtype=torch.float16))
+    if recorded and recorded not in mine:
         raise BaseMismatchError(
             f"the adapter was trained on a base with fingerprint {recorded}; this pipeline's base has "
             f"fingerprint {ours}: load the adapter into the base it was trained on"

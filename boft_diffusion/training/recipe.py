@@ -330,7 +330,10 @@ class TrainingRecipe:
         self.check_inputs()
         self.accelerator = make_accelerator(cfg.train)
         check_device(self.accelerator, cfg.train)
-        self.pipe = load_pipeline(cfg.model)  # the last checks: a hub id may not load, a size may not fit
+        # The last checks: a hub id may not load, a size may not fit. A quantized base computes in the
+        # weight dtype (the other components load in float32 and are cast below).
+        quantized = cfg.model.quantization.backend != "none"
+        self.pipe = load_pipeline(cfg.model, weight_dtype(self.accelerator) if quantized else None)
         check_family_keys(cfg, self.family)
         check_resolution(self.pipe, cfg.data.resolution, "data.resolution")
         check_resolution(self.pipe, cfg.validation.resolution, "validation.resolution")

@@ -26,6 +26,7 @@ from accelerate.utils import ProjectConfiguration
 from torch import nn
 
 from ..atomic import atomic_write_text, folder_write_problem
+from ..quantized import is_quantized
 from .args import ConfigError, ModelArgs, OptimArgs, TrainArgs, with_world_weights
 
 __all__ = [
@@ -106,7 +107,13 @@ def cast_frozen_weights(modules: Iterable[nn.Module | None], dtype: torch.dtype,
         if module is None:
             continue
         module.to(device)
-        if any(p.dtype != dtype for p in module.parameters() if not p.requires_grad):
+        if any(is_quantized(m) for m in module.modules()):
+            # A quantized model is not cast as a whole (its library refuses or would dequantize): its plain
+            # frozen tensors are; the quantized weights keep the dtype they were loaded to compute in.
+            for param in module.parameters():
+                if not param.requires_grad and type(param.data) is torch.Tensor and param.is_floating_point():
+                    param.data = param.data.to(dtype)
+        elif any(p.dtype != dtype for p in module.parameters() if not p.requires_grad):
             module.to(dtype)  # (diffusers warns when a model casts itself; harmless here)
         for param in module.parameters():
             if param.requires_grad:
@@ -236,13 +243,27 @@ def load_pipeline(model: ModelArgs, torch_dtype: torch.dtype | None = None) -> A
     """The base pipeline of a supported family (the embedded tiny one without a model path).
 
     Failures (missing hub access, a folder of an unsupported pipeline type) raise :class:`ConfigError`.
+    With ``model.quantization``, the components it names are loaded quantized (``torch_dtype``, default
+    float32, is then the dtype they compute in; see :mod:`.quantize`).
     """
     from diffusers import DiffusionPipeline
 
     from ..families import UnsupportedFamilyError, family_of
+    from .quantize import (
+        check_quantization,
+        component_names,
+        pipeline_quantization_config,
+        quantize_components,
+    )
 
+    quant = model.quantization
+    check_quantization(quant)
+    quantized = quant.backend != "none"
     if model.pretrained_model_name_or_path is None:
         pipe = _tiny_pipeline(model)
+        if quantized:
+            names = component_names(quant, family_of(pipe))
+            quantize_components(pipe, names, quant, torch_dtype or torch.float32)
     else:
         check_model_source(model.pretrained_model_name_or_path)
         source = model.pretrained_model_name_or_path
@@ -254,13 +275,20 @@ def load_pipeline(model: ModelArgs, torch_dtype: torch.dtype | None = None) -> A
                 variant=model.variant,
                 torch_dtype=torch_dtype,
                 **_no_safety_checker(str(local) if local.exists() else None),
+                **(
+                    {"quantization_config": pipeline_quantization_config(quant, torch_dtype or torch.float32)}
+                    if quantized
+                    else {}
+                ),
             )
         except Exception as err:
             raise ConfigError(f"Could not load a Stable Diffusion pipeline from {source!r}: {err}") from err
         try:
-            family_of(pipe)
+            family = family_of(pipe)
         except UnsupportedFamilyError as err:
             raise ConfigError(f"model.pretrained_model_name_or_path={source!r}: {err}") from None
+        if quantized:
+            component_names(quant, family)  # a text encoder the model does not have
         if model.prediction_type is not None:
             pipe.scheduler.register_to_config(prediction_type=model.prediction_type)
     pipe.set_progress_bar_config(disable=True)

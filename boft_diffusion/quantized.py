@@ -1,0 +1,152 @@
+"""Quantized base layers: which backend a linear layer is quantized by, its weight at full precision,
+and a new quantized layer holding a given weight.
+
+BOFT rotates a layer's *input*, so a quantized base layer is called as it is (``base(x M)``) and never
+written: training and sampling go through the backend's own kernel. What needs the weight itself
+(merging, export, the LoRA conversion) reads it through :func:`dequantized_weight`. Merging in place is
+the one write, and only on request (:func:`requantize`, 8-bit backends: it adds a rounding error the
+caller reports; 4-bit is refused).
+
+Backends are recognised by their classes' modules, so nothing here imports bitsandbytes, torchao or
+optimum-quanto unless a layer of theirs is present:
+
+- ``bnb-nf4`` / ``bnb-fp4``: bitsandbytes ``Linear4bit``; ``bnb-int8``: ``Linear8bitLt``;
+- ``torchao-int8`` / ``torchao-fp8``: an ``nn.Linear`` whose weight is a torchao tensor subclass
+  (``Int8Tensor``, ``Float8Tensor`` or an older ``AffineQuantizedTensor``);
+- ``quanto-int8`` / ``quanto-fp8`` (and ``quanto-int4``): optimum-quanto's ``QLinear`` after ``freeze``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = [
+    "QuantizedMergeError",
+    "dequantized_weight",
+    "is_quantized",
+    "logical_dtype",
+    "quantization_of",
+    "requantize",
+]
+
+
+class QuantizedMergeError(ValueError):
+    """Merging into a quantized base in place was not asked for, or cannot be done for its backend."""
+
+
+def _module_of(obj: object) -> str:
+    return type(obj).__module__ or ""
+
+
+def quantization_of(module: nn.Module) -> str | None:
+    """The backend a linear layer is quantized by (``bnb-nf4``, ``bnb-int8``, ``torchao-int8``, ...), or
+    ``None`` for a plain layer."""
+    if not isinstance(module, nn.Linear):
+        return None
+    cls = type(module)
+    if _module_of(module).startswith("bitsandbytes"):
+        if cls.__name__ == "Linear4bit" or hasattr(module.weight, "quant_state"):
+            state = getattr(module.weight, "quant_state", None)
+            kind = getattr(state, "quant_type", None) or getattr(module.weight, "quant_type", "nf4")
+            return f"bnb-{kind}"
+        return "bnb-int8"
+    if _module_of(module).startswith("optimum.quanto"):
+        qtype = getattr(module, "weight_qtype", None)
+        name = getattr(qtype, "name", str(qtype))
+        return f"quanto-{'fp8' if 'float8' in name else name.removeprefix('q')}"
+    weight = getattr(module, "weight", None)
+    if weight is not None and _module_of(weight).startswith("torchao"):
+        name = type(weight).__name__
+        return (
+            "torchao-fp8"
+            if "Float8" in name
+            else "torchao-int8"
+            if "Int8" in name or "Affine" in name
+            else (f"torchao ({name})")
+        )
+    return None
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return quantization_of(module) is not None
+
+
+def logical_dtype(module: nn.Module) -> torch.dtype:
+    """The floating dtype a quantized layer computes in (what its weight stands for); a plain layer's own."""
+    weight = module.weight
+    kind = quantization_of(module)
+    if kind is None or weight.is_floating_point() and not kind.startswith("bnb"):
+        return weight.dtype
+    state = getattr(weight, "quant_state", None)
+    if state is not None:
+        return state.dtype
+    compute = getattr(module, "compute_dtype", None)
+    if compute is not None:
+        return compute
+    bias = module.bias
+    return bias.dtype if bias is not None and bias.is_floating_point() else torch.float32
+
+
+@torch.no_grad()
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """A quantized linear layer's weight ``(out, in)`` as a plain tensor in its :func:`logical_dtype` (a
+    plain layer's weight itself)."""
+    kind = quantization_of(module)
+    if kind is None:
+        return module.weight
+    dtype = logical_dtype(module)
+    if kind.startswith("bnb"):
+        from diffusers.quantizers.bitsandbytes.utils import dequantize_bnb_weight
+
+        state = getattr(module, "state", None) if kind == "bnb-int8" else None
+        return dequantize_bnb_weight(module.weight, state=state, dtype=dtype).detach()
+    weight = module.weight
+    if hasattr(weight, "dequantize"):
+        return weight.dequantize().to(dtype)
+    raise TypeError(f"Cannot read the weight of a {type(module).__name__} quantized by {kind}")
+
+
+@torch.no_grad()
+def requantize(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A new layer quantized as ``module`` is (same backend and format), holding ``weight`` and ``bias``.
+
+    Raises :class:`QuantizedMergeError` for 4-bit layers (merging into a 4-bit base in place is refused:
+    export the merged model at full precision instead) and for a format it does not know.
+    """
+    kind = quantization_of(module)
+    out_features, in_features = weight.shape
+    dtype, device = logical_dtype(module), weight.device
+    plain = nn.Linear(in_features, out_features, bias=bias is not None, device=device, dtype=dtype)
+    plain.weight.copy_(weight)
+    if bias is not None:
+        plain.bias.copy_(bias)
+    plain.requires_grad_(False)
+    if kind in ("torchao-int8", "torchao-fp8"):
+        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+        quantize_(plain, Float8WeightOnlyConfig() if kind == "torchao-fp8" else Int8WeightOnlyConfig())
+        return plain
+    if kind is not None and kind.startswith("quanto") and kind != "quanto-int4":
+        from optimum.quanto import QLinear
+
+        fresh = QLinear.from_module(plain, weights=module.weight_qtype, activations=module.activation_qtype)
+        fresh.freeze()
+        return fresh
+    if kind == "bnb-int8":
+        import bitsandbytes as bnb
+
+        fresh = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None, has_fp16_weights=False)
+        fresh.weight = bnb.nn.Int8Params(plain.weight.data, requires_grad=False, has_fp16_weights=False)
+        if bias is not None:
+            fresh.bias = nn.Parameter(plain.bias.data, requires_grad=False)
+        return fresh.to(device)
+    raise QuantizedMergeError(
+        f"merging into a {kind} base in place is not supported"
+        + (
+            " (4-bit: the rounding would undo a good part of what the adapter changed)"
+            if "4" in str(kind)
+            else ""
+        )
+        + "; export the merged model instead (boft-diffusion export, export_merged): it is written at full precision"
+    )
