@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 from .config import BlockLayout, BOFTConfig
 from .functional import num_free_entries
 from .layers import BOFTLayer, MergePlan, layer_class, wrap_layer
+from .quantized import QuantizedMergeError
 
 __all__ = [
     "TEXT_ENCODER_TARGETS",
@@ -557,39 +559,62 @@ def set_active_adapters(model: nn.Module, names: list[str] | str, weights: list[
 
 
 def plan_merges(
-    model: nn.Module, names: list[str] | None = None, progressbar: bool = False
+    model: nn.Module, names: list[str] | None = None, progressbar: bool = False, requantize: bool = False
 ) -> list[tuple[BOFTLayer, MergePlan]]:
     """Compute and check the merge of ``names`` (default: the active adapters) in every BOFT layer.
 
     Nothing is written; a non-finite merged weight or bias raises ``ValueError`` naming the layer.
-    Holds one merged copy of each adapted weight until :func:`apply_merges` writes them.
+    Holds one merged copy of each adapted weight until :func:`apply_merges` writes them. A layer over a
+    quantized base raises :class:`~boft_diffusion.quantized.QuantizedMergeError` unless ``requantize``
+    (checked before any merge is computed; 4-bit bases raise even then).
     """
     plans = []
     layers = boft_layers(model)
+    if not requantize:
+        for name, layer in layers.items():
+            if layer.quantization and layer._unmerged(layer.active_adapters if names is None else names):
+                raise QuantizedMergeError(
+                    f"layer {name!r} has a quantized base ({layer.quantization}): merging in place would round "
+                    "the merged weights again; pass requantize=True (8-bit bases; the error it adds is reported), "
+                    "or export the merged model, which is written at full precision"
+                )
     for name, layer in tqdm(layers.items(), desc="Merging BOFT", disable=not progressbar):
-        plan = layer.plan_merge(names, name)
+        plan = layer.plan_merge(names, name, requantize=requantize)
         if plan is not None:
             plans.append((layer, plan))
     return plans
 
 
 def apply_merges(plans: list[tuple[BOFTLayer, MergePlan]]) -> None:
-    """Write merges planned (and checked) by :func:`plan_merges`."""
+    """Write merges planned (and checked) by :func:`plan_merges`; requantized layers' added error is warned."""
     for layer, plan in plans:
         layer.apply_merge(plan)
+    errors = sorted(plan.error for _, plan in plans if plan.error is not None)
+    if errors:
+        kinds = sorted({layer.quantization for layer, plan in plans if plan.error is not None})
+        warnings.warn(
+            f"Merged into a quantized base: {len(errors)} layer(s) requantized ({', '.join(kinds)}); the rounding "
+            f"adds a relative weight error |Q(W') - W'| / |W'| of {errors[len(errors) // 2]:.2%} (median), "
+            f"{errors[-1]:.2%} (largest). Export the merged model for full precision.",
+            stacklevel=3,
+        )
 
 
 def merge_adapters(
-    model: nn.Module, names: list[str] | None = None, safe_merge: bool = False, progressbar: bool = False
+    model: nn.Module,
+    names: list[str] | None = None,
+    safe_merge: bool = False,
+    progressbar: bool = False,
+    requantize: bool = False,
 ) -> None:
     """Fold adapters (default: the active ones) into the base weights and biases of every BOFT layer.
 
     Every merged weight is checked for non-finite values before any layer is written, so a broken
     adapter raises and leaves the model untouched. ``safe_merge`` is accepted for PEFT compatibility;
-    the check always runs.
+    the check always runs. A quantized base needs ``requantize`` (see :func:`plan_merges`).
     """
     del safe_merge  # always on
-    apply_merges(plan_merges(model, names, progressbar))
+    apply_merges(plan_merges(model, names, progressbar, requantize))
 
 
 def unmerge_adapters(model: nn.Module) -> None:
@@ -705,20 +730,28 @@ class BOFTModel(nn.Module):
             remaining = list(adapter_configs(self.model))
             self.active_adapter = remaining[0] if remaining else None
 
-    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
-        merge_adapters(self.model, adapter_names)
+    def merge_adapter(self, adapter_names: list[str] | None = None, requantize: bool = False) -> None:
+        merge_adapters(self.model, adapter_names, requantize=requantize)
 
     def unmerge_adapter(self) -> None:
         unmerge_adapters(self.model)
 
     def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+        requantize: bool = False,
     ) -> nn.Module:
         """Merge (default: the active adapters), then remove the BOFT layers; returns the base model.
 
-        A non-finite merged weight raises before anything is written (``safe_merge`` or not).
+        A non-finite merged weight raises before anything is written (``safe_merge`` or not). A quantized
+        base is refused unless ``requantize`` (8-bit: each merged layer is quantized again and the error
+        that adds is warned; 4-bit: refused, export the merged model instead).
         """
-        merge_adapters(self.model, adapter_names, safe_merge=safe_merge, progressbar=progressbar)
+        merge_adapters(
+            self.model, adapter_names, safe_merge=safe_merge, progressbar=progressbar, requantize=requantize
+        )
         return remove_boft(self.model, keep_merged=True)
 
     def unload(self) -> nn.Module:

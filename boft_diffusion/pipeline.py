@@ -211,19 +211,23 @@ def apply_adapter_plans(
 
 # --- merge, activation, removal -----------------------------------------------------------------
 def merge_boft(
-    pipe: Any, adapter_names: list[str] | None = None, safe_merge: bool = False, progressbar: bool = False
+    pipe: Any,
+    adapter_names: list[str] | None = None,
+    safe_merge: bool = False,
+    progressbar: bool = False,
+    requantize: bool = False,
 ) -> None:
     """Fold adapters (default: the active ones) into the weights and biases for base-speed sampling.
 
     Every component's merged weights are computed and checked for non-finite values before any is
     written: a broken adapter raises ``ValueError`` and leaves the pipeline untouched. ``safe_merge``
-    is accepted for diffusers/PEFT compatibility; the check always runs.
+    is accepted for diffusers/PEFT compatibility; the check always runs. A quantized base is refused
+    unless ``requantize`` (:func:`~boft_diffusion.inject.plan_merges`; the error it adds is warned).
     """
     del safe_merge  # always on
+    modules = pipeline_components(pipe).values()
     plans = [
-        plan
-        for module in pipeline_components(pipe).values()
-        for plan in plan_merges(module, adapter_names, progressbar=progressbar)
+        plan for module in modules for plan in plan_merges(module, adapter_names, progressbar, requantize)
     ]
     apply_merges(plans)
 

@@ -4,10 +4,15 @@
 active adapters folded in: ``W' = (W M^T) ⊙ s`` per adapted layer, in new tensors, deterministically
 (dropout is training-only) whatever the module's train/eval mode; every other tensor is shared, not
 copied. ``merged_pipeline`` builds a new pipeline of stock modules holding those weights.
+
+A quantized base (:mod:`~boft_diffusion.quantized`) is exported at full precision: every quantized layer's
+weight is read back (dequantized) into the stock key, its library's extra tensors are dropped, and the
+exported model's config no longer names a quantization, so stock loaders read plain weights.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any
 
@@ -16,6 +21,7 @@ from torch import nn
 
 from ..inject import boft_layers, stock_state_dict
 from ..layers import BOFTLayer
+from ..quantized import dequantized_weight, is_quantized
 
 __all__ = ["merged_pipeline", "merged_state_dict"]
 
@@ -49,11 +55,26 @@ def merged_state_dict(module: nn.Module, dtype: torch.dtype | None = None) -> di
     tensor raises ``ValueError``.
     """
     layers = boft_layers(module)
-    state = stock_state_dict(module)
+    state = _dequantized(module, stock_state_dict(module))
     for path, layer in layers.items():
         state.update(_merged_tensors(path, layer, dtype))
     if dtype is not None:
         state = {k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()}
+    return state
+
+
+def _dequantized(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` (a stock state dict of ``module``) with every quantized layer's entries replaced by its
+    weight at full precision and its bias."""
+    for name, layer in module.named_modules():
+        if not is_quantized(layer):
+            continue
+        path = f"{name}.".replace(".base_layer.", ".")[:-1]
+        for key in [k for k in state if k.startswith(f"{path}.")]:
+            del state[key]
+        state[f"{path}.weight"] = dequantized_weight(layer)
+        if layer.bias is not None:
+            state[f"{path}.bias"] = layer.bias
     return state
 
 
@@ -68,10 +89,16 @@ def _stock_module(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Modul
             # Every key at its live value: from_config would reset the keys listed in
             # _use_default_values, even ones changed since by register_to_config (a VAE's
             # scaling_factor measured after construction), and the export would decode differently.
-            config = {k: v for k, v in module.config.items() if k != "_use_default_values"}
+            # A quantized base is exported dequantized: its config no longer names the quantization.
+            drop = ("_use_default_values", "quantization_config", "_pre_quantization_dtype")
+            config = {k: v for k, v in module.config.items() if k not in drop}
             fresh = type(module).from_config(config)
         elif isinstance(module, PreTrainedModel):
-            fresh = type(module)(module.config)
+            config = module.config
+            if getattr(config, "quantization_config", None) is not None:
+                config = copy.deepcopy(config)
+                del config.quantization_config
+            fresh = type(module)(config)
         else:
             raise TypeError(f"Cannot export a {type(module).__name__}: not a diffusers or transformers model")
     fresh.load_state_dict(state, strict=True, assign=True)
