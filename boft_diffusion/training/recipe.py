@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -333,6 +333,12 @@ class TrainingRecipe:
         # The last checks: a hub id may not load, a size may not fit. A quantized base computes in the
         # weight dtype (the other components load in float32 and are cast below).
         quantized = cfg.model.quantization.backend != "none"
+        if quantized and self.accelerator.distributed_type == DistributedType.FSDP:
+            raise ConfigError(
+                f"model.quantization.backend={cfg.model.quantization.backend} cannot be sharded by FSDP (its weights "
+                "are packed by the quantization library); launch plain data parallelism instead, each process "
+                "holding the quantized base"
+            )
         self.pipe = load_pipeline(cfg.model, weight_dtype(self.accelerator) if quantized else None)
         check_family_keys(cfg, self.family)
         check_resolution(self.pipe, cfg.data.resolution, "data.resolution")
