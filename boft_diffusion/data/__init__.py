@@ -1,6 +1,7 @@
 """Training data, a package by concern: image files (:mod:`.images`), DreamBooth instance and class images
-(:mod:`.dreambooth`), prompt-embedding files (:mod:`.embeddings`), control data (:mod:`.control`) and the
-embedded world's control data (:mod:`.world`).
+(:mod:`.dreambooth`), the dataset file naming several DreamBooth concepts (:mod:`.concepts`),
+prompt-embedding files (:mod:`.embeddings`), control data (:mod:`.control`) and the embedded world's
+control data (:mod:`.world`).
 
 Images are checked when listed (a file that does not decode is skipped with a warning naming it),
 loaded lazily, and turned into ``(3, R, R)`` tensors in ``[-1, 1]``: shorter side resized to ``R``,
@@ -11,6 +12,7 @@ function of ``(seed, epoch, index)``, so an interrupted run that resumes sees th
 from __future__ import annotations
 
 from .buckets import BucketBatchSampler, assign_buckets, auto_buckets, bucket_table, parse_bucket_sizes
+from .concepts import Concept, concept_images, load_concepts
 from .control import (
     ControlColumns,
     ControlDataset,
@@ -19,6 +21,7 @@ from .control import (
     load_control_examples,
 )
 from .dreambooth import (
+    ConceptImages,
     DreamBoothDataset,
     EpochSampler,
     collate_dreambooth,
@@ -56,6 +59,8 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "LATENT_CACHE_NAME",
     "PROMPT_EMBEDDINGS_NAME",
+    "Concept",
+    "ConceptImages",
     "ControlColumns",
     "ControlDataset",
     "ControlExample",
@@ -64,12 +69,14 @@ __all__ = [
     "EpochSampler",
     "LatentCache",
     "collate_control",
+    "concept_images",
     "collate_dreambooth",
     "generate_class_images",
     "image_and_mask_to_tensors",
     "image_to_tensor",
     "list_images",
     "load_mask",
+    "load_concepts",
     "load_control_examples",
     "dreambooth_prompts",
     "load_prompt_embeddings",

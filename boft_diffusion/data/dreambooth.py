@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
@@ -18,11 +20,36 @@ from ..sampling import seeded_images
 from .images import (
     DataError,
     image_and_mask_to_tensors,
+    image_size,
     image_to_tensor,
     list_images,
     load_mask,
     read_caption,
 )
+
+
+@dataclass(frozen=True)
+class ConceptImages:
+    """One concept's images as :class:`DreamBoothDataset` pairs them: its instance images (each ``repeats``
+    times an epoch) and prompt, its loss masks' folder, its class images and their prompt."""
+
+    instance_images: Sequence[Path]
+    instance_prompt: str
+    class_images: Sequence[Path] = ()
+    class_prompt: str | None = None
+    repeats: int = 1
+    mask_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class _Item:
+    """What item ``i`` of a :class:`DreamBoothDataset` loads."""
+
+    instance: Path
+    prompt: str
+    mask_dir: Path | None
+    class_image: Path | None
+    class_prompt: str | None
 
 
 class DreamBoothDataset(Dataset):
@@ -36,6 +63,7 @@ class DreamBoothDataset(Dataset):
     caption its images, e.g. the class in the contexts the subject should keep). The length is the
     larger of the two sets; the smaller one cycles. With ``sizes`` (aspect-ratio buckets) item ``i`` is
     ``(3, h, w)`` at its instance image's bucket, its class image fitted to the same size.
+    :meth:`of_concepts` trains several concepts in one dataset.
     """
 
     def __init__(
@@ -54,44 +82,62 @@ class DreamBoothDataset(Dataset):
         latents: Mapping[tuple[Path, tuple[int, int]], torch.Tensor] | None = None,
         sizes: Mapping[Path, tuple[int, int]] | None = None,
     ) -> None:
-        if not instance_images:
-            raise DataError("DreamBoothDataset needs at least one instance image")
-        if class_images and not class_prompt:
-            raise DataError("Class images need a class prompt")
-        self.instance_images = list(instance_images)
-        self.prompts = [read_caption(p, caption_extension) or instance_prompt for p in self.instance_images]
-        self.class_images = list(class_images or [])
-        self.class_prompt = class_prompt
-        self.class_prompts = [read_caption(p, caption_extension) or class_prompt for p in self.class_images]
+        concept = ConceptImages(
+            instance_images, instance_prompt, class_images or (), class_prompt, 1, mask_dir
+        )
+        self.items = _pair([concept], caption_extension)
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.seed = seed
         self.epoch = 0
-        self.masks, self.mask_dir = masks, mask_dir
+        self.masks = masks
         self.latents = latents
         self.sizes = sizes
+
+    @classmethod
+    def of_concepts(
+        cls,
+        concepts: Sequence[ConceptImages],
+        resolution: int,
+        caption_extension: str = ".txt",
+        **options: Any,
+    ) -> DreamBoothDataset:
+        """Several concepts in one dataset: concept ``c`` gives ``max(instance images x repeats, class images)``
+        items (the smaller set cycles, as for one concept), each with its own prompts, class images and
+        masks (``masks="files"``: a concept without ``mask_dir`` trains on the whole image). ``options``:
+        the constructor's other arguments."""
+        first = concepts[0]
+        dataset = cls(
+            first.instance_images,
+            first.instance_prompt,
+            resolution,
+            caption_extension=caption_extension,
+            **options,
+        )
+        dataset.items = _pair(concepts, caption_extension)  # every concept's items, not the first one's alone
+        return dataset
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return max(len(self.instance_images), len(self.class_images))
+        return len(self.items)
 
     def size_at(self, index: int) -> tuple[int, int]:
         """(width, height) item ``index`` trains at: its instance image's bucket (``sizes``), else square."""
         if self.sizes is None:
             return (self.resolution, self.resolution)
-        return self.sizes[self.instance_images[index % len(self.instance_images)]]
+        return self.sizes[self.items[index].instance]
 
     def pairs(self) -> list[tuple[Path, tuple[int, int]]]:
         """Every (image, size) an epoch loads: what a latent cache must hold."""
         out = []
-        for index in range(len(self)):
+        for index, item in enumerate(self.items):
             size = self.size_at(index)
-            out.append((self.instance_images[index % len(self.instance_images)], size))
-            if self.class_images:
-                out.append((self.class_images[index % len(self.class_images)], size))
+            out.append((item.instance, size))
+            if item.class_image is not None:
+                out.append((item.class_image, size))
         return list(dict.fromkeys(out))
 
     def _load(self, path: Path, role: str, index: int) -> torch.Tensor:
@@ -100,32 +146,62 @@ class DreamBoothDataset(Dataset):
         size = self.size_at(index) if self.sizes is not None else self.resolution
         return image_to_tensor(path, size, self.center_crop, flip, rng)
 
-    def _load_masked(self, path: Path, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _load_masked(self, item: _Item, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The instance image and its loss mask, cropped and flipped alike (the same draws as :meth:`_load`)."""
         rng = random.Random(f"{self.seed}/{self.epoch}/instance/{index}")
         flip = self.random_flip and rng.random() < 0.5
-        mask = load_mask(path, self.mask_dir if self.masks == "files" else None)
+        if self.masks == "files" and item.mask_dir is None:  # a concept without masks: all of it trains
+            mask = Image.new("L", image_size(item.instance), 255)
+        else:
+            mask = load_mask(item.instance, item.mask_dir if self.masks == "files" else None)
         size = self.size_at(index) if self.sizes is not None else self.resolution
-        return image_and_mask_to_tensors(path, mask, size, self.center_crop, flip, rng)
+        return image_and_mask_to_tensors(item.instance, mask, size, self.center_crop, flip, rng)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        i = index % len(self.instance_images)
+        entry = self.items[index]
         if self.masks == "none":
-            item = {"instance_pixel_values": self._load(self.instance_images[i], "instance", index)}
+            item = {"instance_pixel_values": self._load(entry.instance, "instance", index)}
         else:
-            pixels, mask = self._load_masked(self.instance_images[i], index)
+            pixels, mask = self._load_masked(entry, index)
             item = {"instance_pixel_values": pixels, "instance_mask": mask}
-        item["instance_prompt"] = self.prompts[i]
+        item["instance_prompt"] = entry.prompt
         size = self.size_at(index)
         if self.latents is not None:  # the cached posterior (data.cache_latents) stands in for the VAE
-            item["instance_latent_parameters"] = self.latents[(self.instance_images[i], size)]
-        if self.class_images:  # at the instance image's size: the two halves of a batch stack
-            path = self.class_images[index % len(self.class_images)]
-            item["class_pixel_values"] = self._load(path, "class", index)
-            item["class_prompt"] = self.class_prompts[index % len(self.class_images)]
+            item["instance_latent_parameters"] = self.latents[(entry.instance, size)]
+        if entry.class_image is not None:  # at the instance image's size: the two halves of a batch stack
+            item["class_pixel_values"] = self._load(entry.class_image, "class", index)
+            item["class_prompt"] = entry.class_prompt
             if self.latents is not None:
-                item["class_latent_parameters"] = self.latents[(path, size)]
+                item["class_latent_parameters"] = self.latents[(entry.class_image, size)]
         return item
+
+
+def _pair(concepts: Sequence[ConceptImages], caption_extension: str) -> list[_Item]:
+    """The items of :class:`DreamBoothDataset`, concept after concept: item ``j`` of a concept pairs its
+    ``j``-th instance image (its list repeated ``repeats`` times) with its ``j``-th class image, each list
+    cycling up to the longer one."""
+    if any(c.class_images for c in concepts) and not all(c.class_images for c in concepts):
+        raise DataError("Class images for some concepts only: give every concept class images, or none")
+    items = []
+    for concept in concepts:
+        if not concept.instance_images:
+            raise DataError("DreamBoothDataset needs at least one instance image")
+        if concept.class_images and not concept.class_prompt:
+            raise DataError("Class images need a class prompt")
+        instance = list(concept.instance_images) * concept.repeats
+        prompts = [
+            read_caption(p, caption_extension) or concept.instance_prompt for p in concept.instance_images
+        ]
+        prompts *= concept.repeats
+        classes = list(concept.class_images)
+        class_prompts = [read_caption(p, caption_extension) or concept.class_prompt for p in classes]
+        for j in range(max(len(instance), len(classes))):
+            k = j % len(classes) if classes else None
+            items.append(
+                _Item(instance[j % len(instance)], prompts[j % len(instance)], concept.mask_dir,
+                      None if k is None else classes[k], None if k is None else class_prompts[k])
+            )  # fmt: skip
+    return items
 
 
 def tokenize_prompts(tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:

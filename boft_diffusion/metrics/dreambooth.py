@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -153,7 +153,11 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def measure_dreambooth(
-    pipe: Any, probe: DreamBoothProbe, instance_images: Sequence[Image.Image], scorer: Scorer
+    pipe: Any,
+    probe: DreamBoothProbe,
+    instance_images: Sequence[Image.Image],
+    scorer: Scorer,
+    subjects: Mapping[str, Sequence[Image.Image]] | None = None,
 ) -> Measurement:
     """Sample the probe's instance, context and class prompts (one :func:`sample_images` call) and score
     them as the DreamBooth paper does (its DINO / CLIP-I average over every prompt's samples):
@@ -165,19 +169,26 @@ def measure_dreambooth(
     Every prompt has ``probe.num_images`` samples, so subject fidelity is also the mean of the
     prompts' own values; ``per_prompt`` holds those (``subject_fidelity`` of the instance and each
     context prompt, their ``prompt_fidelity`` for the contexts, ``class_drift`` of the class prompt).
+
+    ``subjects`` (further subjects of the run: ``{instance prompt: its images}``) are sampled too, each
+    scored against its own images into ``per_prompt`` only (``subject_fidelity``); a prompt the probe
+    samples already keeps the probe's values.
     """
     if not instance_images:
         raise MetricsError("no instance images: subject fidelity compares samples with the subject's images")
     contexts = list(dict.fromkeys(probe.context_prompts))
     subject_prompts = list(dict.fromkeys([probe.instance_prompt, *contexts]))
     prompts = list(dict.fromkeys([probe.instance_prompt, probe.class_prompt, *contexts]))
+    others = {p: images for p, images in (subjects or {}).items() if p not in prompts}
+    if not all(others.values()):
+        raise MetricsError(f"no images of the subject of {next(p for p, i in others.items() if not i)!r}")
     n = probe.num_images
     sampled = sample_images(
-        pipe, prompts, n, seed=probe.seed, num_inference_steps=probe.num_inference_steps,
+        pipe, [*prompts, *others], n, seed=probe.seed, num_inference_steps=probe.num_inference_steps,
         guidance_scale=probe.guidance_scale,
     )  # fmt: skip
-    samples = dict(zip(prompts, sampled))
-    every = [image for images in sampled for image in images]
+    samples = dict(zip([*prompts, *others], sampled))
+    every = [image for p in prompts for image in samples[p]]
     likeness = _by_prompt(scorer.subject_similarity(every, instance_images), prompts, n)
     agreement = scorer.prompt_agreement(
         [image for p in contexts for image in samples[p]], [p for p in contexts for _ in range(n)]
@@ -189,6 +200,8 @@ def measure_dreambooth(
     for p in contexts:
         per_prompt[p]["prompt_fidelity"] = None if obeyed is None else _mean(obeyed[p])
     per_prompt.setdefault(probe.class_prompt, {})["class_drift"] = _mean(likeness[probe.class_prompt])
+    for p, images in others.items():
+        per_prompt[p] = {"subject_fidelity": _mean(scorer.subject_similarity(samples[p], images))}
     metrics = {
         "subject_fidelity": _mean([value for p in subject_prompts for value in likeness[p]]),
         "prompt_fidelity": None if agreement is None else _mean(agreement),

@@ -32,17 +32,20 @@ from ..data import (
     LATENT_CACHE_NAME,
     PROMPT_EMBEDDINGS_NAME,
     BucketBatchSampler,
-    DataError,
+    Concept,
+    ConceptImages,
     DreamBoothDataset,
     LatentCache,
     assign_buckets,
     auto_buckets,
     bucket_table,
     collate_dreambooth,
+    concept_images,
     dreambooth_prompts,
     generate_class_images,
     image_to_tensor,
     list_images,
+    load_concepts,
     load_mask,
     load_rgb,
     parse_bucket_sizes,
@@ -113,12 +116,14 @@ class DreamBoothRecipe(TrainingRecipe):
 
     def __init__(self, cfg: DreamBoothConfig) -> None:
         super().__init__(cfg)
-        self.instance_images: list[Path] | None = None
-        """The user's photos (checked in ``check_task_inputs``); ``None``: toy images are generated."""
+        self.concepts: list[Concept] = []
+        """What the run trains: data.dataset_file's concepts, or the data.* keys' one (``check_task_inputs``)."""
+        self.photos: list[list[Path] | None] = []
+        """Each concept's photos (checked in ``check_task_inputs``); ``None``: toy images are generated."""
         self.scorer: Scorer | None = None
         self.probe: DreamBoothProbe | None = None
         self.references: list[Path] = []
-        """The instance images subject fidelity compares samples with (set by ``build``)."""
+        """The first concept's instance images, what subject fidelity compares samples with (set by ``build``)."""
         self.latents: dict[Any, torch.Tensor] | None = None
         """``data.cache_latents``: every training image's VAE posterior parameters (set by ``build``)."""
         self.latent_cache: LatentCache | None = None
@@ -126,20 +131,65 @@ class DreamBoothRecipe(TrainingRecipe):
         """``data.cache_prompt_embeddings``: the run's prompt embeddings (checked by ``check_pipeline``)."""
 
     # --- check -----------------------------------------------------------------------------------
-    def class_folder(self) -> Path:
-        data_dir = self.cfg.data.class_data_dir
-        return Path(data_dir).expanduser() if data_dir else Path(self.cfg.train.output_dir) / "class_images"
+    @property
+    def instance_images(self) -> list[Path] | None:
+        """The first concept's photos (checked in ``check_task_inputs``); ``None``: toy images are generated."""
+        return self.photos[0] if self.photos else None
+
+    @property
+    def masks(self) -> str:
+        """How instance images carry loss masks: ``files`` when a concept has a mask folder, else data.masks."""
+        return "files" if any(c.mask_dir for c in self.concepts) else self.cfg.data.masks
+
+    def read_concepts(self) -> list[Concept]:
+        """The concepts of data.dataset_file (checked), or the one of data.instance_data_dir etc."""
+        data = self.cfg.data
+        if data.dataset_file is not None:
+            return load_concepts(data.dataset_file, data.with_prior_preservation)
+        folder, classes, masks = (
+            Path(p).expanduser() if p else None
+            for p in (data.instance_data_dir, data.class_data_dir, data.mask_dir)
+        )
+        return [
+            Concept(
+                name=folder.name if folder else "instance_images",
+                instance_prompt=data.instance_prompt,
+                instance_data_dir=folder,
+                class_prompt=data.class_prompt,
+                class_data_dir=classes,
+                num_class_images=data.num_class_images,
+                mask_dir=masks,
+            )
+        ]
+
+    def class_folder(self, concept: Concept | None = None) -> Path:
+        """Where ``concept``'s (default: the first one's) class images are: its class_data_dir, else
+        <output_dir>/class_images (with data.dataset_file: <output_dir>/class_images/<name>)."""
+        concept = concept or self.concepts[0]
+        out = Path(self.cfg.train.output_dir) / "class_images"
+        if concept.class_data_dir is not None:
+            return concept.class_data_dir
+        return out / concept.folder_name if self.cfg.data.dataset_file else out
 
     def check_task_inputs(self) -> None:
         data = self.cfg.data
-        if data.instance_data_dir is not None:
-            self.instance_images = list_images(data.instance_data_dir, "instance", data.caption_extension)
-            if data.masks != "none":  # every mask there, readable and of its image's size, before training
-                mask_dir = Path(data.mask_dir).expanduser() if data.mask_dir else None
-                for image in self.instance_images:
-                    load_mask(image, mask_dir)
+        self.concepts = self.read_concepts()
+        if data.alpha_mask and self.masks == "files":
+            raise ConfigError(
+                "data.alpha_mask is set and a concept of data.dataset_file gives a mask_dir: give one"
+            )
+        self.photos = []
+        for concept in self.concepts:
+            if concept.instance_data_dir is None:
+                self.photos.append(None)
+                continue
+            self.photos.append(concept_images(concept, data.caption_extension))
+            if concept.mask_dir or data.alpha_mask:  # every mask there, readable and of its image's size
+                for image in self.photos[-1]:
+                    load_mask(image, concept.mask_dir)
         if data.with_prior_preservation:
-            self._check_class_folder()
+            for concept in self.concepts:
+                self._check_class_folder(concept)
         self._check_metrics()
 
     def _check_metrics(self) -> None:
@@ -150,15 +200,15 @@ class DreamBoothRecipe(TrainingRecipe):
         if spec == "none":
             self.scorer = self.probe = None
             return
-        class_prompt = m.class_prompt or cfg.data.class_prompt or (TINY_CLASS_PROMPT if tiny else None)
+        first = self.concepts[0]
+        class_prompt = m.class_prompt or first.class_prompt or (TINY_CLASS_PROMPT if tiny else None)
         if class_prompt is None:
-            raise ConfigError(
-                "metrics: class drift needs a class prompt: set data.class_prompt or metrics.class_prompt"
-            )
+            key = "the first concept's class_prompt" if cfg.data.dataset_file else "data.class_prompt"
+            raise ConfigError(f"metrics: class drift needs a class prompt: set {key} or metrics.class_prompt")
         try:
             self.scorer = load_scorer(spec)
             self.probe = DreamBoothProbe(
-                cfg.data.instance_prompt, class_prompt, tuple(m.context_prompts), m.num_images, m.seed,
+                first.instance_prompt, class_prompt, tuple(m.context_prompts), m.num_images, m.seed,
                 m.num_inference_steps, m.guidance_scale,
             )  # fmt: skip
         except (MetricsError, ScorerError) as err:
@@ -175,25 +225,47 @@ class DreamBoothRecipe(TrainingRecipe):
         return self.probe is not None
 
     def measure(self) -> Measurement:
+        """The probe (the first concept); with data.dataset_file every other concept's instance prompt too,
+        its samples scored against its own photos (per_prompt)."""
         references = [load_rgb(path) for path in self.references]
-        return measure_dreambooth(self.pipe, self.probe, references, self.scorer)
+        others: dict[str, list[Any]] = {}
+        for concept, photos in list(zip(self.concepts, self.photos))[1:]:
+            others.setdefault(concept.instance_prompt, []).extend(load_rgb(path) for path in photos or [])
+        return measure_dreambooth(self.pipe, self.probe, references, self.scorer, others)
 
     def measure_info(self) -> dict[str, Any]:
-        return {"scorer": self.scorer.name, "probe": asdict(self.probe)}
+        info = {"scorer": self.scorer.name, "probe": asdict(self.probe)}
+        if self.cfg.data.dataset_file is not None:  # say which concept the metrics are of
+            info["concepts"] = [
+                {
+                    "name": c.name, "instance_prompt": c.instance_prompt, "images": len(photos or []),
+                    "measured": "subject_fidelity, prompt_fidelity, class_drift" if k == 0
+                    else "subject_fidelity of its instance prompt, in per_prompt",
+                }
+                for k, (c, photos) in enumerate(zip(self.concepts, self.photos))
+            ]  # fmt: skip
+        return info
 
-    def _check_class_folder(self) -> None:
-        """Class images are there already, or their folder can be created and filled."""
-        folder = self.class_folder()
+    def _check_class_folder(self, concept: Concept) -> None:
+        """``concept``'s class images are there already, or their folder can be created and filled."""
+        folder = self.class_folder(concept)
         if folder.is_dir():
             present = sum(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir())
-            if present >= self.cfg.data.num_class_images:
+            if present >= self._num_class_images(concept):
                 return  # nothing to generate: a read-only folder is fine
         problem = folder_write_problem(folder)
         if problem:
-            raise DataError(f"data.class_data_dir: the class image folder {folder} {problem}")
+            key = "class_data_dir" if concept.source else "data.class_data_dir"
+            raise concept.problem(f"{key}: the class image folder {folder} {problem}")
+
+    def _num_class_images(self, concept: Concept) -> int:
+        return concept.num_class_images or self.cfg.data.num_class_images
 
     def planned_outputs(self) -> list[str]:
-        generated = ["instance_images"] if self.cfg.data.instance_data_dir is None else []
+        data = self.cfg.data
+        generated = (
+            ["instance_images"] if data.instance_data_dir is None and data.dataset_file is None else []
+        )
         if self.cfg.data.cache_latents and self.cfg.data.latent_cache_dir is None:
             generated.append(LATENT_CACHE_NAME)
         if self.cfg.data.cache_prompt_embeddings and self.prompt_cache_path().parent == Path(
@@ -205,14 +277,20 @@ class DreamBoothRecipe(TrainingRecipe):
     def input_paths(self) -> list[str | Path]:
         data = self.cfg.data
         folders = (data.instance_data_dir, data.class_data_dir, data.mask_dir, data.latent_cache_dir)
+        if data.dataset_file is not None:
+            folders += (data.dataset_file,) + tuple(
+                p for c in self.concepts for p in (c.instance_data_dir, c.class_data_dir, c.mask_dir)
+            )
         return [*super().input_paths(), *(p for p in folders if p)]
 
     # --- build -----------------------------------------------------------------------------------
     def build(self) -> None:
         """Instance and class images (generating what is missing), adapters, the dataloader."""
-        instance = self._instance_images()
-        self.references = instance
+        instance = [self._instance_images() if photos is None else photos for photos in self.photos]
+        self.references = instance[0]
         classes = self._class_images()
+        if self.cfg.data.dataset_file is not None and self.accelerator.is_main_process:
+            print(self._concept_table(instance, classes))
         self.components = self._add_adapters()
         if self.cfg.data.cache_prompt_embeddings:
             if self.prompt_cache is None:
@@ -251,9 +329,8 @@ class DreamBoothRecipe(TrainingRecipe):
         return cache.fill(pairs, encode, data.sample_batch_size)  # every process: all there now
 
     def _instance_images(self) -> list[Path]:
+        """Toy images of the embedded subject, generated into <output_dir>/instance_images."""
         cfg = self.cfg
-        if self.instance_images is not None:
-            return self.instance_images
         folder = Path(cfg.train.output_dir) / "instance_images"
         data = cfg.data
         self.write_output_folder(
@@ -264,19 +341,36 @@ class DreamBoothRecipe(TrainingRecipe):
         )
         return list_images(folder, "instance", cfg.data.caption_extension)
 
-    def _class_images(self) -> list[Path] | None:
-        """Class images, generated where missing; those generated inside output_dir are recorded as ours."""
+    def _concept_table(self, instance: list[list[Path]], classes: list[list[Path]] | None) -> str:
+        """One line per concept: name, photos, repeats, class images."""
+        lines = [f"Concepts ({len(self.concepts)}, data.dataset_file {self.cfg.data.dataset_file}):"]
+        for k, concept in enumerate(self.concepts):
+            extra = f", {len(classes[k])} class images ({concept.class_prompt!r})" if classes else ""
+            lines.append(
+                f"  {concept.name}: {len(instance[k])} images x {concept.repeats} repeats{extra}; "
+                f"prompt {concept.instance_prompt!r}"
+            )
+        if self.probe is not None and len(self.concepts) > 1:
+            lines.append(
+                f"  metrics: subject and prompt fidelity and class drift of {self.concepts[0].name!r}; every "
+                "concept's subject fidelity (its prompt, its photos) per prompt"
+            )
+        return "\n".join(lines)
+
+    def _class_images(self) -> list[list[Path]] | None:
+        """Each concept's class images, generated where missing; those generated inside output_dir are
+        recorded as ours."""
         if not self.cfg.data.with_prior_preservation:
             return None
-        folder = self.class_folder()
         with warnings.catch_warnings():  # the prompt-embedding cache beside the class images is no image
             warnings.filterwarnings(
                 "ignore", f"Skipping .*{re.escape(PROMPT_EMBEDDINGS_NAME)}: not a readable image"
             )
-            return self._fill_class_folder(folder)
+            return [self._fill_class_folder(concept) for concept in self.concepts]
 
-    def _fill_class_folder(self, folder: Path) -> list[Path]:
+    def _fill_class_folder(self, concept: Concept) -> list[Path]:
         data, out, accelerator = self.cfg.data, Path(self.cfg.train.output_dir), self.accelerator
+        folder, count = self.class_folder(concept), self._num_class_images(concept)
 
         def fill() -> None:
             inside = folder.resolve().is_relative_to(out.resolve())
@@ -284,7 +378,7 @@ class DreamBoothRecipe(TrainingRecipe):
             if inside and before is None:
                 record_outputs(out, folder)  # a folder this run creates
             generate_class_images(
-                self.pipe, folder, data.class_prompt, data.num_class_images, data.sample_batch_size,
+                self.pipe, folder, concept.class_prompt, count, data.sample_batch_size,
                 data.class_inference_steps, data.resolution, self.cfg.train.seed,
                 accelerator.is_local_main_process, data.class_context_prompts,
             )  # fmt: skip
@@ -292,7 +386,7 @@ class DreamBoothRecipe(TrainingRecipe):
                 record_outputs(out, *(set(folder.iterdir()) - before))  # images added to an existing folder
 
         self.on_main_process(fill)
-        return list_images(folder, "class", data.caption_extension)[: data.num_class_images]
+        return list_images(folder, "class", data.caption_extension)[:count]
 
     def check_pipeline(self) -> None:
         self._plan_adapters()
@@ -308,25 +402,26 @@ class DreamBoothRecipe(TrainingRecipe):
         return Path(self.cfg.train.output_dir) / PROMPT_EMBEDDINGS_NAME
 
     def training_prompts(
-        self, instance: list[Path] | None = None, classes: list[Path] | None = None
+        self, instance: list[list[Path]] | None = None, classes: list[list[Path]] | None = None
     ) -> list[str]:
-        """Every distinct prompt the dataset gives (``instance`` / ``classes``: its images; default: the
-        user's instance images, if any, and the class images already in the class folder)."""
-        data = self.cfg.data
-        images = instance if instance is not None else (self.instance_images or [])
-        class_prompt = data.class_prompt if data.with_prior_preservation else None
-        if classes is None and class_prompt:
-            folder = self.class_folder()
-            found = (
-                sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-                if folder.is_dir()
-                else []
+        """Every distinct prompt the dataset gives (``instance`` / ``classes``: each concept's images; default:
+        the user's instance images, if any, and the class images already in each class folder)."""
+        data, prompts = self.cfg.data, []
+        for k, concept in enumerate(self.concepts):
+            images = instance[k] if instance is not None else (self.photos[k] or [])
+            class_prompt = concept.class_prompt if data.with_prior_preservation else None
+            found = classes[k] if classes is not None else None
+            if found is None and class_prompt:
+                folder = self.class_folder(concept)
+                found = (
+                    sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+                    if folder.is_dir()
+                    else []
+                )[: self._num_class_images(concept)]
+            prompts += dreambooth_prompts(
+                images, concept.instance_prompt, data.caption_extension, class_prompt, found or []
             )
-            classes = found[: data.num_class_images]
-        prompts = dreambooth_prompts(
-            images, data.instance_prompt, data.caption_extension, class_prompt, classes or []
-        )
-        contexts = data.class_context_prompts if class_prompt else []
+        contexts = data.class_context_prompts if data.with_prior_preservation and data.class_prompt else []
         return list(dict.fromkeys([*prompts, *contexts]))
 
     def _overwritten(self, path: Path) -> bool:
@@ -388,13 +483,24 @@ class DreamBoothRecipe(TrainingRecipe):
         plans = self._plan_adapters()  # every component checked before any is changed
         return {name: apply_adapter_plan(getattr(self.pipe, name), plan) for name, plan in plans.items()}
 
-    def _dataloader(self, instance: list[Path], classes: list[Path] | None) -> None:
+    def _dataloader(self, instance: list[list[Path]], classes: list[list[Path]] | None) -> None:
         data, t = self.cfg.data, self.cfg.train
-        sizes = self._buckets(instance) if data.buckets else None
-        dataset = DreamBoothDataset(
-            instance, data.instance_prompt, data.resolution, data.center_crop, data.random_flip,
-            classes, data.class_prompt, data.caption_extension, t.seed, data.masks,
-            Path(data.mask_dir).expanduser() if data.mask_dir else None, None, sizes,
+        every = list(dict.fromkeys(p for photos in instance for p in photos))  # buckets span the concepts
+        sizes = self._buckets(every) if data.buckets else None
+        concepts = [
+            ConceptImages(
+                photos,
+                c.instance_prompt,
+                classes[k] if classes else (),
+                c.class_prompt,
+                c.repeats,
+                c.mask_dir,
+            )
+            for k, (c, photos) in enumerate(zip(self.concepts, instance))
+        ]
+        dataset = DreamBoothDataset.of_concepts(
+            concepts, data.resolution, data.caption_extension, center_crop=data.center_crop,
+            random_flip=data.random_flip, seed=t.seed, masks=self.masks, sizes=sizes,
         )  # fmt: skip
         if data.cache_latents:
             dataset.latents = self.latents = self._cached_latents(dataset.pairs())
@@ -472,14 +578,19 @@ class DreamBoothRecipe(TrainingRecipe):
     # --- save ------------------------------------------------------------------------------------
     def card_parts(self) -> CardParts:
         cfg, base = self.cfg, self.base_model
+        prompts = list(dict.fromkeys(c.instance_prompt for c in self.concepts))
+        said = ("the prompts " if len(prompts) > 1 else "the prompt ") + ", ".join(f"`{p}`" for p in prompts)
+        keys = CARD_HYPERPARAMETERS
+        if cfg.data.dataset_file is not None:  # the concepts' class prompts are in the file
+            keys = tuple("data.dataset_file" if k == "data.class_prompt" else k for k in keys)
         return CardParts(
-            title=f"BOFT DreamBooth adapter: {cfg.data.instance_prompt}",
-            description=f"A BOFT adapter for `{base}` trained with DreamBooth on the prompt "
-            f"`{cfg.data.instance_prompt}` for {self.step} steps with boft-diffusion.",
-            hyperparameters=CARD_HYPERPARAMETERS,
-            usage=_usage(cfg),
+            title=f"BOFT DreamBooth adapter: {'; '.join(prompts)}",
+            description=f"A BOFT adapter for `{base}` trained with DreamBooth on {said} for {self.step} steps "
+            "with boft-diffusion.",
+            hyperparameters=keys,
+            usage=_usage(cfg, prompts[0]),
             tags=("boft", "dreambooth", "diffusers", "text-to-image", "stable-diffusion"),
-            instance_prompt=cfg.data.instance_prompt,
+            instance_prompt=prompts[0],
         )
 
     def save_outputs(self, grid: Path | None) -> None:
@@ -497,7 +608,9 @@ class DreamBoothRecipe(TrainingRecipe):
                 export_merged(self.pipe, out / "merged")
 
 
-def _usage(cfg: DreamBoothConfig) -> str:
+def _usage(cfg: DreamBoothConfig, prompt: str | None = None) -> str:
+    """The model card's snippet: load the base and the adapter, sample ``prompt`` (default: data.instance_prompt)."""
+    prompt = prompt or cfg.data.instance_prompt
     base = cfg.model.pretrained_model_name_or_path
     if base:
         imports, load = (
@@ -521,7 +634,7 @@ from boft_diffusion.pipeline import merge_boft
 pipe = {load}
 load_boft_weights(pipe, "{cfg.train.output_dir}")
 merge_boft(pipe)  # optional: fold the rotations into the weights for base-model speed
-image = pipe("{cfg.data.instance_prompt}").images[0]
+image = pipe("{prompt}").images[0]
 """
 
 

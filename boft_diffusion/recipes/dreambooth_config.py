@@ -4,7 +4,7 @@ the metrics, the BOFT layout that taught the embedded default, and the run's def
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 
 from ..data import parse_bucket_sizes
 from ..metrics import (
@@ -30,6 +30,12 @@ __all__ = [
 ]
 
 
+DATASET_FILE_REPLACES = (
+    "instance_data_dir", "instance_prompt", "class_data_dir", "class_prompt", "mask_dir", "class_context_prompts",
+)  # fmt: skip
+"""The data.* keys of the one concept that data.dataset_file replaces (each concept gives its own)."""
+
+
 @dataclass
 class DreamBoothDataArgs(DataArgs):
     """Subject (instance) images and prompt, prior-preservation class images, preprocessing."""
@@ -38,6 +44,8 @@ class DreamBoothDataArgs(DataArgs):
     """Folder of subject photos (an optional <image name>.txt beside a photo is its prompt); null: toy images generated into <output_dir>/instance_images."""
     instance_prompt: str = TINY_INSTANCE_PROMPT
     """Prompt with the rare identifier of the subject, e.g. 'a photo of sks dog'."""
+    dataset_file: str | None = None
+    """A YAML or TOML file naming several concepts to train in one run (as kohya's dataset config): under 'concepts', each its instance_data_dir and instance_prompt, and optionally name, class_data_dir, class_prompt (needed with prior preservation), num_class_images, repeats (how many times each photo appears per epoch, default 1) and mask_dir; relative paths are from the file's folder. It replaces instance_data_dir, instance_prompt, class_data_dir, class_prompt, mask_dir and class_context_prompts (leave those unset). A concept trains on max(photos x repeats, class images) items an epoch, the smaller set cycling; class images missing from a concept's class_data_dir (default <output_dir>/class_images/<name>) are generated. Metrics measure the first concept, and every concept's own subject fidelity under per_prompt."""
     caption_extension: str = ".txt"
     """Extension of the per-image caption files."""
     num_generated_images: int = 5
@@ -83,6 +91,7 @@ class DreamBoothDataArgs(DataArgs):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self._check_dataset_file()
         if not all(isinstance(p, str) and p.strip() for p in self.class_context_prompts):
             raise ConfigError(
                 f"data.class_context_prompts must be non-blank prompts (got {self.class_context_prompts!r})"
@@ -107,7 +116,11 @@ class DreamBoothDataArgs(DataArgs):
         weight = self.unmasked_loss_weight
         if not (math.isfinite(weight) and 0.0 <= weight <= 1.0):
             raise ConfigError(f"data.unmasked_loss_weight must be in [0, 1] (got {weight})")
-        if (self.mask_dir or self.alpha_mask) and self.instance_data_dir is None:
+        if (
+            (self.mask_dir or self.alpha_mask)
+            and self.instance_data_dir is None
+            and self.dataset_file is None
+        ):
             raise ConfigError(
                 "data.mask_dir / data.alpha_mask mask your own photos: set data.instance_data_dir too "
                 "(the generated views have no masks)"
@@ -125,6 +138,23 @@ class DreamBoothDataArgs(DataArgs):
         weight = self.prior_loss_weight
         if not (math.isfinite(weight) and weight >= 0):
             raise ConfigError(f"data.prior_loss_weight must be a finite number >= 0 (got {weight})")
+
+    def _check_dataset_file(self) -> None:
+        """With data.dataset_file, the keys of the one concept it replaces keep their defaults."""
+        if self.dataset_file is None:
+            return
+        if not self.dataset_file.strip():
+            raise ConfigError("data.dataset_file is blank; give the path of a YAML or TOML file, or null")
+        defaults = {f.name: f for f in fields(self)}
+        for key in DATASET_FILE_REPLACES:
+            default = defaults[key].default
+            if default is MISSING:
+                default = defaults[key].default_factory()
+            if getattr(self, key) != default:
+                raise ConfigError(
+                    f"data.{key} is set together with data.dataset_file, which names every concept: give "
+                    f"{key} per concept in the dataset file and leave data.{key} unset"
+                )
 
     @property
     def masks(self) -> str:

@@ -76,6 +76,11 @@ class PivotalConfig(DreamBoothConfig):
             raise ConfigError(
                 "pivotal tuning trains token embeddings of the text encoder: it needs boft.train_text_encoder=true"
             )
+        if self.data.dataset_file is not None:
+            raise ConfigError(
+                "pivotal tuning names one subject by new tokens: data.dataset_file (several concepts) is not "
+                "supported with it yet; use train dreambooth"
+            )
         word = self.pivotal.token_abstraction
         if not re.search(rf"(?<!\S){re.escape(word)}(?!\S)", self.data.instance_prompt):
             raise ConfigError(
