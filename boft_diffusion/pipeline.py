@@ -42,6 +42,7 @@ __all__ = [
     "add_boft_to_pipeline",
     "apply_adapter_plans",
     "base_fingerprint",
+    "same_base",
     "boft_adapters",
     "delete_boft_adapter",
     "disable_boft",
@@ -132,6 +133,18 @@ def base_fingerprint(
         for path in sorted(linear):
             digest.update(f"{comp}.{path}.weight:{linear[path]};".encode())
     return f"sha256{'' if linear_weights else '-nolinear'}:{digest.hexdigest()[:16]}"
+
+
+def same_base(pipe: Any, recorded: str) -> tuple[bool, str]:
+    """Whether ``recorded`` (an adapter's ``base_fingerprint``) is this pipeline's base, and this base's
+    fingerprint of the same kind.
+
+    A float32 base's float16 fingerprint counts as the same base; a ``sha256-nolinear:`` one (an adapter
+    trained on a quantized base) is compared without the linear weights, so the full-precision base passes.
+    """
+    linear = not recorded.startswith("sha256-nolinear:")
+    ours = base_fingerprint(pipe, linear_weights=linear)
+    return recorded in (ours, base_fingerprint(pipe, as_dtype=torch.float16, linear_weights=linear)), ours
 
 
 def _linear_shapes(module: nn.Module) -> dict[str, tuple[int, int]]:

@@ -20,7 +20,7 @@ from torch import nn
 from boft_diffusion import BOFTConfig, load_boft_weights
 from boft_diffusion.inject import add_boft, merge_adapters
 from boft_diffusion.layers import BOFTLinear
-from boft_diffusion.pipeline import base_fingerprint, merge_boft, unmerge_boft
+from boft_diffusion.pipeline import base_fingerprint, merge_boft, same_base, unmerge_boft
 from boft_diffusion.quantized import QuantizedMergeError, dequantized_weight, quantization_of
 from boft_diffusion.training.args import ConfigError, ModelArgs, QuantizationArgs
 
@@ -186,6 +186,9 @@ def test_a_quantized_base_keeps_the_fingerprint_of_its_non_linear_weights():
     fingerprint = base_fingerprint(quantized)
     assert fingerprint.startswith("sha256-nolinear:")
     assert fingerprint == base_fingerprint(full, linear_weights=False) != base_fingerprint(full)
+    assert same_base(full, fingerprint) == (True, fingerprint)  # eval and convert --to lora accept the base
+    other = load_pipeline(ModelArgs(tiny_weights="random"))
+    assert not same_base(other, fingerprint)[0]
 
 
 def _denoise(pipe) -> torch.Tensor:
@@ -255,3 +258,63 @@ def test_an_adapter_trained_at_full_precision_loads_into_a_quantized_base(tmp_pa
     load_boft_weights(quantized, tmp_path / "adapter")
     error = (_denoise(quantized) - _denoise(full)).abs().max() / _denoise(full).abs().max()
     assert 0 < error < 0.02
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux", "flux2"])
+def test_each_tiny_family_trains_on_a_quantized_denoiser_and_its_adapter_loads_at_full_precision(
+    tmp_path, family
+):
+    """The transformer families (and SDXL's UNet) under quanto int8, their last text encoder quantized too:
+    the run trains from the CLI, the adapter loads into the full-precision tiny pipeline and changes it,
+    and the merged export of the quantized pipeline is a stock full-precision model."""
+    import numpy as np
+    from test_families import FAMILY_FAST
+
+    from boft_diffusion import cli
+    from boft_diffusion.export import export_merged
+    from boft_diffusion.families import get_family
+
+    encoders = get_family(family).text_encoders
+    components = ["denoiser", encoders[-1]]
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "dreambooth",
+        f"train.output_dir={out}",
+        f"model.tiny_family={family}",
+        "model.tiny_weights=random",
+    ]
+    args += [
+        *FAMILY_FAST,
+        "model.quantization.backend=quanto-int8",
+        f"model.quantization.components=[{','.join(components)}]",
+    ]
+    args += ["train.weighting_scheme=logit_normal"] if family == "sd3" else []
+    assert cli.main(args) == 0
+
+    def images(pipe):
+        return pipe(
+            prompt=["a photo of sks toy"], num_inference_steps=2, generator=torch.Generator().manual_seed(0), height=64,
+            width=64, output_type="np",
+        ).images  # fmt: skip
+
+    from boft_diffusion.training.setup import load_pipeline
+
+    model = ModelArgs(tiny_family=family, tiny_weights="random")
+    full = load_pipeline(model)
+    base = images(full)
+    load_boft_weights(full, out)
+    on_full = images(full)
+    assert not np.array_equal(on_full, base)
+    quantized = load_pipeline(ModelArgs(tiny_family=family, tiny_weights="random",
+                                        quantization=QuantizationArgs("quanto-int8", components)))  # fmt: skip
+    denoiser = getattr(quantized, get_family(family).denoiser)
+    assert any(quantization_of(m) == "quanto-int8" for m in denoiser.modules())
+    load_boft_weights(quantized, out)
+    assert np.abs(images(quantized) - on_full).max() < 0.1  # the base's int8 rounding, through 2 steps
+    export_merged(quantized, tmp_path / "merged")
+    assert (
+        "quantization_config"
+        not in (tmp_path / "merged" / get_family(family).denoiser / "config.json").read_text()
+    )

@@ -213,21 +213,20 @@ def check_same_base(adapter: Path, metadata: dict[str, str], pipe: Any) -> str:
 
     ``metadata`` is the adapter file's. One that records no fingerprint (older files, PEFT folders)
     passes with a warning on stderr. A base stored in float32 and trained in float16 has the fingerprint
-    of its float16 cast (see :func:`~boft_diffusion.pipeline.base_fingerprint`): both count as this base.
+    of its float16 cast (see :func:`~boft_diffusion.pipeline.base_fingerprint`): both count as this base, and
+    so does a full-precision base for an adapter trained on its quantized load (:func:`~boft_diffusion.pipeline.same_base`).
     """
-    import torch
-
-    from ..pipeline import base_fingerprint
+    from ..pipeline import base_fingerprint, same_base
 
     recorded = metadata.get("base_fingerprint") or None
-    ours = base_fingerprint(pipe)
+    same, ours = same_base(pipe, recorded) if recorded else (True, base_fingerprint(pipe))
     if recorded is None:
         print(
             f"warning: adapter {adapter} records no base_fingerprint; cannot check that it was "
             "trained on this base model",
             file=sys.stderr,
         )
-    elif recorded not in (ours, base_fingerprint(pipe, as_dtype=torch.float16)):
+    elif not same:
         raise CommandError(
             f"adapter {adapter} was trained on another base model "
             f"({metadata.get('base_model', 'unnamed')}, fingerprint {recorded}), this base has fingerprint {ours}"

@@ -66,7 +66,7 @@ from ..inject import adapter_configs, biases_trained_in_place, boft_layers, save
 from ..io.kohya import kohya_module_name
 from ..layers import BOFTConv2d, BOFTLayer
 from ..pipeline import base_fingerprint as fingerprint_of
-from ..pipeline import pipeline_components
+from ..pipeline import pipeline_components, same_base
 
 __all__ = [
     "LORA_FILE_NAME",
@@ -228,13 +228,10 @@ def check_base_fingerprint(pipe: Any, recorded: str | None) -> str:
     trained on a quantized base recorded a ``sha256-nolinear:`` fingerprint: the base's without its linear
     weights, compared as such (so a full-precision base passes).
     """
-    ours = fingerprint_of(pipe)
-    if recorded and recorded.startswith("sha256-nolinear:"):
-        ours = fingerprint_of(pipe, linear_weights=False)
-        mine = (ours, fingerprint_of(pipe, as_dtype=torch.float16, linear_weights=False))
-    else:
-        mine = (ours, fingerprint_of(pipe, as_dtype=torch.float16))
-    if recorded and recorded not in mine:
+    if not recorded:
+        return fingerprint_of(pipe)
+    same, ours = same_base(pipe, recorded)
+    if not same:
         raise BaseMismatchError(
             f"the adapter was trained on a base with fingerprint {recorded}; this pipeline's base has "
             f"fingerprint {ours}: load the adapter into the base it was trained on"
