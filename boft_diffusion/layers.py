@@ -112,7 +112,7 @@ class BOFTLayer(nn.Module):
         # The backend of a quantized base layer (None: plain): called as it is, never written in place.
         self.quantization = quantization_of(base_layer)
         # The quantized base as it was before the first merge with requantize (a plain list: not a submodule,
-        # so it is neither in the state dict nor moved by .to()); unmerge puts it back exactly.
+        # so it is neither in the state dict nor moved by .to()); unmerge puts it back exactly, on the current device.
         self._premerge_base: list[nn.Module] = []
 
     # --- shape hooks (per base layer type) ----------------------------------------------------
@@ -434,7 +434,8 @@ class BOFTLayer(nn.Module):
         A quantized base merged with requantize gets its original layer back, bit for bit.
         """
         if self._premerge_base:
-            self.base_layer = self._premerge_base.pop()
+            device = self.base_layer.weight.device  # the pipeline may have moved since the merge
+            self.base_layer = self._premerge_base.pop().to(device)
             self.quantization = quantization_of(self.base_layer)
             self.unmerged_bias = None
             self.merged_adapters.clear()
