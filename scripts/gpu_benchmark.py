@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""One prepared GPU run of the benchmark: SD-1.5 at 512 px and SDXL at 1024 px, bf16 autocast.
+"""One prepared GPU run of the benchmark: SD-1.5 at 512 px and SDXL at 1024 px, bf16 autocast; then the peak
+memory of each training configuration.
 
     python scripts/gpu_benchmark.py OUT_DIR                       # needs CUDA; a few minutes on one GPU
     python scripts/gpu_benchmark.py OUT_DIR --presets sd15        # one preset only
+    python scripts/gpu_benchmark.py OUT_DIR --no-memory           # the speed tables only
     python scripts/gpu_benchmark.py OUT_DIR --allow-cpu           # format check: tiny preset on the CPU
 
 Runs the methods floor, lora, boft-b8-m2, boft-b4-m4, peft-boft and peft-oft (each in its own worker
@@ -11,6 +13,11 @@ preset at 64×64 latents and the ``sdxl`` preset at 128×128 latents, and writes
 table per preset, with the median and spread of every ratio) and ``bench-gpu.json`` (the full
 reports) into OUT_DIR, rewritten after each preset so a run cut short keeps what it measured. A
 preset whose run fails is recorded with its error and the next one still runs (exit status 1).
+After each preset's speed table comes its memory table (``boft-diffusion bench --memory``, see
+``boft_diffusion/benchmark/memory.py``): per configuration (floor, LoRA, BOFT, BOFT with gradient
+checkpointing, with 8-bit AdamW, on a torchao or quanto int8 base, with all of them) the memory after building
+the model (bf16 frozen weights) and ``torch.cuda.max_memory_allocated`` over a few training steps, each in its
+own worker; a configuration that fails is a row marked failed, with its error under the table (exit status 1).
 PEFT's BOFT compiles its CUDA extension on first use where ``ninja`` and ``nvcc`` are present (a
 minute, once per machine); without them it runs its ``m = 1`` path.
 
@@ -49,6 +56,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--bar", type=float, default=benchmark.DEFAULT_BAR, help="step × LoRA bar")
     parser.add_argument(
+        "--memory-configurations", nargs="+", choices=list(benchmark.MEMORY_CONFIGURATIONS),
+        default=list(benchmark.MEMORY_CONFIGURATIONS), help="memory table rows (default: all)",
+    )  # fmt: skip
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory tables")
+    parser.add_argument(
         "--allow-cpu", action="store_true", help="without CUDA: run the tiny preset on the CPU (format check)"
     )
     return parser.parse_args(argv)
@@ -71,6 +83,8 @@ def markdown(header: str, reports: list[dict]) -> str:
         preset, size = report["preset"]["name"], report["latent_size"]
         parts.append(f"## {preset}, {size}×{size} latents, {report['rounds']} round(s)")
         parts.append(report["text"] if "error" not in report else f"failed: {report['error']}")
+        if "memory" in report:
+            parts.append(f"### Peak memory per configuration\n\n{report['memory']['text']}")
     return "\n\n".join(parts) + "\n"
 
 
@@ -85,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device, presets = planned
     methods = [benchmark.METHODS[k] for k in args.methods]
+    configs = [benchmark.MEMORY_CONFIGURATIONS[k] for k in args.memory_configurations]
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (format check, not a measurement)"
     header = (
         f"# BOFT benchmark on {name}\n\ntorch {torch.__version__}, "
@@ -105,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
             report = {"preset": {"name": preset.name}, "latent_size": preset.latent_size,
                       "rounds": args.rounds, "error": str(err)[-2000:]}  # fmt: skip
             print(f"{preset.name} failed: {err}", file=sys.stderr, flush=True)
+        if not args.no_memory:
+            memory = benchmark.memory_report(preset, configs, device)
+            memory["text"] = benchmark.format_memory_table(memory)
+            print(memory["text"], flush=True)
+            failed = failed or bool(memory["failed"])
+            report["memory"] = memory
         reports.append(report)
         atomic_write_text(args.out / "bench-gpu.md", markdown(header, reports))
         atomic_write_text(

@@ -260,14 +260,18 @@ def test_gpu_script_refuses_without_cuda_and_checks_its_format_on_the_cpu(tmp_pa
         "1",
         "--timed-steps",
         "1",
+        "--memory-configurations",
+        "boft",
     ]
     assert script.main(argv) == 0
     text = (out / "bench-gpu.md").read_text()
     assert text.startswith("# BOFT benchmark on CPU") and "## tiny, 16×16 latents, 1 round(s)" in text
     assert "| method |" in text and "| BOFT b=8, m=2 |" in text
+    assert "### Peak memory per configuration" in text and "| configuration |" in text
     report = json.loads((out / "bench-gpu.json").read_text())
     (tiny,) = report["reports"]
     assert set(tiny["summary"]) == {"boft-b8-m2"} and tiny["latent_size"] == 16
+    assert set(tiny["memory"]["runs"]) == {"boft"} and tiny["memory"]["runs"]["boft"]["peak_memory_bytes"] > 0
 
 
 def test_presets_share_the_tiny_pipeline_shape_and_default_targets():

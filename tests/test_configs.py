@@ -1,7 +1,9 @@
-"""Every YAML in configs/dreambooth/: starts with its command, loads into the typed config, fits its model."""
+"""Every YAML in configs/dreambooth/ and configs/memory/: starts with its command, loads into the typed config, fits
+its model; the memory configs state their card's budget and use the memory savers."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,8 @@ from boft_diffusion.recipes.dreambooth import DreamBoothConfig, run
 from boft_diffusion.training.args import ConfigError, config_keys, config_to_dict, field_docs, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs" / "dreambooth").glob("*.yaml"))
+MEMORY_CONFIGS = sorted((REPO / "configs" / "memory").glob("*.yaml"))
+CONFIGS = sorted((REPO / "configs" / "dreambooth").glob("*.yaml")) + MEMORY_CONFIGS
 TINY = [p for p in CONFIGS if p.name.startswith("tiny")]
 SD = {"sd15.yaml": (768, [320, 640, 1280]), "sd21.yaml": (1024, [320, 640, 1280])}
 """Text width (CLIP hidden size, also cross-attention input) and UNet attention widths per model."""
@@ -33,7 +36,7 @@ def test_the_expected_configs_exist():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_starts_with_its_command_and_loads(path):
     first = path.read_text().splitlines()[0]
-    assert first.startswith(f"# boft-diffusion train dreambooth --config configs/dreambooth/{path.name}")
+    assert first.startswith(f"# boft-diffusion train dreambooth --config {path.relative_to(REPO).as_posix()}")
     config = load_config(DreamBoothConfig, path)
     assert isinstance(config, DreamBoothConfig)
 
@@ -170,3 +173,43 @@ def test_family_configs_carry_the_paper_adapter_and_fit_every_adapted_width(name
     flow = name != "sdxl.yaml"
     assert config.train.snr_gamma is None  # diffusers' scripts: no Min-SNR
     assert flow or boft.transformer_target_modules is None  # a transformer key on a UNet family is refused
+
+
+MEMORY_WIDTHS = {
+    "sdxl": [640, 1280, 2048],
+    "sd35_medium": [1536],
+    "flux_dev": [3072],
+    "flux2_klein": [3072, 12288],
+}
+"""The denoiser's adapted input widths per model (the text encoders stay frozen in the memory configs)."""
+
+
+def test_the_memory_configs_exist():
+    expected = {f"{model}_{card}gb.yaml" for model in MEMORY_WIDTHS for card in (24, 16, 12)}
+    assert {p.name for p in MEMORY_CONFIGS} == expected
+
+
+@pytest.mark.parametrize("path", MEMORY_CONFIGS, ids=lambda p: p.name)
+def test_memory_configs_state_an_expected_peak_under_their_card_and_use_the_savers(path):
+    model, card = path.stem.rsplit("_", 1)
+    budget = int(card.removesuffix("gb"))
+    header = " ".join(line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#"))
+    assert f"on a {budget} GB card" in header and "EXPECTED (not measured" in header
+    peak = float(re.search(r"Peak, EXPECTED \(not measured[^)]*\): about ([\d.]+) GB", header)[1])
+    assert 0 < peak < budget
+    config = load_config(DreamBoothConfig, path)
+    base = load_config(DreamBoothConfig, REPO / "configs/dreambooth" / f"{model}.yaml")
+    assert config.model.pretrained_model_name_or_path == base.model.pretrained_model_name_or_path
+    assert config.data.resolution == base.data.resolution
+    assert config.train.gradient_checkpointing and config.train.mixed_precision == "bf16"
+    assert config.train.train_batch_size == 1
+    assert config.data.cache_latents and config.data.cache_prompt_embeddings
+    assert not config.boft.train_text_encoder
+    quantization = config.model.quantization
+    assert quantization.backend != "none" or (
+        budget > 12 and model != "flux_dev"
+    )  # FLUX.1: 24 GB of bf16 weights
+    assert config.optim.optimizer == "adamw_8bit" or budget == 24
+    layout = config.boft.to_config(config.boft.unet_target_modules)
+    for dim in MEMORY_WIDTHS[model]:
+        layout.resolve_blocks(dim)  # raises when the blocks do not fit the width

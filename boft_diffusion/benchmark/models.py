@@ -15,26 +15,34 @@ from ..inject import UNET_ATTENTION_TARGETS
 from .presets import Preset
 
 
+def _random_pool(seed: int) -> torch.Tensor:
+    """``2**20`` uniform values in [-1, 1): what :func:`_cheap_init` slices weights from."""
+    return torch.rand(1 << 20, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
 @torch.no_grad()
-def _cheap_init(model: nn.Module, seed: int) -> None:
+def _cheap_init(model: nn.Module, seed: int, recurse: bool = True, pool: torch.Tensor | None = None) -> None:
     """Finite, well-scaled values at memory speed: slices of one random pool, scaled by ``1/sqrt(fan_in)``.
 
     Timing does not depend on the values, only on them being finite and of sane magnitude (no
     overflow, no denormals); drawing 860M fresh random numbers would take longer than a step.
+    ``recurse=False``: only ``model``'s own parameters; ``pool``: one made once for many calls (else
+    :func:`_random_pool` of ``seed``).
     """
-    g = torch.Generator().manual_seed(seed)
-    pool = torch.rand(1 << 20, generator=g) * 2 - 1
-    for i, (name, p) in enumerate(model.named_parameters()):
+    pool = _random_pool(seed) if pool is None else pool
+    for i, (name, p) in enumerate(model.named_parameters(recurse=recurse)):
         if p.ndim == 1:
             p.fill_(1.0 if name.endswith("weight") else 0.0)
             continue
         bound = math.sqrt(3.0 / p[0].numel())
         flat = p.view(-1)
-        offset = (i * 7919) % pool.numel()
-        for start in range(0, flat.numel(), pool.numel()):
+        offset = (i * 7919 + seed) % pool.numel()
+        for start in range(0, flat.numel(), pool.numel()):  # the first chunk from the pool rolled by offset
             chunk = flat[start : start + pool.numel()]
-            src = torch.roll(pool, -offset)[: chunk.numel()] if start == 0 else pool[: chunk.numel()]
-            chunk.copy_(src * bound)
+            head = pool[offset if start == 0 else 0 :][: chunk.numel()]
+            chunk[: head.numel()].copy_(head)
+            chunk[head.numel() :].copy_(pool[: chunk.numel() - head.numel()])
+            chunk.mul_(bound)  # in place: no temporary of the layer's size
 
 
 @dataclass
@@ -126,10 +134,20 @@ MODEL_SHAPES = {
 """Model shapes by :attr:`Preset.shape`."""
 
 
-def build_model(preset: Preset, device: torch.device, seed: int = 0) -> nn.Module:
+def build_model(
+    preset: Preset,
+    device: torch.device,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    quantize: Callable[[nn.Linear], nn.Module] | None = None,
+) -> nn.Module:
     """The preset's model, built on the meta device and filled by :func:`_cheap_init`, frozen.
 
-    Only one copy of the weights is ever allocated (none on ``device="meta"``, to check shapes).
+    Only one copy of the weights is ever allocated (none on ``device="meta"``, to check shapes). With
+    ``dtype`` (the frozen weights' dtype, as the recipes cast them) or ``quantize`` (a frozen Linear to its
+    quantized replacement) the model is filled one layer at a time, each layer cast and quantized before the
+    next is allocated, so the process never holds more than one layer in float32 (a quantized base's peak
+    is its own, as when diffusers loads one).
     """
     import diffusers
 
@@ -139,9 +157,32 @@ def build_model(preset: Preset, device: torch.device, seed: int = 0) -> nn.Modul
         return model.requires_grad_(False)
     if next(model.buffers(), None) is not None:  # buffers would need their real values
         raise RuntimeError(f"{type(model).__name__} with buffers: meta-device construction does not apply")
-    model.to_empty(device=device)
-    _cheap_init(model, seed)
+    if dtype is None and quantize is None:
+        model.to_empty(device=device)
+        _cheap_init(model, seed)
+        return model.requires_grad_(False)
+    pool = _random_pool(
+        seed
+    )  # one pool: a fresh one per layer would fragment the heap between quantized layers
+    for i, parent in enumerate(list(model.modules())):
+        if any(p.is_meta for p in parent.parameters(recurse=False)):
+            _fill(parent, device, i, pool, dtype)
+        for j, (name, child) in enumerate(list(parent.named_children())):
+            if quantize is not None and type(child) is nn.Linear:  # the layers diffusers' loaders quantize
+                _fill(child, device, i + j, pool, dtype)
+                setattr(parent, name, quantize(child.requires_grad_(False)))
     return model.requires_grad_(False)
+
+
+def _fill(
+    module: nn.Module, device: torch.device, seed: int, pool: torch.Tensor, dtype: torch.dtype | None
+) -> None:
+    """Allocate ``module``'s own parameters on ``device``, fill them cheaply, cast them to ``dtype``."""
+    module.to_empty(device=device, recurse=False)
+    _cheap_init(module, seed, recurse=False, pool=pool)
+    if dtype is not None:
+        for param in module.parameters(recurse=False):
+            param.data = param.data.to(dtype)
 
 
 def present_targets(model: nn.Module, targets: tuple[str, ...] | list[str]) -> list[str]:

@@ -1,5 +1,5 @@
 """The benchmark's processes: a worker per method and round (``python -m boft_diffusion.benchmark --worker ...``),
-interleaved, and the JSON report."""
+interleaved, and the JSON report; with ``--memory``, a worker per memory configuration and its report."""
 
 from __future__ import annotations
 
@@ -19,6 +19,14 @@ import torch
 
 from ..atomic import atomic_write_text
 from .measure import measure
+from .memory import (
+    MEMORY_CONFIGURATIONS,
+    MEMORY_STEPS,
+    MemoryConfiguration,
+    measure_memory,
+    memory_rows,
+    memory_unavailable,
+)
 from .models import with_overrides
 from .presets import METHODS, PRESETS, Method, Preset, unavailable_methods
 from .report import DEFAULT_BAR, summarize
@@ -36,6 +44,15 @@ def _worker_command(method: str, preset: Preset, device: str, out: Path) -> list
             "--preset", preset.name, "--latent-size", str(preset.latent_size),
             "--timed-steps", str(preset.timed_steps), "--forward-repeats", str(preset.forward_repeats),
             "--device", device, "--worker-out", str(out)]  # fmt: skip
+
+
+def _run_worker(command: list[str], out: Path, env: dict[str, str] | None = None) -> dict[str, Any] | str:
+    """Run one worker process: its JSON result, or the last line of its error output when it failed."""
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
+        return lines[-1]
+    return json.loads(out.read_text())
 
 
 def run_benchmark(
@@ -59,16 +76,13 @@ def run_benchmark(
             for method in (m for m in order if m.key not in failed):
                 out = Path(tmp) / f"{method.key}-{r}.json"
                 start = time.perf_counter()
-                proc = subprocess.run(
-                    _worker_command(method.key, preset, device, out), capture_output=True, text=True
-                )
-                if proc.returncode != 0:
-                    lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
-                    failed[method.key] = lines[-1]
+                result = _run_worker(_worker_command(method.key, preset, device, out), out)
+                if isinstance(result, str):
+                    failed[method.key] = result
                     del results[method.key]
-                    log(f"round {r + 1}/{rounds}  {method.label:<22} FAILED: {lines[-1]}")
+                    log(f"round {r + 1}/{rounds}  {method.label:<22} FAILED: {result}")
                     continue
-                results[method.key].append(json.loads(out.read_text()))
+                results[method.key].append(result)
                 log(f"round {r + 1}/{rounds}  {method.label:<22} {time.perf_counter() - start:6.1f} s")
     return results
 
@@ -101,9 +115,59 @@ def benchmark_report(
     }
 
 
+MEMORY_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 16)}
+"""Added to the memory workers' environment: glibc serves every allocation of 64 KiB or more with its own mapping and
+unmaps it when freed, so the resident peak follows the live tensors. (By default glibc raises that threshold
+as large blocks are freed and keeps later ones in its heap: a quantized base, built a float32 layer at a time,
+would leave the freed float32 layers resident and in ``ru_maxrss``.) Other allocators ignore the variable."""
+
+
+def memory_report(
+    preset: Preset, configs: list[MemoryConfiguration], device: str, steps: int = MEMORY_STEPS,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:  # fmt: skip
+    """Run each available configuration once in its own worker; the JSON report (``rows``: the table's)."""
+    unavailable = memory_unavailable(configs)
+    start = time.perf_counter()
+    runs: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for config in (c for c in configs if c.key not in unavailable):
+            out = Path(tmp) / f"{config.key}.json"
+            began = time.perf_counter()
+            command = [*_worker_command(config.key, preset, device, out), "--memory", "--steps", str(steps)]
+            result = _run_worker(command, out, {**os.environ, **MEMORY_WORKER_ENV})
+            if isinstance(result, str):
+                failed[config.key] = result
+                log(f"{config.label:<48} FAILED: {result}")
+                continue
+            runs[config.key] = result
+            log(f"{config.label:<48} {time.perf_counter() - began:6.1f} s")
+    report = {
+        "preset": dataclasses.asdict(preset),
+        "latent_size": preset.latent_size,
+        "device": device,
+        "threads": available_cores(),
+        "steps": steps,
+        "torch": torch.__version__,
+        "command": " ".join(sys.argv),
+        "elapsed_s": time.perf_counter() - start,
+        "configurations": [c.key for c in configs],
+        "unavailable": unavailable,
+        "failed": failed,
+        "runs": runs,
+    }
+    report["rows"] = memory_rows(report)
+    return report
+
+
 def _worker(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description="benchmark worker: one method, one process")
-    parser.add_argument("--worker", required=True, choices=list(METHODS))
+    parser.add_argument("--worker", required=True, choices=sorted({*METHODS, *MEMORY_CONFIGURATIONS}))
+    parser.add_argument(
+        "--memory", action="store_true", help="measure the memory configuration --worker names (memory mode)"
+    )
+    parser.add_argument("--steps", type=int, default=MEMORY_STEPS, help="training steps of a memory worker")
     parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
     parser.add_argument("--latent-size", type=int, default=None)
     parser.add_argument("--timed-steps", type=int, default=None)
@@ -113,7 +177,10 @@ def _worker(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(available_cores())
     preset = with_overrides(PRESETS[args.preset], args.latent_size, args.timed_steps, args.forward_repeats)
-    result = measure(METHODS[args.worker], preset, args.device)
+    if args.memory:
+        result = measure_memory(MEMORY_CONFIGURATIONS[args.worker], preset, args.device, args.steps)
+    else:
+        result = measure(METHODS[args.worker], preset, args.device)
     atomic_write_text(args.worker_out, json.dumps(result))
     return 0
 

@@ -9,16 +9,21 @@ import argparse
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 from ..atomic import atomic_write_text
 from . import Command, add_example, check_new_output, reports_input_errors
 
-HELP = "benchmark BOFT training and inference against PEFT LoRA, BOFT and OFT and the no-adapter floor"
+HELP = (
+    "benchmark BOFT training and inference against PEFT LoRA, BOFT and OFT and the no-adapter floor, "
+    "or (--memory) the peak memory of each training configuration"
+)
 EXAMPLE = """example:
   boft-diffusion bench --preset tiny                          # under a minute
   boft-diffusion bench --preset sd15 --json bench-sd15.json   # SD-1.5-shaped UNet, minutes on CPU
   boft-diffusion bench --preset sd15 --latent-size 64         # the same at 512 px (4096 tokens)
-  boft-diffusion bench --preset sd15 --profile                # one layer's time by category"""
+  boft-diffusion bench --preset sd15 --profile                # one layer's time by category
+  boft-diffusion bench --memory --preset tiny                 # peak memory per training configuration"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +50,7 @@ def _positive_int(text: str) -> int:
 
 def _benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``boft-diffusion bench`` (and ``scripts/benchmark.py``, which runs it)."""
-    from ..benchmark import DEFAULT_BAR, METHODS, PRESETS
+    from ..benchmark import DEFAULT_BAR, MEMORY_CONFIGURATIONS, MEMORY_STEPS, METHODS, PRESETS
 
     parser.add_argument(
         "--preset", choices=sorted(PRESETS), default="tiny", help="model shape (default: tiny)"
@@ -63,8 +68,9 @@ def _benchmark_arguments(parser: argparse.ArgumentParser) -> None:
         "(sd15: 32 = 256 px; 64 = 512 px, 96 = 768 px; sdxl: 128 = 1024 px)",
     )  # fmt: skip
     parser.add_argument(
-        "--timed-steps", type=_positive_int, default=None, help="timed training steps per worker"
-    )
+        "--timed-steps", type=_positive_int, default=None,
+        help=f"timed training steps per worker (--memory: training steps per configuration, default {MEMORY_STEPS})",
+    )  # fmt: skip
     parser.add_argument(
         "--forward-repeats", type=_positive_int, default=None,
         help="timed forward passes per kind (base, unmerged, merged) per worker",
@@ -76,6 +82,15 @@ def _benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--profile", action="store_true",
         help="instead of the benchmark: profile one adapted projection of the preset's width by category",
+    )  # fmt: skip
+    parser.add_argument(
+        "--memory", action="store_true",
+        help="instead of the benchmark: peak memory of a training step per configuration (floor, LoRA, BOFT, "
+        "BOFT with gradient checkpointing, 8-bit AdamW, a quantized base), each in its own worker",
+    )  # fmt: skip
+    parser.add_argument(
+        "--configurations", nargs="+", choices=list(MEMORY_CONFIGURATIONS), default=None,
+        help="with --memory: the configurations to measure (default: all)",
     )  # fmt: skip
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
     parser.add_argument("--json", type=Path, default=None, help="write raw and summarised results here")
@@ -114,6 +129,8 @@ def _run(args: argparse.Namespace) -> int:
             )
             print(f"wrote {args.json}")
         return 0
+    if args.memory:
+        return _run_memory(args, preset, device)
     methods = [METHODS[k] for k in (args.methods or METHODS)]
     for key, reason in unavailable_methods(methods).items():
         print(f"unavailable: {key} ({METHODS[key].label}): {reason}")
@@ -123,6 +140,23 @@ def _run(args: argparse.Namespace) -> int:
     report = benchmark_report(preset, methods, device, rounds, args.bar)
     print()
     print(format_report(report))
+    print(f"\ntotal {report['elapsed_s']:.0f} s")
+    if args.json is not None:
+        atomic_write_text(args.json, json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 1 if report["failed"] else 0
+
+
+def _run_memory(args: argparse.Namespace, preset: Any, device: str) -> int:
+    """``--memory``: each configuration's peak in its own worker; the table; JSON if asked."""
+    from ..benchmark import MEMORY_CONFIGURATIONS, MEMORY_STEPS, format_memory_table, memory_report
+
+    configs = [MEMORY_CONFIGURATIONS[k] for k in (args.configurations or MEMORY_CONFIGURATIONS)]
+    steps = args.timed_steps or MEMORY_STEPS
+    print(f"memory: preset {preset.name}, latent {preset.latent_size}, device {device}, {steps} step(s)")
+    report = memory_report(preset, configs, device, steps)
+    print()
+    print(format_memory_table(report))
     print(f"\ntotal {report['elapsed_s']:.0f} s")
     if args.json is not None:
         atomic_write_text(args.json, json.dumps(report, indent=2))
