@@ -318,3 +318,23 @@ def test_each_tiny_family_trains_on_a_quantized_denoiser_and_its_adapter_loads_a
         "quantization_config"
         not in (tmp_path / "merged" / get_family(family).denoiser / "config.json").read_text()
     )
+
+
+def test_torchao_layers_recompute_in_backward_with_the_same_gradients():
+    from boft_diffusion.quantized import recompute_in_backward
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        quantize(nn.Linear(16, 32), "torchao-int8"), nn.GELU(), quantize(nn.Linear(32, 8), "quanto-int8")
+    )
+    x = torch.randn(4, 16, requires_grad=True)
+    model(x).square().sum().backward()
+    expected, x.grad = x.grad, None
+    assert (
+        recompute_in_backward(model) == 1
+    )  # torchao saves a dequantized weight for backward; quanto does not
+    assert recompute_in_backward(model) == 0  # once
+    model(x).square().sum().backward()
+    torch.testing.assert_close(x.grad, expected)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model[2](model[1](model[0].forward.__wrapped__(x))))

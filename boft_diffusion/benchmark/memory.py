@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..quantized import recompute_in_backward
 from .adapters import Adapter, FloorTaps
 from .measure import Clock, peak_memory_bytes, training_step
 from .models import MODEL_SHAPES, build_model, make_inputs, present_targets
@@ -158,6 +159,7 @@ def measure_memory(
     runtime_bytes = _memory_now(device)
     model = build_model(preset, device, dtype=dtype, quantize=quantize)
     model_bytes = _memory_now(device)
+    recompute_in_backward(model)  # as the recipes do: torchao layers keep only their input for backward
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the peak from here: the weights and the step
     targets = present_targets(model, MODEL_SHAPES[preset.shape].targets)

@@ -40,6 +40,7 @@ from ..io import ADAPTER_WEIGHTS_NAME, AdapterFile, write_adapter
 from ..io.load import FAMILY_METADATA
 from ..metrics import Measurement, before_after_rows, format_metrics, grid
 from ..pipeline import base_fingerprint
+from ..quantized import recompute_in_backward
 from .args import ConfigError, RecipeConfig, config_to_dict, config_to_yaml
 from .card import CardParts, write_model_card
 from .checkpoint import (
@@ -366,6 +367,10 @@ class TrainingRecipe:
             module.requires_grad_(False).eval()  # frozen parts never use dropout
         self.base_fingerprint = base_fingerprint(self.pipe)  # as loaded (float32), as eval loads it
         cast_frozen_weights(base, dtype, accelerator.device)
+        for (
+            module
+        ) in base:  # torchao layers keep only their input for backward (quantized.recompute_in_backward)
+            recompute_in_backward(module)
         self.build()
         cast_frozen_weights(self.components.values(), dtype, accelerator.device)  # trained: float32
         trained_encoders = [self.components[n] for n in family.text_encoders if n in self.components]
