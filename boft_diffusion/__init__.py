@@ -1,5 +1,8 @@
 """boft_diffusion: Orthogonal Butterfly finetuning (BOFT) for diffusers pipelines."""
 
+# First: the known import-time warnings of optional libraries are dropped before anything imports them.
+from . import quiet as _quiet  # noqa: F401  # isort: skip
+
 # The kinds of trained state an adapter file may carry besides BOFT's (boft_diffusion.trained_state)
 # register when their module is imported; importing them here means every use of the package knows them.
 from . import control as _control  # noqa: F401  (light control encoder, ControlNet)

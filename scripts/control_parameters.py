@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 
 import torch
+
+from boft_diffusion import quiet  # noqa: F401  # isort: skip  (first: drops known import-time noise)
 from diffusers import ControlNetModel, UNet2DConditionModel
 
 from boft_diffusion.benchmark import SD15_UNET

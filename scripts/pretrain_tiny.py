@@ -58,6 +58,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from boft_diffusion import quiet  # noqa: F401  # isort: skip  (first: drops known import-time noise)
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel, compute_snr
 

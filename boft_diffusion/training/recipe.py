@@ -340,7 +340,9 @@ class TrainingRecipe:
                 "are packed by the quantization library); launch plain data parallelism instead, each process "
                 "holding the quantized base"
             )
-        self.pipe = load_pipeline(cfg.model, weight_dtype(self.accelerator) if quantized else None)
+        self.pipe = load_pipeline(
+            cfg.model, **({"torch_dtype": weight_dtype(self.accelerator)} if quantized else {})
+        )
         check_family_keys(cfg, self.family)
         check_resolution(self.pipe, cfg.data.resolution, "data.resolution")
         check_resolution(self.pipe, cfg.validation.resolution, "validation.resolution")
