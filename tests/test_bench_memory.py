@@ -67,15 +67,30 @@ def test_quantized_base_is_built_one_layer_at_a_time(backend):
 
 def test_quantizer_names_its_backends():
     assert memory.quantizer("none") is None
-    with pytest.raises(ValueError, match="torchao-int8 or quanto-int8"):
-        memory.quantizer("bnb-nf4")
+    with pytest.raises(ValueError, match="torchao-int8, quanto-int8, bnb-nf4 or bnb-int8"):
+        memory.quantizer("hqq-4bit")
+
+
+def test_the_cpu_default_leaves_the_bitsandbytes_bases_out_and_cuda_measures_all():
+    assert memory.default_configurations("cuda") == list(benchmark.MEMORY_CONFIGURATIONS)
+    cpu = memory.default_configurations("cpu")
+    assert "boft-bnb-nf4" not in cpu and "boft-bnb-int8" not in cpu and "boft-quanto-int8" in cpu
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["bnb-nf4", "bnb-int8"])
+def test_the_bitsandbytes_quantizer_leaves_a_quantized_layer(backend):
+    from boft_diffusion.quantized import quantization_of
+
+    layer = memory.quantizer(backend)(torch.nn.Linear(64, 32).requires_grad_(False))
+    assert quantization_of(layer) == backend
 
 
 def test_a_missing_package_makes_a_configuration_unavailable(monkeypatch):
     monkeypatch.setattr(memory, "find_spec", lambda name: None if name == "bitsandbytes" else object())
     configs = list(benchmark.MEMORY_CONFIGURATIONS.values())
     unavailable = memory.memory_unavailable(configs)
-    assert set(unavailable) == {"boft-adamw8bit", "boft-all"}
+    assert set(unavailable) == {"boft-adamw8bit", "boft-bnb-nf4", "boft-bnb-int8", "boft-all"}
     assert "bitsandbytes" in unavailable["boft-adamw8bit"]
 
 

@@ -90,7 +90,7 @@ def _benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--configurations", nargs="+", choices=list(MEMORY_CONFIGURATIONS), default=None,
-        help="with --memory: the configurations to measure (default: all)",
+        help="with --memory: the configurations to measure (default: all; on the CPU all but the bitsandbytes bases)",
     )  # fmt: skip
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
     parser.add_argument("--json", type=Path, default=None, help="write raw and summarised results here")
@@ -150,8 +150,9 @@ def _run(args: argparse.Namespace) -> int:
 def _run_memory(args: argparse.Namespace, preset: Any, device: str) -> int:
     """``--memory``: each configuration's peak in its own worker; the table; JSON if asked."""
     from ..benchmark import MEMORY_CONFIGURATIONS, MEMORY_STEPS, format_memory_table, memory_report
+    from ..benchmark.memory import default_configurations
 
-    configs = [MEMORY_CONFIGURATIONS[k] for k in (args.configurations or MEMORY_CONFIGURATIONS)]
+    configs = [MEMORY_CONFIGURATIONS[k] for k in (args.configurations or default_configurations(device))]
     steps = args.timed_steps or MEMORY_STEPS
     print(f"memory: preset {preset.name}, latent {preset.latent_size}, device {device}, {steps} step(s)")
     report = memory_report(preset, configs, device, steps)
