@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import BlockLayout, BOFTConfig
 from .functional import (
@@ -496,8 +497,20 @@ class BOFTLinear(BOFTLayer):
         # even at tokens = 3.2 × out (SD's 32×32 latents) the two cost the same on CPU, and at
         # more tokens the weight path wins.
         # A quantized base is always called as it is, on the rotated input (its kernel, its weight unread).
-        if not self.quantization and x.numel() // x.shape[-1] >= self.out_features:
+        # In training the whole rotated call keeps only its input for the backward pass and runs again
+        # there, so the step holds what the weight path would (the rotated input, the library's saved
+        # tensors and the unscaled output would otherwise stay for every adapted layer).
+        if self.quantization:
+            if torch.is_grad_enabled():
+                return checkpoint(self._input_path, x, names, bias, use_reentrant=False)
+            return self._input_path(x, names, bias)
+        if x.numel() // x.shape[-1] >= self.out_features:
             return F.linear(x, self.rotated_weight_rows(names, self.training).to(x.dtype), bias)
+        return self._input_path(x, names, bias)
+
+    def _input_path(self, x: torch.Tensor, names: list[str], bias: torch.Tensor | None) -> torch.Tensor:
+        """``(x M_k ⋯ M_1) W^T ⊙ s + b_a``: the input rotated, then the base weight (a quantized base: the
+        layer itself, less its own bias)."""
         scale = None
         for name in reversed(names):  # x M_k ⋯ M_1
             blocks, perms, transpose, s = self.rotation_operator(name, False, self.training)

@@ -18,6 +18,8 @@ optimum-quanto unless a layer of theirs is present:
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -155,7 +157,9 @@ def requantize(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def recompute_in_backward(
-    module: nn.Module, backends: tuple[str, ...] = ("torchao-int8", "torchao-fp8")
+    module: nn.Module,
+    backends: tuple[str, ...] = ("torchao-int8", "torchao-fp8"),
+    skip: Collection[nn.Module] = (),
 ) -> int:
     """Make every linear layer of ``module`` quantized by one of ``backends`` keep only its input for the
     backward pass and run again there (``torch.utils.checkpoint``, non-reentrant) while gradients are
@@ -163,14 +167,17 @@ def recompute_in_backward(
 
     torchao's weight-only layers otherwise save a dequantized copy of the weight for the gradient of their
     input: on SD 1.5's UNet (``boft-diffusion bench --memory --preset sd15``, CPU) a training step then adds
-    1.5 GB over the model instead of 0.7 GB, giving back most of what the int8 base saved. optimum-quanto
+    1.5 GB over the model instead of 0.7 GB, giving back most of what the int8 base saved (BOFT's own
+    layers recompute their whole rotated call: see :class:`~boft_diffusion.layers.BOFTLinear`). optimum-quanto
     saves no such copy (same step, with or without this): it is left as it is. The cost is one more forward
     pass of each patched layer in the backward pass. Frozen layers only; the patch is the instance's
-    ``forward`` (the state dict and the module tree are unchanged).
+    ``forward`` (the state dict and the module tree are unchanged). ``skip``: layers left as they are (the
+    bases of BOFT layers, whose whole rotated call is recomputed already).
     """
     count = 0
+    skipped = {id(m) for m in skip}
     for layer in module.modules():
-        if quantization_of(layer) not in backends or "forward" in layer.__dict__:
+        if quantization_of(layer) not in backends or "forward" in layer.__dict__ or id(layer) in skipped:
             continue
         layer.forward = _recomputed(layer.forward)
         count += 1

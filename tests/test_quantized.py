@@ -63,7 +63,9 @@ def quantize(linear: nn.Linear, backend: str) -> nn.Module:
     return layer.to("cpu")  # bitsandbytes quantizes on the move to a device
 
 
-def adapted_pair(backend: str, bias: str = "boft_only") -> tuple[BOFTLinear, BOFTLinear]:
+def adapted_pair(
+    backend: str, bias: str = "boft_only", dropout: float = 0.0
+) -> tuple[BOFTLinear, BOFTLinear]:
     """The same trained-looking adapter over a quantized layer and over a plain layer holding its
     dequantized weight (the reference)."""
     torch.manual_seed(0)
@@ -74,7 +76,9 @@ def adapted_pair(backend: str, bias: str = "boft_only") -> tuple[BOFTLinear, BOF
         reference.weight.copy_(dequantized_weight(quantized).float())
         reference.bias.copy_(quantized.bias.float())
     reference.requires_grad_(False)
-    config = BOFTConfig(boft_block_size=8, boft_n_butterfly_factor=2, bias=bias, init_weights=False)
+    config = BOFTConfig(
+        boft_block_size=8, boft_n_butterfly_factor=2, bias=bias, init_weights=False, boft_dropout=dropout
+    )
     pair = []
     for base in (quantized, reference):
         torch.manual_seed(1)
@@ -108,6 +112,31 @@ def test_the_rotation_in_front_of_a_quantized_layer_equals_it_on_the_dequantized
         torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
     assert type(layer.base_layer) is base_type  # called as it is: never replaced or written
     torch.testing.assert_close(layer.merged_weight(), reference.merged_weight(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torchao-int8", "quanto-int8"])
+def test_the_recomputed_training_call_draws_the_same_dropout_and_keeps_only_its_input(backend):
+    layer, reference = adapted_pair(backend, dropout=0.5)
+    layer.train(), reference.train()
+    x = torch.randn(2, 40, 64, requires_grad=True)
+    torch.manual_seed(7)
+    out = layer(x)
+    torch.manual_seed(7)
+    expected = reference(x)
+    close(out, expected, backend)  # the same blocks dropped
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    # Kept for the backward pass: the input and the layer's own parameters, nothing computed (the rotation,
+    # the quantized call and the scale are recomputed there).
+    params = {id(p) for p in layer.parameters()}
+    assert any(t is x for t in saved) and all(t is x or id(t) in params for t in saved)
+    torch.manual_seed(7)
+    layer(x).square().mean().backward()
+    torch.manual_seed(7)
+    reference(x).square().mean().backward()
+    got, want = layer.boft_R["a"].grad, reference.boft_R["a"].grad
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

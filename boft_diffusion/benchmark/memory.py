@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..inject import boft_layers
 from ..quantized import recompute_in_backward
 from .adapters import Adapter, FloorTaps
 from .measure import Clock, peak_memory_bytes, training_step
@@ -207,11 +208,13 @@ def measure_memory(
     runtime_bytes = _memory_now(device)
     model = build_model(preset, device, dtype=dtype, quantize=quantize)
     model_bytes = _memory_now(device)
-    recompute_in_backward(model)  # as the recipes do: torchao layers keep only their input for backward
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the peak from here: the weights and the step
     targets = present_targets(model, MODEL_SHAPES[preset.shape].targets)
     adapter = Adapter(METHODS[config.method], model, targets)
+    # As the recipes do: the torchao layers outside BOFT's (which recompute their whole call) keep only
+    # their input for backward.
+    recompute_in_backward(model, skip=[layer.base_layer for layer in boft_layers(model).values()])
     params = adapter.trainable_parameters()
     for param in params:  # trained tensors stay float32 (the recipes' cast_frozen_weights)
         param.data = param.data.float()

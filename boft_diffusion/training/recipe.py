@@ -35,7 +35,7 @@ from ..atomic import atomic_file, atomic_write_text, replaced_input
 from ..config import BOFTConfig
 from ..data import EpochSampler
 from ..families import Family, family_of
-from ..inject import AdapterPlan, count_parameters, plan_adapter, set_enabled, set_rotation_cache
+from ..inject import AdapterPlan, boft_layers, count_parameters, plan_adapter, set_enabled, set_rotation_cache
 from ..io import ADAPTER_WEIGHTS_NAME, AdapterFile, write_adapter
 from ..io.load import FAMILY_METADATA
 from ..metrics import Measurement, before_after_rows, format_metrics, grid
@@ -369,11 +369,10 @@ class TrainingRecipe:
             module.requires_grad_(False).eval()  # frozen parts never use dropout
         self.base_fingerprint = base_fingerprint(self.pipe)  # as loaded (float32), as eval loads it
         cast_frozen_weights(base, dtype, accelerator.device)
-        for (
-            module
-        ) in base:  # torchao layers keep only their input for backward (quantized.recompute_in_backward)
-            recompute_in_backward(module)
         self.build()
+        # The torchao layers outside BOFT's (which recompute their whole call) keep only their input for backward.
+        for module in base:
+            recompute_in_backward(module, skip=[layer.base_layer for layer in boft_layers(module).values()])
         cast_frozen_weights(self.components.values(), dtype, accelerator.device)  # trained: float32
         trained_encoders = [self.components[n] for n in family.text_encoders if n in self.components]
         enable_memory_savers(t, getattr(self.pipe, family.denoiser), *trained_encoders)
