@@ -29,6 +29,12 @@ sharded (``DTensor``) parameters, or where ``cache_rotations`` is off: FSDP2 all
 same unsharded parameters without bumping their version counters, so the recipes switch it off
 when they shard (:func:`~boft_diffusion.inject.set_rotation_cache`; do the same around your own
 ``fully_shard``).
+
+Over a quantized base (bitsandbytes, torchao, optimum-quanto; :mod:`~boft_diffusion.quantized`) a
+:class:`BOFTLinear` always rotates the input and calls the quantized layer as it is, ``(base(x M) - b) ⊙ s
++ b_a``; in training that whole call is recomputed in the backward pass, so only ``x`` is kept. The weight
+is read (dequantized) only to merge, export or convert; merging writes a requantized layer, and only when
+asked (``requantize=True``; 4-bit bases are refused), keeping the original for :meth:`BOFTLayer.unmerge`.
 """
 
 from __future__ import annotations
