@@ -25,11 +25,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
+    "BACKENDS",
     "QuantizedMergeError",
     "dequantized_weight",
     "is_quantized",
     "logical_dtype",
     "quantization_of",
+    "quantize_linear",
     "recompute_in_backward",
     "requantize",
 ]
@@ -62,13 +64,11 @@ def quantization_of(module: nn.Module) -> str | None:
     weight = getattr(module, "weight", None)
     if weight is not None and _module_of(weight).startswith("torchao"):
         name = type(weight).__name__
-        return (
-            "torchao-fp8"
-            if "Float8" in name
-            else "torchao-int8"
-            if "Int8" in name or "Affine" in name
-            else (f"torchao ({name})")
-        )
+        if "Float8" in name:
+            return "torchao-fp8"
+        if "Int8" in name or "Affine" in name:
+            return "torchao-int8"
+        return f"torchao ({name})"
     return None
 
 
@@ -111,49 +111,75 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     raise TypeError(f"Cannot read the weight of a {type(module).__name__} quantized by {kind}")
 
 
+BACKENDS = ("bnb-nf4", "bnb-int8", "torchao-int8", "torchao-fp8", "quanto-int8", "quanto-fp8")
+"""The backends :func:`quantize_linear` builds (those ``model.quantization.backend`` names)."""
+
+
+@torch.no_grad()
+def quantize_linear(layer: nn.Linear, backend: str) -> nn.Module:
+    """``layer`` (a frozen plain Linear) quantized by ``backend`` in memory, as that library's loader leaves
+    it: torchao's ``quantize_`` with its weight-only config, quanto's ``quantize`` then ``freeze``, or a
+    bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` quantized on the move to the layer's device. The result may
+    be ``layer`` itself (torchao quantizes in place)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown quantization backend {backend!r}: one of {', '.join(BACKENDS)}")
+    layer.requires_grad_(False)
+    if backend.startswith("torchao"):
+        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+        quantize_(layer, Float8WeightOnlyConfig() if backend == "torchao-fp8" else Int8WeightOnlyConfig())
+        return layer
+    if backend.startswith("quanto"):
+        from optimum.quanto import freeze, qfloat8, qint8, quantize
+
+        holder = nn.Sequential(layer)  # quanto replaces children: give the layer a parent
+        quantize(holder, weights=qfloat8 if backend == "quanto-fp8" else qint8)
+        freeze(holder)
+        return holder[0]
+    import bitsandbytes as bnb
+
+    device, bias = layer.weight.device, layer.bias is not None
+    shape = (layer.in_features, layer.out_features)
+    if backend == "bnb-nf4":
+        fresh = bnb.nn.Linear4bit(
+            *shape, bias=bias, compute_dtype=layer.weight.dtype, quant_type="nf4", device="meta"
+        )
+        fresh.weight = bnb.nn.Params4bit(layer.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+    else:
+        fresh = bnb.nn.Linear8bitLt(*shape, bias=bias, has_fp16_weights=False, device="meta")
+        fresh.weight = bnb.nn.Int8Params(layer.weight.data.cpu(), requires_grad=False, has_fp16_weights=False)
+    if bias:
+        fresh.bias = nn.Parameter(layer.bias.data, requires_grad=False)
+    return fresh.to(device)
+
+
 @torch.no_grad()
 def requantize(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    """A new layer quantized as ``module`` is (same backend and format), holding ``weight`` and ``bias``.
+    """A new layer quantized as ``module`` is (same backend), holding ``weight`` and ``bias``
+    (:func:`quantize_linear`).
 
     Raises :class:`QuantizedMergeError` for 4-bit layers (merging into a 4-bit base in place is refused:
     export the merged model at full precision instead) and for a format it does not know.
     """
     kind = quantization_of(module)
-    out_features, in_features = weight.shape
-    dtype, device = logical_dtype(module), weight.device
-    plain = nn.Linear(in_features, out_features, bias=bias is not None, device=device, dtype=dtype)
-    plain.weight.copy_(weight)
-    if bias is not None:
-        plain.bias.copy_(bias)
-    plain.requires_grad_(False)
-    if kind in ("torchao-int8", "torchao-fp8"):
-        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
-
-        quantize_(plain, Float8WeightOnlyConfig() if kind == "torchao-fp8" else Int8WeightOnlyConfig())
-        return plain
-    if kind is not None and kind.startswith("quanto") and kind != "quanto-int4":
-        from optimum.quanto import QLinear
-
-        fresh = QLinear.from_module(plain, weights=module.weight_qtype, activations=module.activation_qtype)
-        fresh.freeze()
-        return fresh
-    if kind == "bnb-int8":
-        import bitsandbytes as bnb
-
-        fresh = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None, has_fp16_weights=False)
-        fresh.weight = bnb.nn.Int8Params(plain.weight.data, requires_grad=False, has_fp16_weights=False)
-        if bias is not None:
-            fresh.bias = nn.Parameter(plain.bias.data, requires_grad=False)
-        return fresh.to(device)
-    raise QuantizedMergeError(
-        f"merging into a {kind} base in place is not supported"
-        + (
+    if kind not in BACKENDS or kind == "bnb-nf4":
+        four_bit = (
             " (4-bit: the rounding would undo a good part of what the adapter changed)"
             if "4" in str(kind)
             else ""
         )
-        + "; export the merged model instead (boft-diffusion export, export_merged): it is written at full precision"
+        raise QuantizedMergeError(
+            f"merging into a {kind} base in place is not supported{four_bit}; export the merged model instead "
+            "(boft-diffusion export, export_merged): it is written at full precision"
+        )
+    out_features, in_features = weight.shape
+    plain = nn.Linear(
+        in_features, out_features, bias=bias is not None, device=weight.device, dtype=logical_dtype(module)
     )
+    plain.weight.copy_(weight)
+    if bias is not None:
+        plain.bias.copy_(bias)
+    return quantize_linear(plain, kind)
 
 
 def recompute_in_backward(

@@ -21,7 +21,7 @@ from boft_diffusion import BOFTConfig, load_boft_weights
 from boft_diffusion.inject import add_boft, merge_adapters
 from boft_diffusion.layers import BOFTLinear
 from boft_diffusion.pipeline import base_fingerprint, merge_boft, same_base, unmerge_boft
-from boft_diffusion.quantized import QuantizedMergeError, dequantized_weight, quantization_of
+from boft_diffusion.quantized import QuantizedMergeError, dequantized_weight, quantization_of, quantize_linear
 from boft_diffusion.training.args import ConfigError, ModelArgs, QuantizationArgs
 
 BACKENDS = ["bnb-nf4", "bnb-int8", "torchao-int8", "torchao-fp8", "quanto-int8", "quanto-fp8"]
@@ -34,33 +34,7 @@ def quantize(linear: nn.Linear, backend: str) -> nn.Module:
     """A copy of ``linear`` quantized by ``backend`` in memory, as each library's loader leaves it."""
     plain = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
     plain.load_state_dict(linear.state_dict())
-    plain.requires_grad_(False)
-    if backend.startswith("torchao"):
-        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
-
-        quantize_(plain, Float8WeightOnlyConfig() if backend.endswith("fp8") else Int8WeightOnlyConfig())
-        return plain
-    if backend.startswith("quanto"):
-        from optimum.quanto import freeze, qfloat8, qint8, quantize
-
-        holder = nn.Sequential(plain)
-        quantize(holder, weights=qfloat8 if backend.endswith("fp8") else qint8)
-        freeze(holder)
-        return holder[0]
-    import bitsandbytes as bnb
-
-    bias = plain.bias is not None
-    if backend == "bnb-nf4":
-        layer = bnb.nn.Linear4bit(
-            plain.in_features, plain.out_features, bias=bias, compute_dtype=torch.float32, quant_type="nf4"
-        )
-        layer.weight = bnb.nn.Params4bit(plain.weight.data, requires_grad=False, quant_type="nf4")
-    else:
-        layer = bnb.nn.Linear8bitLt(plain.in_features, plain.out_features, bias=bias, has_fp16_weights=False)
-        layer.weight = bnb.nn.Int8Params(plain.weight.data, requires_grad=False, has_fp16_weights=False)
-    if bias:
-        layer.bias = nn.Parameter(plain.bias.data, requires_grad=False)
-    return layer.to("cpu")  # bitsandbytes quantizes on the move to a device
+    return quantize_linear(plain, backend)
 
 
 def adapted_pair(

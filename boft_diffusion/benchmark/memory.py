@@ -15,6 +15,7 @@ resident set and the peak follows the live tensors.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.util import find_spec
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from ..inject import boft_layers
-from ..quantized import recompute_in_backward
+from ..quantized import quantize_linear, recompute_in_backward
 from .adapters import Adapter, FloorTaps
 from .measure import Clock, peak_memory_bytes, training_step
 from .models import MODEL_SHAPES, build_model, make_inputs, present_targets
@@ -113,58 +114,15 @@ def default_configurations(device: str) -> list[str]:
 
 
 def quantizer(backend: str) -> Callable[[nn.Linear], nn.Module] | None:
-    """A frozen Linear to its quantized replacement, through the library's own entry point (``None``: no
-    quantization): torchao's ``quantize_(…, Int8WeightOnlyConfig())`` or quanto's ``quantize(…, weights=qint8)``
-    then ``freeze``."""
+    """A frozen Linear to its quantized replacement (:func:`~boft_diffusion.quantized.quantize_linear`, each
+    library's own entry point), or ``None`` for ``none``."""
     if backend == "none":
         return None
-    if backend == "torchao-int8":
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
-        def torchao_int8(layer: nn.Linear) -> nn.Module:
-            quantize_(layer, Int8WeightOnlyConfig())
-            return layer
-
-        return torchao_int8
-    if backend == "quanto-int8":
-        from optimum.quanto import freeze, qint8, quantize
-
-        def quanto_int8(layer: nn.Linear) -> nn.Module:
-            holder = nn.Sequential(layer)  # quanto replaces children: give the layer a parent
-            quantize(holder, weights=qint8)
-            freeze(holder)
-            return holder[0]
-
-        return quanto_int8
-    if backend in ("bnb-nf4", "bnb-int8"):
-        import bitsandbytes as bnb
-
-        def bitsandbytes(layer: nn.Linear) -> nn.Module:
-            """As diffusers' bitsandbytes loader leaves a layer: the weight quantized on the move to its device."""
-            device, bias = layer.weight.device, layer.bias is not None
-            if backend == "bnb-nf4":
-                fresh = bnb.nn.Linear4bit(
-                    layer.in_features, layer.out_features, bias=bias, compute_dtype=layer.weight.dtype,
-                    quant_type="nf4", device="meta",
-                )  # fmt: skip
-                fresh.weight = bnb.nn.Params4bit(
-                    layer.weight.data.cpu(), requires_grad=False, quant_type="nf4"
-                )
-            else:
-                fresh = bnb.nn.Linear8bitLt(
-                    layer.in_features, layer.out_features, bias=bias, has_fp16_weights=False, device="meta"
-                )
-                fresh.weight = bnb.nn.Int8Params(
-                    layer.weight.data.cpu(), requires_grad=False, has_fp16_weights=False
-                )
-            if bias:
-                fresh.bias = nn.Parameter(layer.bias.data, requires_grad=False)
-            return fresh.to(device)
-
-        return bitsandbytes
-    raise ValueError(
-        f"unknown quantization {backend!r}: none, torchao-int8, quanto-int8, bnb-nf4 or bnb-int8"
-    )
+    if backend not in QUANTIZATION_PACKAGES:
+        raise ValueError(
+            f"unknown quantization {backend!r}: none, torchao-int8, quanto-int8, bnb-nf4 or bnb-int8"
+        )
+    return functools.partial(quantize_linear, backend=backend)
 
 
 def _optimizer(config: MemoryConfiguration, params: list[nn.Parameter]) -> torch.optim.Optimizer:
