@@ -66,6 +66,7 @@ __all__ = [
     "remove_boft",
     "saved_modules",
     "set_active_adapters",
+    "stock_module_name",
     "stock_state_dict",
     "unmerge_adapters",
 ]
@@ -522,6 +523,11 @@ def stock_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if stock is not None:
             state[stock] = tensor
     return state
+
+
+def stock_module_name(name: str) -> str:
+    """The stock (un-adapted) module's name of a module of an adapted model: ``a.base_layer`` -> ``a``."""
+    return f"{name}.".replace(".base_layer.", ".")[:-1]
 
 
 def _stock_key(key: str, layers: Mapping[str, BOFTLayer], saved: Mapping[str, ModulesToSave]) -> str | None:

@@ -31,6 +31,7 @@ from .inject import (
     remove_boft,
     set_active_adapters,
     set_enabled,
+    stock_module_name,
     stock_state_dict,
     unmerge_adapters,
 )
@@ -150,7 +151,7 @@ def same_base(pipe: Any, recorded: str) -> tuple[bool, str]:
 def _linear_shapes(module: nn.Module) -> dict[str, tuple[int, int]]:
     """``{stock path: (out, in)}`` of every linear layer in ``module`` (plain or quantized)."""
     return {
-        f"{name}.".replace(".base_layer.", ".")[:-1]: (m.out_features, m.in_features)
+        stock_module_name(name): (m.out_features, m.in_features)
         for name, m in module.named_modules()
         if isinstance(m, nn.Linear)
     }

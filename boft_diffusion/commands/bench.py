@@ -138,13 +138,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"preset {preset.name}, latent {preset.latent_size}, device {device}, "
           f"{available_cores()} threads, {rounds} round(s)")  # fmt: skip
     report = benchmark_report(preset, methods, device, rounds, args.bar)
-    print()
-    print(format_report(report))
-    print(f"\ntotal {report['elapsed_s']:.0f} s")
-    if args.json is not None:
-        atomic_write_text(args.json, json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
-    return 1 if report["failed"] else 0
+    return _finish(report, format_report(report), args.json)
 
 
 def _run_memory(args: argparse.Namespace, preset: Any, device: str) -> int:
@@ -156,12 +150,17 @@ def _run_memory(args: argparse.Namespace, preset: Any, device: str) -> int:
     steps = args.timed_steps or MEMORY_STEPS
     print(f"memory: preset {preset.name}, latent {preset.latent_size}, device {device}, {steps} step(s)")
     report = memory_report(preset, configs, device, steps)
+    return _finish(report, format_memory_table(report), args.json)
+
+
+def _finish(report: dict[str, Any], table: str, json_path: Path | None) -> int:
+    """Print the table and the total time, write the JSON if asked; 1 if a method or configuration failed."""
     print()
-    print(format_memory_table(report))
+    print(table)
     print(f"\ntotal {report['elapsed_s']:.0f} s")
-    if args.json is not None:
-        atomic_write_text(args.json, json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(report, indent=2))
+        print(f"wrote {json_path}")
     return 1 if report["failed"] else 0
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..inject import boft_layers, stock_state_dict
+from ..inject import boft_layers, stock_module_name, stock_state_dict
 from ..layers import BOFTLayer
 from ..quantized import dequantized_weight, is_quantized
 
@@ -69,7 +69,7 @@ def _dequantized(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str,
     for name, layer in module.named_modules():
         if not is_quantized(layer):
             continue
-        path = f"{name}.".replace(".base_layer.", ".")[:-1]
+        path = stock_module_name(name)
         for key in [k for k in state if k.startswith(f"{path}.")]:
             del state[key]
         state[f"{path}.weight"] = dequantized_weight(layer)
